@@ -1,0 +1,138 @@
+"""The ``pamm`` TorchDynamo backend: normalize -> match -> rewrite -> Inductor.
+
+``torch.compile(model, backend="pamm", options={...})`` finds this function
+through the ``torch_dynamo_backends`` entry point, so users import nothing.
+Graphs that need no gradient (inference, ``torch.no_grad``) or contain no group
+go to Inductor exactly as with ``backend="inductor"``. A group we cannot rewrite
+is left as it was and the log says why: a compile never fails because of us.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import fx
+
+from pamm_fx.config import PammConfig
+from pamm_fx.passes.match import MatchResult, find_groups
+from pamm_fx.passes.normalize import normalize_linears
+from pamm_fx.passes.rewrite import rewrite_groups
+
+__all__ = ["pamm_backend", "backend", "PammBackend", "counters", "add_observer", "remove_observer"]
+
+log = logging.getLogger(__name__)
+
+#: Always-on totals over this process: graphs compiled, groups rewritten, linears skipped.
+counters: dict[str, int] = {"graphs": 0, "groups_rewritten": 0, "linears_skipped": 0, "fallbacks": 0}
+
+Observer = Callable[[fx.GraphModule, MatchResult, "fx.GraphModule | None"], None]
+_observers: list[Observer] = []
+# Graphs compiled in this process; mixed into each group's salt so that groups of
+# different graphs (graph breaks, recompiles) sample different rows from one seed.
+_graph_ids = itertools.count()
+
+
+def add_observer(fn: Observer) -> None:
+    """Call ``fn(original, match_result, rewritten_or_None)`` for every graph the backend sees."""
+    _observers.append(fn)
+
+
+def remove_observer(fn: Observer) -> None:
+    _observers.remove(fn)
+
+
+class _SeedSource:
+    """A fresh int64 seed per call: from torch's global RNG, or from a private generator."""
+
+    def __init__(self, seed: int | None) -> None:
+        self._gen = None if seed is None else torch.Generator().manual_seed(seed)
+
+    def __call__(self) -> torch.Tensor:
+        return torch.randint(0, 2**62, (), generator=self._gen)
+
+
+def _inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], patches: dict[str, Any]) -> Callable:
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, list(example_inputs), config_patches=patches or None)
+
+
+def _seed_example(example_inputs: Sequence[Any]) -> torch.Tensor:
+    example = torch.zeros((), dtype=torch.int64)
+    fake_mode = torch._guards.detect_fake_mode(list(example_inputs))
+    return fake_mode.from_tensor(example) if fake_mode is not None else example
+
+
+def _notify(gm: fx.GraphModule, result: MatchResult, new: fx.GraphModule | None) -> None:
+    for fn in list(_observers):
+        fn(gm, result, new)
+
+
+def _compile(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], config: PammConfig, mode: str | None
+) -> Callable:
+    patches = torch._inductor.list_mode_options(mode) if mode else {}
+    counters["graphs"] += 1
+    if not torch.is_grad_enabled():
+        log.info("pamm: gradients are disabled for this graph; handing it to Inductor unchanged")
+        _notify(gm, MatchResult([], []), None)
+        return _inductor(gm, example_inputs, patches)
+    normalize_linears(gm)
+    result = find_groups(gm, config)
+    counters["linears_skipped"] += len(result.rejections)
+    if not result.groups:
+        log.info("pamm: no projection group in this graph; handing it to Inductor unchanged")
+        _notify(gm, result, None)
+        return _inductor(gm, example_inputs, patches)
+    graph_id = next(_graph_ids)
+    try:
+        new = rewrite_groups(gm, result.groups, config, salt_base=graph_id << 16)
+    except Exception:
+        log.warning("pamm: rewrite failed; compiling the original graph untouched", exc_info=True)
+        counters["fallbacks"] += 1
+        _notify(gm, result, None)
+        return _inductor(gm, example_inputs, patches)
+    counters["groups_rewritten"] += len(result.groups)
+    _notify(gm, result, new)
+    seeds = _SeedSource(config.seed)
+    compiled = _inductor(new, [*example_inputs, _seed_example(example_inputs)], patches)
+
+    def run(*args: Any) -> Any:
+        return compiled(*args, seeds())
+
+    return run
+
+
+class PammBackend:
+    """A backend callable with a fixed, validated config (``pamm_fx.backend(...)`` returns one)."""
+
+    def __init__(self, config: PammConfig, mode: str | None = None) -> None:
+        self.config = config
+        self.mode = mode
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        return _compile(gm, example_inputs, self.config, self.mode)
+
+    def __repr__(self) -> str:
+        return f"PammBackend({self.config!r})"
+
+
+def backend(config: PammConfig | None = None, *, mode: str | None = None, **options: Any) -> PammBackend:
+    """``torch.compile(model, backend=pamm_fx.backend(ratio=1/128))``; options are validated here."""
+    if config is not None and options:
+        raise ValueError("pass either a PammConfig or keyword options to pamm_fx.backend, not both")
+    return PammBackend(config if config is not None else PammConfig.from_options(options), mode)
+
+
+def pamm_backend(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    *,
+    mode: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> Callable:
+    """Entry point for ``torch.compile(model, backend="pamm", mode=..., options={...})``."""
+    return _compile(gm, example_inputs, PammConfig.from_options(options), mode)

@@ -1,0 +1,86 @@
+"""Plain-torch PAMM kernels: the CPU path and the reference every other kernel must match.
+
+Both functions work in row chunks so that no b x k similarity matrix and no
+b x n float32 copy of X ever exists in full (the whole point is to save memory).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["assign", "contract", "ROW_CHUNK", "GEN_CHUNK"]
+
+#: Rows of X per similarity block. With GEN_CHUNK this bounds the transient
+#: similarity block to ROW_CHUNK * GEN_CHUNK float32 values (8 MiB).
+ROW_CHUNK = 2048
+#: Generators per similarity block.
+GEN_CHUNK = 1024
+
+
+def assign(x: Tensor, c: Tensor, eps: float = math.inf) -> tuple[Tensor, Tensor]:
+    """Nearest generator (by absolute cosine) and projection scale for every row.
+
+    x: (b, n), c: (k, n), any floating dtype; accumulation is float32.
+    Returns f (b,) int32 and alpha (b,) float32 with X~_i = alpha_i * c[f_i].
+    Ties go to the smallest generator index. Zero-norm generators never win over
+    a non-zero one and give alpha = 0; all-zero rows get f = 0, alpha = 0.
+    With a finite ``eps``, rows with ||X_i - X~_i|| > eps * ||X_i|| get alpha = 0
+    and the kept rows are rescaled by b / (b - dropped).
+    """
+    b, k = x.shape[0], c.shape[0]
+    f = torch.zeros(b, dtype=torch.int32, device=x.device)
+    alpha = torch.zeros(b, dtype=torch.float32, device=x.device)
+    if b == 0 or k == 0:
+        return f, alpha
+    cf = c.float()
+    norms = torch.linalg.vector_norm(cf, dim=1)
+    inv_norm = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+    cn = cf * inv_norm[:, None]
+    dropped = 0
+    for r0 in range(0, b, ROW_CHUNK):
+        xc = x[r0 : r0 + ROW_CHUNK].float()
+        best = torch.full((xc.shape[0],), -1.0, device=x.device)
+        arg = torch.zeros(xc.shape[0], dtype=torch.int64, device=x.device)
+        signed = torch.zeros(xc.shape[0], device=x.device)
+        for j0 in range(0, k, GEN_CHUNK):
+            sim = xc @ cn[j0 : j0 + GEN_CHUNK].T
+            top, top_idx = sim.abs().max(dim=1)
+            better = top > best
+            best = torch.where(better, top, best)
+            arg = torch.where(better, top_idx + j0, arg)
+            signed = torch.where(better, sim.gather(1, top_idx[:, None]).squeeze(1), signed)
+        a = signed * inv_norm[arg]
+        if math.isfinite(eps):
+            row_sq = (xc * xc).sum(dim=1)
+            err_sq = (row_sq - signed * signed).clamp_min(0)
+            keep = err_sq <= (eps * eps) * row_sq
+            a = torch.where(keep, a, torch.zeros_like(a))
+            dropped += int((~keep).sum())
+        f[r0 : r0 + ROW_CHUNK] = arg.to(torch.int32)
+        alpha[r0 : r0 + ROW_CHUNK] = a
+    if dropped and dropped < b:
+        alpha *= b / (b - dropped)
+    return f, alpha
+
+
+def contract(grads: list[Tensor], f: Tensor, alpha: Tensor, k: int) -> Tensor:
+    """B~ = P^T [dY_1 | dY_2 | ...]: scatter-add alpha_i * dY_i into row f_i.
+
+    grads: per-projection output gradients, each (..., m_j) with b rows in all.
+    Returns B~ (k, sum m_j) float32. CPU ``index_add_`` runs in a fixed order,
+    so the result is bitwise deterministic.
+    """
+    flat = [g.reshape(-1, g.shape[-1]) for g in grads]
+    width = sum(g.shape[1] for g in flat)
+    device = flat[0].device
+    out = torch.zeros(k, width, dtype=torch.float32, device=device)
+    b = f.shape[0]
+    idx = f.long()
+    for r0 in range(0, b, ROW_CHUNK):
+        block = torch.cat([g[r0 : r0 + ROW_CHUNK].float() for g in flat], dim=1)
+        block.mul_(alpha[r0 : r0 + ROW_CHUNK, None])
+        out.index_add_(0, idx[r0 : r0 + ROW_CHUNK], block)
+    return out

@@ -1,0 +1,1 @@
+"""Graph passes, applied in order: normalize -> match -> rewrite."""
