@@ -6,7 +6,7 @@ package also registers the ``pamm::`` custom ops.
 """
 
 from pamm_fx import ops
-from pamm_fx.backend import PammBackend, backend, counters, pamm_backend
+from pamm_fx.compiler import PammBackend, backend, counters, pamm_backend
 from pamm_fx.config import PammConfig
 
 __all__ = ["PammConfig", "PammBackend", "backend", "counters", "ops", "pamm_backend"]
