@@ -19,7 +19,8 @@ so that dynamic batch/sequence sizes never force a recompile.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -152,7 +153,7 @@ def _backward(ctx: Any, grads: list[Tensor]) -> tuple:
         dx = grads[0].matmul(weights[0])
         for g, w in zip(grads[1:], weights[1:]):
             dx = dx + g.matmul(w)
-    dweights: list[Optional[Tensor]] = [None] * len(weights)
+    dweights: list[Tensor | None] = [None] * len(weights)
     if any(needs_w):
         bt = torch.ops.pamm.contract(grads, f, alpha, c.shape[0])
         dw_all = bt.t().mm(c.float())

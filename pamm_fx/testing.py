@@ -12,7 +12,8 @@ import contextlib
 import dataclasses
 import operator
 import re
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import fx
