@@ -1,0 +1,144 @@
+"""Benchmark the PAMM kernels: CPU chunk sizes of the plain-torch path, GPU bandwidth of the Triton kernels.
+
+CPU: ``reference.assign`` and ``reference.contract`` for every (ROW_CHUNK, GEN_CHUNK)
+candidate at b = 8192 tokens, so the defaults in ``pamm_fx/kernels/reference.py``
+are the fastest measured. GEN_CHUNK only matters once k > GEN_CHUNK, hence the
+large-k row. GPU (only when CUDA is available): achieved bandwidth of assign
+(X read once), the whole ``pamm::compress`` op (sampling, gather of C, assign) and
+contract (dY read once) against an HBM roofline; bytes counted are the minimum
+traffic (X or dY once, plus C, f, alpha, B~).
+
+    /work/venv/bin/python benchmarks/bench_kernels.py [--cpu-only | --gpu-only] [--runs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+
+import torch
+
+import pamm_fx.ops  # noqa: F401  (registers the pamm:: ops)
+from pamm_fx import kernels
+from pamm_fx.kernels import reference
+
+#: Device-to-device copy bandwidth measured on an H100 in this project (bytes/s).
+HBM_ROOFLINE = 3.0e12
+
+CPU_SHAPES = [(8192, 512, 128), (8192, 512, 16), (8192, 1024, 128), (8192, 1024, 16), (8192, 512, 2048)]
+ROW_CHUNKS = [512, 1024, 2048, 4096, 8192]
+GEN_CHUNKS = [256, 1024, 4096]
+
+
+def _median_s(fn: Callable[[], object], runs: int, sync: Callable[[], None] = lambda: None) -> float:
+    fn()
+    sync()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_cpu(runs: int) -> None:
+    """One table per primitive: median ms per (shape, chunk) with the current default marked."""
+    defaults = (reference.ROW_CHUNK, reference.GEN_CHUNK)
+    print(f"## CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, float32, median of {runs}")
+    print("| op | b | n | k | ROW_CHUNK | GEN_CHUNK | ms |")
+    print("|---|---|---|---|---|---|---|")
+    gen = torch.Generator().manual_seed(0)
+    try:
+        for b, n, k in CPU_SHAPES:
+            x = torch.randn(b, n, generator=gen)
+            c = x[torch.randperm(b, generator=gen)[:k].sort().values]
+            gens = GEN_CHUNKS if k > min(GEN_CHUNKS) else [defaults[1]]
+            for row in ROW_CHUNKS:
+                for gc in gens:
+                    reference.ROW_CHUNK, reference.GEN_CHUNK = row, gc
+                    ms = 1e3 * _median_s(partial(reference.assign, x, c), runs)
+                    mark = " (default)" if (row, gc) == defaults else ""
+                    print(f"| assign | {b} | {n} | {k} | {row} | {gc}{mark} | {ms:.1f} |")
+            if k > max(GEN_CHUNKS):
+                continue
+            dys = [torch.randn(b, n, generator=gen) for _ in range(3)]
+            f, alpha = reference.assign(x, c)
+            for row in ROW_CHUNKS:
+                reference.ROW_CHUNK = row
+                ms = 1e3 * _median_s(partial(reference.contract, dys, f, alpha, k), runs)
+                mark = " (default)" if row == defaults[0] else ""
+                print(f"| contract 3x{n} | {b} | {n} | {k} | {row}{mark} | - | {ms:.1f} |")
+    finally:
+        reference.ROW_CHUNK, reference.GEN_CHUNK = defaults
+
+
+def _cuda_median_s(fn: Callable[[], object], runs: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(runs)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(runs)]
+    for s, e in zip(starts, ends):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / 1e3
+
+
+def bench_gpu(runs: int) -> None:
+    """Bandwidth of assign/contract (Triton) and the plain-torch path on CUDA, LLaMA-1B-like shapes, bf16."""
+    b, n = 16384, 2048
+    m3 = 3 * n
+    print(f"\n## GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, median of {runs}")
+    print(f"roofline {HBM_ROOFLINE / 1e12:.1f} TB/s; b={b}, n={n}, dY width 3n={m3}")
+    print("| op | r | k | impl | us | GB moved | TB/s | % roofline |")
+    print("|---|---|---|---|---|---|---|---|")
+    x = torch.randn(b, n, device="cuda", dtype=torch.bfloat16)
+    dys = [torch.randn(b, n, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    seed = torch.tensor(0)
+    for den in (512, 64):
+        k = b // den
+        c = x[torch.randperm(b, device="cuda")[:k].sort().values]
+        f, alpha = kernels.assign(x, c)
+        compress = partial(torch.ops.pamm.compress, x, seed, 1, den, 1, math.inf, 0)
+        cases = [
+            ("assign", "triton", partial(kernels.assign, x, c), 2 * (b * n + k * n) + 8 * b),
+            ("assign", "torch", partial(reference.assign, x, c), 2 * (b * n + k * n) + 8 * b),
+            ("compress op", "triton", compress, 2 * (b * n + 2 * k * n) + 8 * b),
+            ("contract", "triton", partial(kernels.contract, dys, f, alpha, k), 2 * b * m3 + 8 * b + 4 * k * m3),
+            ("contract", "torch", partial(reference.contract, dys, f, alpha, k), 2 * b * m3 + 8 * b + 4 * k * m3),
+        ]
+        for op, impl, fn, nbytes in cases:
+            s = _cuda_median_s(fn, runs)
+            bw = nbytes / s
+            print(
+                f"| {op} | 1/{den} | {k} | {impl} | {s * 1e6:.0f} | {nbytes / 1e9:.3f} | {bw / 1e12:.2f} "
+                f"| {100 * bw / HBM_ROOFLINE:.0f}% |"
+            )
+        same = torch.equal(kernels.contract(dys, f, alpha, k), kernels.contract(dys, f, alpha, k))
+        print(f"contract bitwise deterministic over 2 runs (k={k}): {same}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--cpu-only", action="store_true")
+    group.add_argument("--gpu-only", action="store_true")
+    args = parser.parse_args()
+    if not args.gpu_only:
+        bench_cpu(args.runs)
+    if not args.cpu_only:
+        if torch.cuda.is_available():
+            bench_gpu(max(args.runs, 20))
+        else:
+            print("\n(no CUDA device: GPU section skipped)")
+
+
+if __name__ == "__main__":
+    main()

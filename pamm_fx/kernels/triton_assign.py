@@ -1,0 +1,163 @@
+"""Triton kernel for the compression step: nearest generator and projection scale per row.
+
+One program owns BLOCK_B rows of X and walks the k generators in BLOCK_K tiles,
+keeping a running (best score, index, dot) per row, so no b x k similarity matrix
+exists anywhere. Dot products accumulate in float32. Semantics are those of
+:func:`pamm_fx.kernels.reference.assign` (ties to the smallest index, zero-norm
+generators score 0, all-zero rows get f = 0 and alpha = 0, the eps/beta rule).
+
+Precision: for float32 inputs the dots run with ``input_precision="ieee"`` (no TF32),
+matching the reference; bf16/fp16 inputs go to the tensor cores as they are with a
+float32 accumulator (under the interpreter bf16 tiles are upcast to float32 first,
+which gives the same exact products). The score is ``|<X_i, C_j>| * (1 / ||C_j||)`` rather than the
+reference's ``|<X_i, C_j / ||C_j||>|``, so scores agree to float32 rounding, not bitwise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton.runtime.interpreter import InterpretedFunction
+
+__all__ = ["assign"]
+
+
+@triton.jit
+def _assign_kernel(
+    x_ptr,
+    c_ptr,
+    inv_ptr,
+    f_ptr,
+    alpha_ptr,
+    dropped_ptr,
+    b,
+    n,
+    k,
+    stride_xb,
+    stride_xn,
+    stride_cb,
+    stride_cn,
+    eps_sq,
+    USE_EPS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < b
+    rows64 = rows.to(tl.int64)
+    best = tl.full((BLOCK_B,), -1.0, tl.float32)
+    arg = tl.zeros((BLOCK_B,), tl.int32)
+    best_dot = tl.zeros((BLOCK_B,), tl.float32)
+    for j0 in range(0, k, BLOCK_K):
+        gens = j0 + tl.arange(0, BLOCK_K)
+        gen_ok = gens < k
+        acc = tl.zeros((BLOCK_B, BLOCK_K), tl.float32)
+        for n0 in range(0, n, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < n
+            xt = tl.load(
+                x_ptr + rows64[:, None] * stride_xb + cols[None, :] * stride_xn,
+                mask=row_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
+            ct = tl.load(
+                c_ptr + gens[None, :].to(tl.int64) * stride_cb + cols[:, None] * stride_cn,
+                mask=col_ok[:, None] & gen_ok[None, :],
+                other=0.0,
+            )
+            if UPCAST:
+                acc = tl.dot(xt.to(tl.float32), ct.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xt, ct, acc)
+        inv = tl.load(inv_ptr + gens, mask=gen_ok, other=0.0)
+        score = tl.where(gen_ok[None, :], tl.abs(acc) * inv[None, :], -1.0)
+        top = tl.max(score, axis=1)
+        top_idx = tl.min(tl.where(score == top[:, None], gens[None, :], k), axis=1)
+        top_dot = tl.sum(tl.where(gens[None, :] == top_idx[:, None], acc, 0.0), axis=1)
+        better = top > best
+        best = tl.where(better, top, best)
+        arg = tl.where(better, top_idx, arg)
+        best_dot = tl.where(better, top_dot, best_dot)
+    inv_arg = tl.load(inv_ptr + arg, mask=row_ok, other=0.0)
+    sim = best_dot * inv_arg
+    alpha = sim * inv_arg
+    if USE_EPS:
+        row_sq = tl.zeros((BLOCK_B,), tl.float32)
+        for n0 in range(0, n, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            xt = tl.load(
+                x_ptr + rows64[:, None] * stride_xb + cols[None, :] * stride_xn,
+                mask=row_ok[:, None] & (cols < n)[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            row_sq += tl.sum(xt * xt, axis=1)
+        err_sq = tl.maximum(row_sq - sim * sim, 0.0)
+        keep = err_sq <= eps_sq * row_sq
+        alpha = tl.where(keep, alpha, 0.0)
+        tl.store(dropped_ptr + pid, tl.sum(tl.where(row_ok & (~keep), 1, 0), axis=0))
+    tl.store(f_ptr + rows, arg, mask=row_ok)
+    tl.store(alpha_ptr + rows, alpha, mask=row_ok)
+
+
+def _interpreted() -> bool:
+    """True under TRITON_INTERPRET=1, whose tl.dot multiplies bf16 bit patterns as integers (numpy has no bf16)."""
+    return isinstance(_assign_kernel, InterpretedFunction)
+
+
+def _blocks(k: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_B, BLOCK_K, BLOCK_N, num_warps): the register tile BLOCK_B x BLOCK_K stays <= 16K fp32."""
+    block_k = min(128, max(16, triton.next_power_of_2(k)))
+    block_b = 128 if block_k <= 64 else 64
+    block_n = 32 if dtype == torch.float32 else 64
+    return block_b, block_k, block_n, 8 if block_b * block_k >= 8192 else 4
+
+
+def assign(x: Tensor, c: Tensor, eps: float = math.inf) -> tuple[Tensor, Tensor]:
+    """Triton twin of :func:`pamm_fx.kernels.reference.assign` (same arguments, same results up to rounding)."""
+    b, n = x.shape
+    k = c.shape[0]
+    f = torch.zeros(b, dtype=torch.int32, device=x.device)
+    alpha = torch.zeros(b, dtype=torch.float32, device=x.device)
+    if b == 0 or k == 0:
+        return f, alpha
+    norms = torch.linalg.vector_norm(c.float(), dim=1)
+    inv_norm = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+    c = c.to(x.dtype)
+    block_b, block_k, block_n, num_warps = _blocks(k, x.dtype)
+    grid = (triton.cdiv(b, block_b),)
+    use_eps = math.isfinite(eps)
+    dropped = torch.zeros(grid[0] if use_eps else 1, dtype=torch.int32, device=x.device)
+    _assign_kernel[grid](
+        x,
+        c,
+        inv_norm,
+        f,
+        alpha,
+        dropped,
+        b,
+        n,
+        k,
+        x.stride(0),
+        x.stride(1),
+        c.stride(0),
+        c.stride(1),
+        eps * eps if use_eps else 0.0,
+        USE_EPS=use_eps,
+        UPCAST=x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _interpreted()),
+        BLOCK_B=block_b,
+        BLOCK_K=block_k,
+        BLOCK_N=block_n,
+        num_warps=num_warps,
+    )
+    if use_eps:
+        total = dropped.sum()
+        beta = torch.where((total > 0) & (total < b), b / (b - total).double(), 1.0)
+        alpha *= beta.float()
+    return f, alpha

@@ -1,0 +1,169 @@
+"""Triton kernels against the plain-torch reference.
+
+Without a GPU the kernels run on CPU tensors under triton's interpreter
+(``TRITON_INTERPRET=1``). ``@triton.jit`` reads that variable when a kernel module
+is imported, and :mod:`pamm_fx.kernels` imports the Triton modules lazily (first
+CUDA call only), so setting it here, before the imports below, is enough. With a
+GPU the variable is left alone (it would slow every other Triton kernel in the
+process) and the same tests run the compiled kernels on CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip(
+    "triton",
+    reason="triton is not installed: `pip install 'triton>=3.7.1'` (CPU runs use its interpreter, TRITON_INTERPRET=1)",
+)
+
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from pamm_fx.kernels import reference, triton_assign, triton_contract  # noqa: E402
+
+_INTERPRETED = isinstance(triton_assign._assign_kernel, InterpretedFunction)
+if not _INTERPRETED and not torch.cuda.is_available():
+    pytest.skip(
+        "no GPU and the Triton kernels were imported before TRITON_INTERPRET=1 was set: run with TRITON_INTERPRET=1",
+        allow_module_level=True,
+    )
+if _INTERPRETED and tuple(map(int, re.findall(r"\d+", triton.__version__)[:3])) < (3, 7, 1):
+    pytest.skip(
+        f"triton {triton.__version__}'s interpreter calls int() on 1-element numpy arrays, which numpy >= 2.4 "
+        "rejects: `pip install 'triton>=3.7.1'` for the CPU interpreter tests",
+        allow_module_level=True,
+    )
+DEVICE = "cpu" if _INTERPRETED else "cuda"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _data(*shape: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen).to(dtype)
+
+
+def _assert_assign(x: torch.Tensor, c: torch.Tensor, eps: float = math.inf) -> None:
+    """The kernel's pick scores as high as the best (float64), and f/alpha match the reference.
+
+    f must equal the reference wherever the best and second-best scores are apart by
+    more than float32 rounding; alpha must match the reference for the same f.
+    """
+    f, alpha = triton_assign.assign(x.to(DEVICE), c.to(DEVICE), eps)
+    f, alpha = f.cpu(), alpha.cpu()
+    f_ref, alpha_ref = reference.assign(x, c, eps)
+    assert f.dtype == torch.int32 and alpha.dtype == torch.float32
+    assert torch.isfinite(alpha).all()
+    norms = torch.linalg.vector_norm(c.double(), dim=1)
+    score = (x.double() @ c.double().T).abs() / torch.where(norms > 0, norms, math.inf)
+    best = score.max(dim=1).values
+    tol = 1e-5 * best.clamp_min(1e-30)
+    assert (score.gather(1, f.long()[:, None]).squeeze(1) >= best - tol).all()
+    second = score.topk(2, dim=1).values[:, 1] if c.shape[0] > 1 else torch.zeros_like(best)
+    clear = best - second > 1e-4 * best.clamp_min(1e-30)
+    assert torch.equal(f[clear], f_ref[clear])
+    same = f == f_ref
+    torch.testing.assert_close(alpha[same], alpha_ref[same], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("b,n,k", [(77, 45, 1), (129, 100, 7), (65, 48, 150)], ids=["k1", "k7", "k_over_block"])
+def test_assign_matches_reference(dtype: torch.dtype, b: int, n: int, k: int) -> None:
+    x = _data(b, n, dtype=dtype)
+    c = x[torch.randperm(b, generator=torch.Generator().manual_seed(1))[:k].sort().values]
+    _assert_assign(x, c)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_assign_eps_rule(dtype: torch.dtype) -> None:
+    x = _data(97, 33, dtype=dtype)
+    c = x[:5]
+    f, alpha = triton_assign.assign(x.to(DEVICE), c.to(DEVICE), 0.9)
+    f_ref, alpha_ref = reference.assign(x, c, 0.9)
+    assert 0 < int((alpha_ref == 0).sum()) < 97
+    assert torch.equal(f.cpu(), f_ref)
+    assert torch.equal(alpha.cpu() == 0, alpha_ref == 0)
+    torch.testing.assert_close(alpha.cpu(), alpha_ref, rtol=1e-4, atol=1e-5)
+    _assert_assign(x, c, 0.5)
+
+
+def test_assign_ties_go_to_smallest_index() -> None:
+    v, w = _data(2, 24, dtype=torch.float32, seed=3)
+    c = torch.stack([w, v, -v, 2 * v, v, w])
+    x = torch.stack([v, -3 * v, 0.5 * w, w, -w])
+    f, alpha = triton_assign.assign(x.to(DEVICE), c.to(DEVICE))
+    f_ref, alpha_ref = reference.assign(x, c)
+    assert f.cpu().tolist() == [1, 1, 0, 0, 0] == f_ref.tolist()
+    torch.testing.assert_close(alpha.cpu(), alpha_ref)
+    many = _data(150, 24, dtype=torch.float32, seed=8)
+    many[140] = many[3]
+    f, _ = triton_assign.assign(many[[140, 3]].to(DEVICE), many.to(DEVICE))
+    assert f.cpu().tolist() == [3, 3]
+
+
+def test_assign_zero_rows_and_zero_generators() -> None:
+    x = _data(40, 20, dtype=torch.float32, seed=4)
+    x[[0, 7, 39]] = 0
+    c = torch.cat([torch.zeros(2, 20), x[10:13], torch.zeros(1, 20)])
+    f, alpha = triton_assign.assign(x.to(DEVICE), c.to(DEVICE))
+    f, alpha = f.cpu(), alpha.cpu()
+    f_ref, alpha_ref = reference.assign(x, c)
+    assert torch.isfinite(alpha).all()
+    assert f[[0, 7, 39]].tolist() == [0, 0, 0] and alpha[[0, 7, 39]].tolist() == [0.0, 0.0, 0.0]
+    assert ((f >= 2) & (f <= 4))[alpha != 0].all()
+    assert torch.equal(f, f_ref)
+    torch.testing.assert_close(alpha, alpha_ref)
+    f0, alpha0 = triton_assign.assign(x.to(DEVICE), torch.zeros(3, 20, device=DEVICE))
+    assert not f0.any() and not alpha0.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_assign_non_contiguous_x(dtype: torch.dtype) -> None:
+    x = _data(50, 2 * 37, dtype=dtype, seed=5)[:, ::2]
+    assert not x.is_contiguous()
+    _assert_assign(x, x[[4, 20, 33]].contiguous())
+    xt = _data(37, 50, dtype=dtype, seed=6).T
+    _assert_assign(xt, xt[[1, 2]])
+
+
+def _contract_inputs(b: int, widths: list[int], k: int, dtype: torch.dtype) -> tuple[list[torch.Tensor], ...]:
+    gen = torch.Generator().manual_seed(7)
+    grads = [torch.randn(b, m, generator=gen).to(dtype) for m in widths]
+    f = torch.randint(0, k, (b,), generator=gen, dtype=torch.int32)
+    if k > 2:
+        f[f == 1] = 0
+    alpha = torch.randn(b, generator=gen)
+    return grads, f, alpha
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("b,widths,k", [(75, [40, 130, 8], 5), (201, [33], 1), (50, [17, 17], 60)])
+def test_contract_matches_reference(dtype: torch.dtype, b: int, widths: list[int], k: int) -> None:
+    grads, f, alpha = _contract_inputs(b, widths, k, dtype)
+    out = triton_contract.contract([g.to(DEVICE) for g in grads], f.to(DEVICE), alpha.to(DEVICE), k)
+    ref = reference.contract(grads, f, alpha, k)
+    assert out.dtype == torch.float32 and out.shape == (k, sum(widths))
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_contract_shaped_and_non_contiguous_grads() -> None:
+    grads, f, alpha = _contract_inputs(74, [20, 150], 6, torch.float32)
+    shaped = [grads[0].reshape(2, 37, 20), grads[1].T.contiguous().T]
+    assert not shaped[1].is_contiguous()
+    out = triton_contract.contract([g.to(DEVICE) for g in shaped], f.to(DEVICE), alpha.to(DEVICE), 6)
+    torch.testing.assert_close(out.cpu(), reference.contract(grads, f, alpha, 6), rtol=1e-5, atol=1e-5)
+
+
+def test_contract_is_bitwise_deterministic() -> None:
+    grads, f, alpha = _contract_inputs(300, [70, 140], 3, torch.bfloat16)
+    args = ([g.to(DEVICE) for g in grads], f.to(DEVICE), alpha.to(DEVICE), 3)
+    first = triton_contract.contract(*args)
+    second = triton_contract.contract(*args)
+    assert torch.equal(first, second)
