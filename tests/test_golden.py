@@ -1,0 +1,134 @@
+"""Golden rewrites: what the backend does to each attention layout, as reviewable text.
+
+Update after an intended change with ``EXPECTTEST_ACCEPT=1 pytest tests/test_golden.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from expecttest import TestCase
+from torch import nn
+
+from pamm_fx.testing import capture_rewrites
+
+D, HEADS, HEAD_DIM = 24, 4, 6
+OPTIONS = {"ratio": 1 / 4, "min_tokens": 1, "min_generators": 1}
+
+
+class Separate(nn.Module):
+    """q/k/v as three nn.Linear; kv_heads < heads gives GQA (1 gives MQA)."""
+
+    def __init__(self, kv_heads: int = HEADS, bias: bool = False) -> None:
+        super().__init__()
+        self.kv = kv_heads
+        self.norm = nn.RMSNorm(D)
+        self.q = nn.Linear(D, D, bias=bias)
+        self.k = nn.Linear(D, kv_heads * HEAD_DIM, bias=bias)
+        self.v = nn.Linear(D, kv_heads * HEAD_DIM, bias=bias)
+        self.o = nn.Linear(D, D, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bsz, seq, _ = x.shape
+        h = self.norm(x)
+        q = self.q(h).view(bsz, seq, HEADS, HEAD_DIM).transpose(1, 2)
+        k = self.k(h).view(bsz, seq, self.kv, HEAD_DIM).transpose(1, 2)
+        v = self.v(h).view(bsz, seq, self.kv, HEAD_DIM).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv != HEADS)
+        return x + self.o(out.transpose(1, 2).reshape(bsz, seq, D))
+
+
+class Fused(nn.Module):
+    """One qkv nn.Linear; ``mode`` picks how its output is cut into q, k, v."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.norm = nn.LayerNorm(D)
+        self.qkv = nn.Linear(D, 3 * D)
+        self.o = nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bsz, seq, _ = x.shape
+        qkv = self.qkv(self.norm(x))
+        if self.mode == "chunk":
+            q, k, v = (t.view(bsz, seq, HEADS, HEAD_DIM).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+        elif self.mode == "split":
+            q, k, v = (t.view(bsz, seq, HEADS, HEAD_DIM).transpose(1, 2) for t in qkv.split(D, dim=-1))
+        else:
+            q, k, v = qkv.view(bsz, seq, 3, HEADS, HEAD_DIM).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return x + self.o(out.transpose(1, 2).reshape(bsz, seq, D))
+
+
+def rewrite_of(model: nn.Module) -> str:
+    x = torch.randn(2, 10, D, requires_grad=True)
+    with capture_rewrites() as records:
+        torch.compile(model, backend="pamm", options=OPTIONS)(x).sum().backward()
+    assert len(records) == 1
+    return records[0].summary
+
+
+class TestGoldenRewrites(TestCase):
+    def setUp(self) -> None:
+        torch._dynamo.reset()
+
+    def test_separate_mha(self) -> None:
+        self.assertExpectedInline(rewrite_of(Separate()), """\
+compress(h: f32[2, 10, 24], ratio=1/4, min_generators=1, eps=inf) -> (f32[5, 24], i32[20], f32[20])
+linear_group(h: f32[2, 10, 24])
+  q.weight -> f32[2, 10, 24] -> view
+  k.weight -> f32[2, 10, 24] -> view_1
+  v.weight -> f32[2, 10, 24] -> view_2
+untouched o.weight: output does not feed attention (targets='qkv')""")
+
+    def test_separate_gqa_bias(self) -> None:
+        self.assertExpectedInline(rewrite_of(Separate(kv_heads=2, bias=True)), """\
+compress(h: f32[2, 10, 24], ratio=1/4, min_generators=1, eps=inf) -> (f32[5, 24], i32[20], f32[20])
+linear_group(h: f32[2, 10, 24])
+  q.weight + q.bias -> f32[2, 10, 24] -> view
+  k.weight + k.bias -> f32[2, 10, 12] -> view_1
+  v.weight + v.bias -> f32[2, 10, 12] -> view_2
+untouched o.weight: output does not feed attention (targets='qkv')""")
+
+    def test_separate_mqa(self) -> None:
+        self.assertExpectedInline(rewrite_of(Separate(kv_heads=1)), """\
+compress(h: f32[2, 10, 24], ratio=1/4, min_generators=1, eps=inf) -> (f32[5, 24], i32[20], f32[20])
+linear_group(h: f32[2, 10, 24])
+  q.weight -> f32[2, 10, 24] -> view
+  k.weight -> f32[2, 10, 6] -> view_1
+  v.weight -> f32[2, 10, 6] -> view_2
+untouched o.weight: output does not feed attention (targets='qkv')""")
+
+    def test_fused_chunk(self) -> None:
+        self.assertExpectedInline(rewrite_of(Fused("chunk")), """\
+compress(layer_norm: f32[2, 10, 24], ratio=1/4, min_generators=1, eps=inf) -> (f32[5, 24], i32[20], f32[20])
+linear_group(layer_norm: f32[2, 10, 24])
+  qkv.weight + qkv.bias -> f32[2, 10, 72] -> chunk
+untouched o.weight: output does not feed attention (targets='qkv')""")
+
+    def test_fused_split(self) -> None:
+        self.assertExpectedInline(rewrite_of(Fused("split")), """\
+compress(layer_norm: f32[2, 10, 24], ratio=1/4, min_generators=1, eps=inf) -> (f32[5, 24], i32[20], f32[20])
+linear_group(layer_norm: f32[2, 10, 24])
+  qkv.weight + qkv.bias -> f32[2, 10, 72] -> split
+untouched o.weight: output does not feed attention (targets='qkv')""")
+
+    def test_fused_view_unbind(self) -> None:
+        self.assertExpectedInline(rewrite_of(Fused("unbind")), """\
+compress(layer_norm: f32[2, 10, 24], ratio=1/4, min_generators=1, eps=inf) -> (f32[5, 24], i32[20], f32[20])
+linear_group(layer_norm: f32[2, 10, 24])
+  qkv.weight + qkv.bias -> f32[2, 10, 72] -> view
+untouched o.weight: output does not feed attention (targets='qkv')""")
+
+    def test_frozen_weights_are_left_alone(self) -> None:
+        model = Separate()
+        model.k.weight.requires_grad_(False)
+        model.v.weight.requires_grad_(False)
+        self.assertExpectedInline(rewrite_of(model), """\
+compress(h: f32[2, 10, 24], ratio=1/4, min_generators=1, eps=inf) -> (f32[5, 24], i32[20], f32[20])
+linear_group(h: f32[2, 10, 24])
+  q.weight -> f32[2, 10, 24] -> view
+untouched k.weight: frozen weight: no weight gradient, so X is not saved for it
+untouched v.weight: frozen weight: no weight gradient, so X is not saved for it
+untouched o.weight: output does not feed attention (targets='qkv')""")
