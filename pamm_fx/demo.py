@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, fn in compiled.items():
             start = time.perf_counter()
             if step == warmup:
-                measured = saved_for_backward(lambda fn=fn: fn(tokens, targets), models[name])
+                measured = saved_for_backward(lambda fn=fn, t=tokens, y=targets: fn(t, y), models[name])
                 saved[name], loss = measured.nbytes, measured.output
             else:
                 loss = fn(tokens, targets)
