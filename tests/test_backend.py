@@ -173,7 +173,7 @@ SEEDED_RUN = textwrap.dedent(
         step(tokens[:, :-1], tokens[:, 1:]).backward()
         opt.step()
         opt.zero_grad()
-    print(hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest())
+    print(hashlib.sha256(b"".join(bytes(p.detach().view(torch.uint8).flatten().tolist()) for p in model.parameters())).hexdigest())
     """
 )
 
