@@ -8,6 +8,7 @@ package also registers the ``pamm::`` custom ops.
 from pamm_fx import ops
 from pamm_fx.compiler import PammBackend, backend, counters, pamm_backend
 from pamm_fx.config import PammConfig
+from pamm_fx.explain import explain
 
-__all__ = ["PammConfig", "PammBackend", "backend", "counters", "ops", "pamm_backend"]
+__all__ = ["PammConfig", "PammBackend", "backend", "counters", "explain", "ops", "pamm_backend"]
 __version__ = "0.1.0"

@@ -9,6 +9,7 @@ is left as it was and the log says why: a compile never fails because of us.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 from collections.abc import Callable, Sequence
@@ -17,17 +18,29 @@ from typing import Any
 import torch
 from torch import fx
 
+from pamm_fx import logs as _logs
 from pamm_fx.config import PammConfig
 from pamm_fx.passes.match import MatchResult, find_groups
 from pamm_fx.passes.normalize import normalize_linears
 from pamm_fx.passes.rewrite import rewrite_groups
 
-__all__ = ["pamm_backend", "backend", "PammBackend", "counters", "add_observer", "remove_observer"]
+__all__ = [
+    "pamm_backend",
+    "backend",
+    "PammBackend",
+    "counters",
+    "counters_by_compile",
+    "add_observer",
+    "remove_observer",
+]
 
 log = logging.getLogger(__name__)
 
 #: Always-on totals over this process: graphs compiled, groups rewritten, linears skipped.
 counters: dict[str, int] = {"graphs": 0, "groups_rewritten": 0, "linears_skipped": 0, "fallbacks": 0}
+#: The same counts for each graph compiled, newest last (the last 1000 kept), with Dynamo's compile id
+#: ("0/0", "1/0" after a graph break, as tlparse shows it; ids restart after ``torch._dynamo.reset()``).
+counters_by_compile: collections.deque[dict[str, Any]] = collections.deque(maxlen=1000)
 
 Observer = Callable[[fx.GraphModule, MatchResult, "fx.GraphModule | None"], None]
 _observers: list[Observer] = []
@@ -67,7 +80,21 @@ def _seed_example(example_inputs: Sequence[Any]) -> torch.Tensor:
     return fake_mode.from_tensor(example) if fake_mode is not None else example
 
 
+def _bump(per_compile: dict[str, Any], key: str, n: int = 1) -> None:
+    counters[key] += n
+    per_compile[key] += n
+
+
+def _compile_counters() -> dict[str, Any]:
+    ctx = torch._guards.CompileContext.try_get()
+    compile_id = str(ctx.compile_id) if ctx is not None and ctx.compile_id is not None else None
+    mine = {"compile_id": compile_id, "groups_rewritten": 0, "linears_skipped": 0, "fallbacks": 0}
+    counters_by_compile.append(mine)
+    return mine
+
+
 def _notify(gm: fx.GraphModule, result: MatchResult, new: fx.GraphModule | None) -> None:
+    _logs.log_graphs(gm, new)
     for fn in list(_observers):
         fn(gm, result, new)
 
@@ -77,13 +104,14 @@ def _compile(
 ) -> Callable:
     patches = torch._inductor.list_mode_options(mode) if mode else {}
     counters["graphs"] += 1
+    mine = _compile_counters()
     if not torch.is_grad_enabled():
         log.info("pamm: gradients are disabled for this graph; handing it to Inductor unchanged")
         _notify(gm, MatchResult([], []), None)
         return _inductor(gm, example_inputs, patches)
     normalize_linears(gm)
     result = find_groups(gm, config)
-    counters["linears_skipped"] += len(result.rejections)
+    _bump(mine, "linears_skipped", len(result.rejections))
     if not result.groups:
         log.info("pamm: no projection group in this graph; handing it to Inductor unchanged")
         _notify(gm, result, None)
@@ -93,10 +121,10 @@ def _compile(
         new = rewrite_groups(gm, result.groups, config, salt_base=graph_id << 16)
     except Exception:
         log.warning("pamm: rewrite failed; compiling the original graph untouched", exc_info=True)
-        counters["fallbacks"] += 1
+        _bump(mine, "fallbacks")
         _notify(gm, result, None)
         return _inductor(gm, example_inputs, patches)
-    counters["groups_rewritten"] += len(result.groups)
+    _bump(mine, "groups_rewritten", len(result.groups))
     _notify(gm, result, new)
     seeds = _SeedSource(config.seed)
     compiled = _inductor(new, [*example_inputs, _seed_example(example_inputs)], patches)

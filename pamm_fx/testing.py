@@ -4,6 +4,12 @@
 is active; ``describe(record)`` prints one as stable, readable text (parameter
 names as the user knows them, shapes, which parameters went into which group),
 the form the golden-graph tests compare with ``assertExpectedInline``.
+
+For users' CI: ``assert_rewrites(model, *inputs, groups=24, skipped=0)`` checks the
+plan :func:`pamm_fx.explain` reports, and ``assert_plan_snapshot(model, *inputs,
+expected="plan.json")`` pins the whole plan in a JSON file that ``PAMM_ACCEPT=1``
+(or expecttest's ``EXPECTTEST_ACCEPT=1``) rewrites. Both failures say which group
+appeared or disappeared and why.
 """
 
 from __future__ import annotations
@@ -11,27 +17,30 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import operator
-import re
-from collections.abc import Iterator
-from typing import Any
+import os
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx
 
 from pamm_fx import compiler as _backend
+from pamm_fx.names import fmt_value, param_name
 from pamm_fx.passes.match import MatchResult
 
-__all__ = ["RewriteRecord", "capture_rewrites", "describe", "param_name", "fmt_value"]
+if TYPE_CHECKING:
+    from pamm_fx.explain import ExplainReport
 
-_DTYPES = {
-    torch.float32: "f32",
-    torch.float16: "f16",
-    torch.bfloat16: "bf16",
-    torch.float64: "f64",
-    torch.int32: "i32",
-    torch.int64: "i64",
-    torch.bool: "b8",
-}
+__all__ = [
+    "RewriteRecord",
+    "assert_plan_snapshot",
+    "assert_rewrites",
+    "capture_rewrites",
+    "describe",
+    "fmt_value",
+    "param_name",
+]
+
 
 
 @dataclasses.dataclass
@@ -61,31 +70,6 @@ def capture_rewrites() -> Iterator[list[RewriteRecord]]:
         yield records
     finally:
         _backend.remove_observer(observe)
-
-
-def param_name(node: fx.Node) -> str:
-    """``layers.0.self_attn.q_proj.weight`` for a Dynamo placeholder or get_attr; else the node name."""
-    if node.op == "get_attr":
-        return str(node.target)
-    grapharg = node.meta.get("grapharg")
-    source = getattr(grapharg, "source", None)
-    if source is None:
-        return node.name
-    text = source.name if isinstance(source.name, str) else source.name()
-    parts = re.findall(r"\['([^']+)'\]|\[(\d+)\]", text)
-    names = [a or b for a, b in parts]
-    if ("_parameters" in text or "_buffers" in text) and len(names) > 1:
-        names = names[1:]
-    return ".".join(names) if names else node.name
-
-
-def fmt_value(val: Any) -> str:
-    """``f32[4, 64, 64]`` for a tensor (symbolic sizes printed as their expressions)."""
-    if isinstance(val, torch.Tensor):
-        return f"{_DTYPES.get(val.dtype, str(val.dtype))}[{', '.join(str(s) for s in val.shape)}]"
-    if isinstance(val, (list, tuple)):
-        return "(" + ", ".join(fmt_value(v) for v in val) + ")"
-    return repr(val)
 
 
 def _val(node: Any) -> Any:
@@ -131,3 +115,66 @@ def _describe(record: RewriteRecord) -> str:
         name = param_name(w) if isinstance(w, fx.Node) else rej.node.name
         lines.append(f"untouched {name}: {rej.reason}")
     return "\n".join(lines)
+
+
+def _plan_text(report: ExplainReport) -> str:
+    lines = [f"groups ({len(report.groups)}):"]
+    lines += [f"  [{g.key}] X {g.x_type}" for g in report.groups]
+    lines.append(f"left exact ({len(report.skipped)}):")
+    lines += [f"  {s.weight}: [{s.category}] {s.reason}" for s in report.skipped]
+    lines += [f"graph break: {b.reason} ({b.location})" for b in report.graph_breaks]
+    return "\n".join(lines)
+
+
+def assert_rewrites(
+    model: Any,
+    *inputs: Any,
+    groups: int | Sequence[Sequence[str]] | None = None,
+    skipped: int | None = None,
+    graph_breaks: int | None = None,
+    **options: Any,
+) -> ExplainReport:
+    """Assert what the backend will rewrite in ``model(*inputs)`` (with ``options``); return the report.
+
+    ``groups`` is a count, or the groups themselves as lists of weight names (which
+    then names the groups that appeared or disappeared, with the reason for each).
+    """
+    from pamm_fx.explain import explain, short_names, why_left_exact
+
+    report = explain(model, *inputs, **options)
+    problems: list[str] = []
+    if isinstance(groups, int):
+        if len(report.groups) != groups:
+            problems.append(f"expected {groups} group(s), got {len(report.groups)}")
+    elif groups is not None:
+        want = {", ".join(g) for g in groups}
+        have = {g.key for g in report.groups}
+        reasons = {s.weight: s.reason for s in report.skipped}
+        for key in sorted(want - have):
+            weights = key.split(", ")
+            why = why_left_exact(weights, reasons)
+            problems.append(f"group disappeared: {short_names(weights)}" + (f" (left exact: {why})" if why else ""))
+        problems += [f"group appeared: {short_names(key.split(', '))}" for key in sorted(have - want)]
+    if skipped is not None and len(report.skipped) != skipped:
+        problems.append(f"expected {skipped} linear(s) left exact, got {len(report.skipped)}")
+    if graph_breaks is not None and len(report.graph_breaks) != graph_breaks:
+        problems.append(f"expected {graph_breaks} graph break(s), got {len(report.graph_breaks)}")
+    if problems:
+        raise AssertionError("pamm rewrite plan differs:\n  " + "\n  ".join(problems) + "\n" + _plan_text(report))
+    return report
+
+
+def assert_plan_snapshot(
+    model: Any, *inputs: Any, expected: str | os.PathLike[str], **options: Any
+) -> ExplainReport:
+    """Compare the rewrite plan with the JSON file ``expected``; ``PAMM_ACCEPT=1`` rewrites the file."""
+    from pamm_fx.explain import ACCEPT_ENV, check_plan, explain
+
+    report = explain(model, *inputs, **options)
+    changes = check_plan(report, expected)
+    if changes:
+        raise AssertionError(
+            f"pamm rewrite plan differs from {os.fspath(expected)} (rerun with {ACCEPT_ENV}=1 to accept):\n  "
+            + "\n  ".join(changes)
+        )
+    return report

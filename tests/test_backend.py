@@ -189,3 +189,32 @@ def test_seeded_training_is_bitwise_identical_across_processes():
 def test_entry_point_registers_the_backend():
     assert "pamm" in torch._dynamo.list_backends(exclude_tags=())
     assert pamm_fx.counters["graphs"] >= 1
+
+
+class BreakBeforeProjections(torch.nn.Module):
+    """A graph break right after the norm: in the second graph X is a placeholder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.RMSNorm(16)
+        self.q, self.k, self.v = (torch.nn.Linear(16, 16) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        torch._dynamo.graph_break()
+        q, k, v = (p(h).view(2, 12, 2, 8).transpose(1, 2) for p in (self.q, self.k, self.v))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 12, 16)
+
+
+def test_group_whose_input_is_a_graph_input_is_rewritten():
+    torch.manual_seed(0)
+    model, x, proj = BreakBeforeProjections(), torch.randn(2, 12, 16), torch.randn(2, 12, 16)
+    expected = torch.autograd.grad((model(x) * proj).sum(), list(model.parameters()))
+    fallbacks = pamm_fx.counters["fallbacks"]
+    with capture_rewrites() as records:
+        out = torch.compile(model, backend="pamm", options={"ratio": 1, "min_tokens": 1})(x)
+    got = torch.autograd.grad((out * proj).sum(), list(model.parameters()))
+    assert pamm_fx.counters["fallbacks"] == fallbacks
+    assert [r.rewritten is not None for r in records] == [False, True]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)  # k's bias has an exactly-zero gradient

@@ -36,6 +36,7 @@ import torch
 from torch import fx
 
 from pamm_fx.config import PammConfig
+from pamm_fx.names import fmt_value, param_name
 
 __all__ = ["Projection", "Group", "Rejection", "MatchResult", "find_groups", "hint"]
 
@@ -72,10 +73,15 @@ class Group:
 
 @dataclasses.dataclass(frozen=True)
 class Rejection:
-    """A candidate linear left untouched, and why."""
+    """A candidate linear left untouched, and why.
+
+    category: a stable key for tools (``frozen``, ``no_attention``, ``min_tokens``,
+    ``autocast``, ``dtype``, ``shape``, ``not_graph_value``); reason: the sentence for people.
+    """
 
     node: fx.Node
     reason: str
+    category: str
 
 
 @dataclasses.dataclass
@@ -173,10 +179,22 @@ def _rows(val: torch.Tensor) -> Any:
     return math.prod(val.shape[:-1]) if val.dim() > 1 else 1
 
 
-def _under_autocast(gm: fx.GraphModule) -> bool:
-    return any(
-        n.op == "call_function" and "autocast" in getattr(n.target, "__name__", "") for n in gm.graph.nodes
-    )
+def _autocast_linears(gm: fx.GraphModule) -> set[fx.Node]:
+    """Linears inside an enabled ``torch.autocast`` region (``_enter_autocast(device, dtype, enabled, cache)``)."""
+    inside: set[fx.Node] = set()
+    stack: list[bool] = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        name = getattr(n.target, "__name__", "")
+        if name == "_enter_autocast":
+            enabled = n.args[2] if len(n.args) > 2 else n.kwargs.get("enabled", True)
+            stack.append(bool(enabled))
+        elif name == "_exit_autocast" and stack:
+            stack.pop()
+        elif n.target is _LINEAR and any(stack):
+            inside.add(n)
+    return inside
 
 
 def find_groups(gm: fx.GraphModule, config: PammConfig) -> MatchResult:
@@ -186,39 +204,41 @@ def find_groups(gm: fx.GraphModule, config: PammConfig) -> MatchResult:
     linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is _LINEAR]
     if not linears:
         return MatchResult(groups, rejections)
-    if _under_autocast(gm):
-        for n in linears:
-            rejections.append(Rejection(n, "graph runs under torch.autocast, which pamm ops do not follow yet"))
-        return MatchResult(groups, rejections)
+    autocast = _autocast_linears(gm)
 
     by_x: dict[fx.Node, list[Projection]] = {}
     for n in linears:
         x, w, b = n.args[0], n.args[1], n.args[2] if len(n.args) > 2 else None
         xv, wv = _val(x), _val(w)
-        if not isinstance(x, fx.Node) or not isinstance(w, fx.Node):
-            rejections.append(Rejection(n, "input or weight is not a graph value"))
+        if n in autocast:
+            rejections.append(Rejection(n, "runs under torch.autocast, which pamm ops do not follow yet", "autocast"))
+        elif not isinstance(x, fx.Node) or not isinstance(w, fx.Node):
+            rejections.append(Rejection(n, "input or weight is not a graph value", "not_graph_value"))
         elif not isinstance(xv, torch.Tensor) or not isinstance(wv, torch.Tensor) or xv.dim() < 1 or wv.dim() != 2:
-            rejections.append(Rejection(n, "unknown shapes or a weight that is not 2-D"))
+            rejections.append(Rejection(n, "unknown shapes or a weight that is not 2-D", "shape"))
         elif not xv.is_floating_point():
-            rejections.append(Rejection(n, f"input dtype {xv.dtype} is not floating point"))
+            rejections.append(Rejection(n, f"input dtype {xv.dtype} is not floating point", "dtype"))
         elif not _is_trainable(gm, w):
-            rejections.append(Rejection(n, "frozen weight: no weight gradient, so X is not saved for it"))
+            rejections.append(Rejection(n, "frozen weight: no weight gradient, so X is not saved for it", "frozen"))
         else:
             by_x.setdefault(x, []).append(Projection(n, w, b if isinstance(b, fx.Node) else None, hint(wv.shape[0])))
 
     for x, projs in by_x.items():
         if not any(_feeds_attention(p.node) for p in projs):
             for p in projs:
-                rejections.append(Rejection(p.node, "output does not feed attention (targets='qkv')"))
+                rejections.append(Rejection(p.node, "output does not feed attention (targets='qkv')", "no_attention"))
             continue
         b = hint(_rows(_val(x)))
         if b < config.min_tokens:
             for p in projs:
-                rejections.append(Rejection(p.node, f"X has {b} rows, below min_tokens={config.min_tokens}"))
+                reason = f"X has {b} rows, below min_tokens={config.min_tokens}"
+                rejections.append(Rejection(p.node, reason, "min_tokens"))
             continue
         groups.append(Group(x, tuple(projs), config.targets))
     for g in groups:
-        log.info("pamm group: X=%s %s -> %s", g.x.name, list(_val(g.x).shape), [p.weight.name for p in g.projections])
+        weights = [param_name(p.weight) for p in g.projections]
+        log.info("pamm group: X=%s %s -> %s", g.x.name, fmt_value(_val(g.x)), weights)
     for r in rejections:
-        log.info("pamm skips %s: %s", r.node.name, r.reason)
+        w = r.node.args[1] if len(r.node.args) > 1 else None
+        log.info("pamm leaves %s exact: %s", param_name(w) if isinstance(w, fx.Node) else r.node.name, r.reason)
     return MatchResult(groups, rejections)

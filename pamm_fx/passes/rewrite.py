@@ -55,10 +55,11 @@ def _fake_mode(graph: fx.Graph) -> Any:
     return None
 
 
-def _insertion_point(graph: fx.Graph, group: Group, env: dict[fx.Node, fx.Node]) -> fx.Node:
-    """The latest definition among the group's inputs; it must precede every use of its outputs."""
+def _insertion_point(graph: fx.Graph, group: Group, env: dict[fx.Node, fx.Node], seed: fx.Node) -> fx.Node:
+    """The latest definition among the group's inputs (and the seed placeholder, which follows the
+    graph's own inputs); it must precede every use of the group's outputs."""
     order = {n: i for i, n in enumerate(graph.nodes)}
-    inputs = [env[group.x]] + [env[p.weight] for p in group.projections]
+    inputs = [seed, env[group.x]] + [env[p.weight] for p in group.projections]
     inputs += [env[p.bias] for p in group.projections if p.bias is not None]
     last = max(inputs, key=order.__getitem__)
     first_use = min(order[u] for p in group.projections for u in env[p.node].users)
@@ -89,7 +90,7 @@ def rewrite_groups(
     seed = _add_seed(graph, fake_mode)
     frac = config.ratio_fraction
     for salt, group in enumerate(groups):
-        where = _insertion_point(graph, group, env)
+        where = _insertion_point(graph, group, env, seed)
         x = env[group.x]
         projs = [env[p.node] for p in group.projections]
         weights = [env[p.weight] for p in group.projections]

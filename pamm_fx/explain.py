@@ -1,0 +1,577 @@
+"""See, before training, what the ``pamm`` backend will do to a model and why.
+
+``explain(model, *inputs, **options)`` runs Dynamo capture once with a backend that
+applies our own normalize and match passes (and the rewrite, for the "after" graph)
+but no Inductor and no backward, so it takes about as long as one eager forward plus
+tracing. The report names every group and every linear left alone, in the
+parameter names the user knows, and estimates what the rewrite saves::
+
+    graph 0  (compile 0/0)
+      group 0  X=norm f32[2, 64, 32]  b=128 n=32  ratio 1/64  k=16
+        ...
+
+``report.plan()`` is the part worth pinning in CI (groups, skips, graph breaks),
+without graph text that changes with the torch version; ``diff_plans`` turns two
+plans into the sentences a failing check prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import operator
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx
+
+from pamm_fx.config import PammConfig
+from pamm_fx.names import fmt_value, param_name
+from pamm_fx.passes.match import Group, MatchResult, Rejection, find_groups, hint
+from pamm_fx.passes.normalize import normalize_linears
+from pamm_fx.passes.rewrite import rewrite_groups
+
+__all__ = [
+    "ACCEPT_ENV",
+    "ExplainReport",
+    "GraphBreak",
+    "GraphReport",
+    "GroupInfo",
+    "ProjectionInfo",
+    "SkipInfo",
+    "check_plan",
+    "diff_plans",
+    "explain",
+    "short_names",
+    "why_left_exact",
+]
+
+#: Setting this (or expecttest's ``EXPECTTEST_ACCEPT``) to 1 rewrites expected plans instead of failing.
+ACCEPT_ENV = "PAMM_ACCEPT"
+_FORMAT_VERSION = 1
+_LINEAR = torch._C._nn.linear
+
+# Skip categories, from the matcher's reason text. The matcher has no category
+# field yet; these prefixes are the reasons it writes today.
+def accept_enabled() -> bool:
+    """Whether expected files should be rewritten (``PAMM_ACCEPT=1`` or ``EXPECTTEST_ACCEPT=1``)."""
+    return any(os.environ.get(name, "") not in ("", "0") for name in (ACCEPT_ENV, "EXPECTTEST_ACCEPT"))
+
+
+@dataclasses.dataclass
+class ProjectionInfo:
+    """One projection of a group: the parameters as the user names them."""
+
+    weight: str
+    bias: str | None
+    out_features: int
+
+
+@dataclasses.dataclass
+class GroupInfo:
+    """A group the backend rewrites, with the estimated effect on backward memory and FLOPs."""
+
+    x: str
+    x_type: str
+    b: int
+    n: int
+    projections: list[ProjectionInfo]
+    ratio: str
+    k: int
+    k_formula: str
+    saved_bytes_before: int
+    saved_bytes_after: int
+    wgrad_flops_before: int
+    wgrad_flops_after: int
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        """Identity of a group across runs: the weights in it."""
+        return ", ".join(p.weight for p in self.projections)
+
+
+@dataclasses.dataclass
+class SkipInfo:
+    """A candidate linear left exact, and why."""
+
+    weight: str
+    category: str
+    reason: str
+
+
+@dataclasses.dataclass
+class GraphBreak:
+    """Where Dynamo split the model: the first line of its reason, the user frame, and the full text."""
+
+    reason: str
+    location: str
+    detail: str = ""
+
+
+@dataclasses.dataclass
+class GraphReport:
+    """One graph Dynamo captured: its groups, skipped linears, and the graph before/after the rewrite."""
+
+    index: int
+    compile_id: str
+    groups: list[GroupInfo]
+    skipped: list[SkipInfo]
+    before: str = ""
+    after: str = ""
+    error: str = ""
+    dot: str = ""
+
+
+def _from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Dataclass from its ``asdict`` form, recursing into the known nested lists."""
+    nested = {"projections": ProjectionInfo, "groups": GroupInfo, "skipped": SkipInfo, "graphs": GraphReport,
+              "graph_breaks": GraphBreak}
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            continue
+        if key in nested and isinstance(value, list):
+            value = [_from_dict(nested[key], v) for v in value]
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+@dataclasses.dataclass
+class ExplainReport:
+    """What ``torch.compile(model, backend="pamm", options=...)`` will do, graph by graph."""
+
+    options: dict[str, Any]
+    graphs: list[GraphReport]
+    graph_breaks: list[GraphBreak]
+    torch_version: str = torch.__version__
+
+    @property
+    def groups(self) -> list[GroupInfo]:
+        return [g for graph in self.graphs for g in graph.groups]
+
+    @property
+    def skipped(self) -> list[SkipInfo]:
+        return [s for graph in self.graphs for s in graph.skipped]
+
+    def to_dict(self, graphs: bool = True) -> dict[str, Any]:
+        """Plain data; ``graphs=False`` drops the graph text (what expected files keep)."""
+        data = dataclasses.asdict(self)
+        data["format"] = _FORMAT_VERSION
+        if not graphs:
+            for g in data["graphs"]:
+                g.pop("before"), g.pop("after"), g.pop("dot")
+        return data
+
+    def to_json(self, graphs: bool = True) -> str:
+        return json.dumps(self.to_dict(graphs), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExplainReport:
+        if data.get("format", _FORMAT_VERSION) != _FORMAT_VERSION:
+            raise ValueError(f"pamm explain report format {data.get('format')!r} is not {_FORMAT_VERSION}")
+        return _from_dict(cls, data)
+
+    @classmethod
+    def from_json(cls, text: str) -> ExplainReport:
+        return cls.from_dict(json.loads(text))
+
+    def plan(self) -> dict[str, Any]:
+        """The rewrite plan: what a CI check pins (no graph text, no torch version)."""
+        data = self.to_dict(graphs=False)
+        data.pop("torch_version")
+        data.pop("format")
+        for g in data["graphs"]:
+            g.pop("compile_id")
+        for b in data["graph_breaks"]:
+            b.pop("location"), b.pop("detail")
+        return data
+
+    def graph_text(self, mode: str = "diff") -> str:
+        """Each graph's code ``before``/``after`` the rewrite, as a unified ``diff``, or ``side`` by side."""
+        if mode not in ("before", "after", "diff", "side"):
+            raise ValueError(f"graph text mode must be before, after, diff or side, got {mode!r}")
+        out = []
+        for g in self.graphs:
+            after = g.after or g.before
+            out.append(f"# graph {g.index} (compile {g.compile_id})" + ("" if g.after else ": not rewritten"))
+            if mode == "before":
+                out.append(g.before)
+            elif mode == "after":
+                out.append(after)
+            elif mode == "diff":
+                out.extend(difflib.unified_diff(
+                    g.before.splitlines(), after.splitlines(), "before", "after", lineterm="", n=2))
+            else:
+                out.append(_side_by_side(g.before, after))
+        return "\n".join(out)
+
+    def to_dot(self) -> str:
+        """One Graphviz digraph; each group is a cluster with its X, projections and their neighbours."""
+        body = "".join(g.dot for g in self.graphs)
+        return "digraph pamm {\n  rankdir=TB;\n  node [shape=box, fontname=monospace, fontsize=10];\n" + body + "}\n"
+
+    def __str__(self) -> str:
+        lines = [f"pamm explain: {len(self.graphs)} graph(s), {len(self.graph_breaks)} graph break(s), "
+                 f"{len(self.groups)} group(s) rewritten, {len(self.skipped)} linear(s) left exact",
+                 "options: " + ", ".join(f"{k}={v}" for k, v in self.options.items())]
+        for g in self.graphs:
+            lines.append(f"\ngraph {g.index} (compile {g.compile_id})")
+            if g.error:
+                lines.append(f"  rewrite failed, the backend compiles this graph unchanged ({g.error})")
+            for i, grp in enumerate(g.groups):
+                lines.extend(_group_lines(i, grp))
+            if g.skipped:
+                width = max(len(s.weight) for s in g.skipped)
+                lines.append("  left exact:")
+                lines.extend(f"    {s.weight:<{width}}  [{s.category}] {s.reason}" for s in g.skipped)
+            if not g.groups and not g.skipped:
+                lines.append("  no linear projection")
+        if self.graph_breaks:
+            lines.append("\ngraph breaks:")
+            lines.extend(f"  {i}. {b.reason}  ({b.location})" for i, b in enumerate(self.graph_breaks, 1))
+        return "\n".join(lines)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def _group_lines(i: int, g: GroupInfo) -> list[str]:
+    ratio = g.saved_bytes_before / max(g.saved_bytes_after, 1)
+    speed = g.wgrad_flops_before / max(g.wgrad_flops_after, 1)
+    lines = [f"  group {i}: X={g.x} {g.x_type}  b={g.b} n={g.n}  ratio={g.ratio}  {g.k_formula}"]
+    width = max(len(p.weight) for p in g.projections)
+    for p in g.projections:
+        bias = f" + {p.bias}" if p.bias else ""
+        lines.append(f"    {p.weight:<{width}}  out={p.out_features}{bias}")
+    lines.append(f"    saved for backward: {_mib(g.saved_bytes_before)} -> {_mib(g.saved_bytes_after)} ({ratio:.1f}x)")
+    lines.append(f"    weight-grad FLOPs:  {g.wgrad_flops_before:,} -> {g.wgrad_flops_after:,} ({speed:.1f}x)")
+    lines.extend(f"    note: {n}" for n in g.notes)
+    return lines
+
+
+def _side_by_side(before: str, after: str, width: int = 70) -> str:
+    left, right = before.splitlines(), after.splitlines()
+    out = []
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, left, right, autojunk=False).get_opcodes():
+        mark = {"equal": " ", "replace": "|", "delete": "<", "insert": ">"}[tag]
+        a, b = left[i1:i2], right[j1:j2]
+        for k in range(max(len(a), len(b))):
+            la = a[k] if k < len(a) else ""
+            lb = b[k] if k < len(b) else ""
+            la = la if len(la) <= width else la[: width - 1] + "…"
+            out.append(f"{la:<{width}} {mark} {lb}")
+    return "\n".join(out)
+
+
+# --- building a report from one captured graph -------------------------------------------
+
+
+def _val(node: Any) -> Any:
+    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+
+
+def _weight_name(linear: fx.Node) -> str:
+    w = linear.args[1] if len(linear.args) > 1 else None
+    return param_name(w) if isinstance(w, fx.Node) else linear.name
+
+
+def _outputs(gm: fx.GraphModule) -> set[fx.Node]:
+    out = next(iter(gm.graph.find_nodes(op="output")))
+    return set(out.all_input_nodes) | {n for a in out.all_input_nodes for n in a.all_input_nodes
+                                       if a.op == "call_function" and a.target is operator.getitem}
+
+
+def _skip(gm: fx.GraphModule, rej: Rejection) -> SkipInfo:
+    """A skip, refined to "graph break" when X itself leaves the graph (:func:`explain` undoes it without breaks)."""
+    category, reason = rej.category, rej.reason
+    x = rej.node.args[0]
+    if category == "no_attention" and x in _outputs(gm):
+        category = "graph_break"
+        reason = ("a graph break splits its group: X is an output of this graph, so the projections of X after "
+                  "the break are in another graph and this one does not reach attention here")
+    return SkipInfo(_weight_name(rej.node), category, reason)
+
+
+def _group(g: Group, config: PammConfig) -> GroupInfo:
+    xv = _val(g.x)
+    shape = [hint(s) for s in xv.shape]
+    n = shape[-1]
+    b = math.prod(shape[:-1]) if len(shape) > 1 else 1
+    k = config.num_generators(b)
+    m = sum(p.out_features for p in g.projections)
+    frac = config.ratio_fraction
+    item = xv.dtype.itemsize
+    # Saved for backward: X (b x n) before; C (k x n, X's dtype), f (b, int32), alpha (b, fp32) after.
+    # Weight-grad GEMM: dW = dY^T X, 2*b*n*m before; B~ = P^T dY (one pass over dY) then B~^T C after.
+    info = GroupInfo(
+        x=g.x.name,
+        x_type=fmt_value(xv),
+        b=b,
+        n=n,
+        projections=[
+            ProjectionInfo(param_name(p.weight), param_name(p.bias) if p.bias is not None else None, p.out_features)
+            for p in g.projections
+        ],
+        ratio=f"{frac.numerator}/{frac.denominator}",
+        k=k,
+        k_formula=f"k = min(b, max({config.min_generators}, ceil(b*{frac}))) = {k}",
+        saved_bytes_before=b * n * item,
+        saved_bytes_after=k * n * item + b * 4 + b * 4,
+        wgrad_flops_before=2 * b * n * m,
+        wgrad_flops_after=2 * k * n * m + 2 * b * m,
+    )
+    if g.x.op == "placeholder":
+        info.notes.append("X is an input of this graph (made before a graph break?): if an earlier graph keeps X "
+                          "alive for backward, compressing it here saves nothing")
+    return info
+
+
+def _dot_id(graph_index: int, node: fx.Node) -> str:
+    return json.dumps(f"g{graph_index}.{node.name}")
+
+
+def _dot(graph_index: int, groups: Sequence[Group], radius: int = 2) -> str:
+    """DOT clusters of each group's neighbourhood (``radius`` hops around X and the projections)."""
+    import networkx as nx
+
+    full = nx.DiGraph()
+    nodes = {}
+    for node in groups[0].x.graph.nodes if groups else ():
+        nodes[node.name] = node
+        for inp in node.all_input_nodes:
+            full.add_edge(inp.name, node.name)
+    undirected = full.to_undirected(as_view=True)
+    lines = []
+    for gi, g in enumerate(groups):
+        centre = {g.x.name, *(p.node.name for p in g.projections)}
+        keep = set()
+        for c in centre:
+            keep |= set(nx.single_source_shortest_path_length(undirected, c, cutoff=radius))
+        proj = {p.node.name for p in g.projections}
+        lines.append(f"  subgraph cluster_g{graph_index}_{gi} {{\n    label=\"graph {graph_index} group {gi}\";\n")
+        for name in sorted(keep, key=list(nodes).index):
+            node = nodes[name]
+            label = node.name
+            if node.op == "placeholder":
+                label = param_name(node)
+            elif node.op == "call_function" and node.target is _LINEAR:
+                label = f"linear {_weight_name(node)}"
+            val = _val(node)
+            if isinstance(val, torch.Tensor):
+                label += f"\n{fmt_value(val)}"
+            style = ""
+            if name == g.x.name:
+                style = ', style=filled, fillcolor="#ffd27f"'
+            elif name in proj:
+                style = ', style=filled, fillcolor="#9fd3ff"'
+            lines.append(f"    {_dot_id(graph_index, node)} [label={json.dumps(label)}"
+                         f"{style}];\n")
+        for u, v in full.subgraph(keep).edges:
+            lines.append(f"    {_dot_id(graph_index, nodes[u])} -> {_dot_id(graph_index, nodes[v])};\n")
+        lines.append("  }\n")
+    return "".join(lines)
+
+
+def _code(gm: fx.GraphModule) -> str:
+    return gm.code.strip() + "\n"
+
+
+class _Collector:
+    """A Dynamo backend: our passes on each graph, a :class:`GraphReport`, then run the graph as is."""
+
+    def __init__(self, config: PammConfig) -> None:
+        self.config = config
+        self.graphs: list[GraphReport] = []
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
+        # Names come from Dynamo's placeholder metadata, which it drops after compiling: read them now.
+        ctx = torch._guards.CompileContext.try_get()
+        compile_id = str(ctx.compile_id) if ctx is not None and ctx.compile_id is not None else "?"
+        before = _code(gm)
+        normalize_linears(gm)
+        result = find_groups(gm, self.config)
+        self.graphs.append(self._report(gm, result, compile_id, before))
+        return gm.forward
+
+    def _report(self, gm: fx.GraphModule, result: MatchResult, compile_id: str, before: str) -> GraphReport:
+        report = GraphReport(
+            index=len(self.graphs),
+            compile_id=compile_id,
+            groups=[_group(g, self.config) for g in result.groups],
+            skipped=[],
+            before=before,
+        )
+        report.skipped = [_skip(gm, r) for r in result.rejections]
+        if result.groups:
+            report.dot = _dot(report.index, result.groups)
+            try:
+                report.after = _code(rewrite_groups(gm, result.groups, self.config, salt_base=report.index << 16))
+            except Exception as exc:  # the backend compiles the original graph then: so no group is rewritten
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                report.error = f"{type(exc).__name__}: {first}"
+                report.skipped[:0] = [
+                    SkipInfo(p.weight, "rewrite_failed", f"the rewrite of its group failed ({report.error})")
+                    for g in report.groups for p in g.projections
+                ]
+                report.groups = []
+        return report
+
+
+def _location(reason: Any) -> str:
+    stack = getattr(reason, "user_stack", None) or []
+    if not stack:
+        return "?"
+    frame = stack[-1]
+    return f"{os.path.basename(frame.filename)}:{frame.lineno} in {frame.name}"
+
+
+def _graph_break(reason: Any) -> GraphBreak:
+    text = str(reason.reason).strip()
+    return GraphBreak(text.splitlines()[0] if text else "?", _location(reason), text)
+
+
+def explain(model: Any, *example_inputs: Any, **options: Any) -> ExplainReport:
+    """Capture ``model(*example_inputs)`` with Dynamo and report the pamm rewrite plan; no training, no Inductor.
+
+    Dynamo's caches are reset before and after, so the report reflects a fresh compile
+    (as the first ``torch.compile`` step would see it) and does not leave graphs behind.
+    """
+    from torch._dynamo.backends.debugging import ExplainWithBackend
+
+    config = PammConfig.from_options(options)
+    collector = _Collector(config)
+    wrapped = ExplainWithBackend(collector)
+    torch._dynamo.reset()
+    try:
+        with torch.enable_grad():
+            torch.compile(model, backend=wrapped)(*example_inputs)
+        breaks = [_graph_break(r) for r in wrapped.break_reasons]
+    finally:
+        torch._dynamo.reset()
+    for graph in collector.graphs:
+        if not breaks:
+            for s in graph.skipped:
+                if s.category == "graph_break":
+                    s.category = "no_attention"
+    opts = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    opts["ratio"] = str(config.ratio_fraction)
+    opts["eps"] = str(opts["eps"])
+    return ExplainReport(options=opts, graphs=collector.graphs, graph_breaks=breaks)
+
+
+# --- comparing plans -----------------------------------------------------------------------
+
+
+def _keyed(items: Iterable[Any], key: Any) -> dict[str, Any]:
+    """Items by key; repeated keys (a module called twice) get ``#2``, ``#3``..."""
+    out: dict[str, Any] = {}
+    for item in items:
+        k, i = key(item), 2
+        while k in out:
+            k, i = f"{key(item)}#{i}", i + 1
+        out[k] = item
+    return out
+
+
+def short_names(names: Sequence[str]) -> str:
+    """``model.layers.0.self_attn.{q_proj,k_proj,v_proj}.weight`` for weights sharing a prefix and suffix."""
+    if len(names) < 2:
+        return ", ".join(names)
+    split = [n.split(".") for n in names]
+    pre = 0
+    while all(len(p) > pre + 1 and p[pre] == split[0][pre] for p in split):
+        pre += 1
+    post = 0
+    while all(len(p) > pre + post + 1 and p[-1 - post] == split[0][-1 - post] for p in split):
+        post += 1
+    middles = [".".join(p[pre : len(p) - post]) for p in split]
+    return ".".join([*split[0][:pre], "{" + ",".join(middles) + "}", *split[0][len(split[0]) - post :]])
+
+
+def why_left_exact(weights: Sequence[str], reasons: dict[str, str]) -> str:
+    """Reasons for the given weights, one clause per distinct reason, in the weights' order."""
+    by_reason: dict[str, list[str]] = {}
+    for w in weights:
+        if w in reasons:
+            by_reason.setdefault(reasons[w], []).append(w)
+    return "; ".join(f"{short_names(ws)}: {reason}" for reason, ws in by_reason.items())
+
+
+def diff_plans(expected: ExplainReport, actual: ExplainReport) -> list[str]:
+    """Sentences saying how ``actual``'s plan differs from ``expected``'s; empty when they are the same."""
+    lines: list[str] = []
+    if expected.options != actual.options:
+        changed = sorted(k for k in {*expected.options, *actual.options}
+                         if expected.options.get(k) != actual.options.get(k))
+        lines += [f"option {k}: {expected.options.get(k)!r} -> {actual.options.get(k)!r}" for k in changed]
+    if len(expected.graphs) != len(actual.graphs):
+        lines.append(f"graphs: {len(expected.graphs)} -> {len(actual.graphs)}")
+    old_breaks = [b.reason for b in expected.graph_breaks]
+    new_breaks = [b.reason for b in actual.graph_breaks]
+    lines += [f"graph break disappeared: {r}" for r in old_breaks if r not in new_breaks]
+    lines += [f"graph break appeared: {r} ({b.location})" for r, b in zip(new_breaks, actual.graph_breaks)
+              if r not in old_breaks]
+
+    old_g = _keyed(expected.groups, lambda g: g.key)
+    new_g = _keyed(actual.groups, lambda g: g.key)
+    new_skips = _keyed(actual.skipped, lambda s: s.weight)
+    old_skips = _keyed(expected.skipped, lambda s: s.weight)
+    new_reasons = {k: s.reason for k, s in new_skips.items()}
+    old_reasons = {k: s.reason for k, s in old_skips.items()}
+    for key, g in old_g.items():
+        if key not in new_g:
+            weights = [p.weight for p in g.projections]
+            why = why_left_exact(weights, new_reasons)
+            lines.append(f"group disappeared: {short_names(weights)} (X {g.x_type})"
+                         + (f"; now left exact: {why}" if why else ""))
+    for key, g in new_g.items():
+        if key not in old_g:
+            weights = [p.weight for p in g.projections]
+            why = why_left_exact(weights, old_reasons)
+            lines.append(f"group appeared: {short_names(weights)} (X {g.x_type})"
+                         + (f"; was left exact: {why}" if why else ""))
+    for key in [k for k in old_g if k in new_g]:
+        a, b = dataclasses.asdict(old_g[key]), dataclasses.asdict(new_g[key])
+        changed = [f"{f} {a[f]} -> {b[f]}" for f in ("x_type", "ratio", "k", "saved_bytes_after",
+                                                     "wgrad_flops_after", "projections") if a[f] != b[f]]
+        if changed:
+            lines.append(f"group {short_names([p.weight for p in new_g[key].projections])}: " + ", ".join(changed))
+    grouped_now = {p.weight for g in actual.groups for p in g.projections}
+    grouped_before = {p.weight for g in expected.groups for p in g.projections}
+    for key, s in old_skips.items():
+        if key not in new_skips and s.weight not in grouped_now:
+            lines.append(f"no longer a candidate: {s.weight} (was left exact: {s.reason})")
+    for key, s in new_skips.items():
+        if key not in old_skips and s.weight not in grouped_before:
+            lines.append(f"newly left exact: {s.weight}: {s.reason}")
+        elif key in old_skips and old_skips[key].reason != s.reason:
+            lines.append(f"{s.weight}: reason changed: {old_skips[key].reason!r} -> {s.reason!r}")
+    if not lines and expected.plan() != actual.plan():
+        lines += difflib.unified_diff(
+            json.dumps(expected.plan(), indent=2, sort_keys=True).splitlines(),
+            json.dumps(actual.plan(), indent=2, sort_keys=True).splitlines(),
+            "expected", "actual", lineterm="",
+        )
+    return lines
+
+
+def check_plan(report: ExplainReport, expected_path: str | os.PathLike[str]) -> list[str]:
+    """Compare with the plan stored at ``expected_path``; with ``PAMM_ACCEPT=1`` store this one instead.
+
+    Returns the differences (empty: same plan, or accepted).
+    """
+    path = Path(expected_path)
+    if accept_enabled():
+        path.write_text(report.to_json(graphs=False))
+        return []
+    if not path.exists():
+        return [f"{path} does not exist; rerun with {ACCEPT_ENV}=1 to write it"]
+    return diff_plans(ExplainReport.from_json(path.read_text()), report)

@@ -1,0 +1,54 @@
+"""Names and types as users know them, for logs, reports and golden tests.
+
+Dynamo turns ``model.layers[0].self_attn.q_proj.weight`` into a placeholder called
+``l_self_modules_layers_modules_0_...``; its source (``node.meta["grapharg"]``) still
+says where the tensor came from, and :func:`param_name` turns that back into the
+dotted name. Dynamo drops that metadata once compilation is over, so callers take
+names while the graph is being compiled.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import fx
+
+__all__ = ["param_name", "fmt_value"]
+
+_DTYPES = {
+    torch.float32: "f32",
+    torch.float16: "f16",
+    torch.bfloat16: "bf16",
+    torch.float64: "f64",
+    torch.int32: "i32",
+    torch.int64: "i64",
+    torch.bool: "b8",
+}
+
+
+def param_name(node: fx.Node) -> str:
+    """``layers.0.self_attn.q_proj.weight`` for a Dynamo placeholder or get_attr; else the node name."""
+    if node.op == "get_attr":
+        return str(node.target)
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    if source is None:
+        return node.name
+    text = source.name if isinstance(source.name, str) else source.name()
+    # The module path starts at the first ._modules/._parameters/._buffers; what precedes it is how the root
+    # module reached the frame (L['self'], or L['args'][0] when forward is wrapped, as in Hugging Face models).
+    root = re.search(r"\._(?:modules|parameters|buffers)\[", text)
+    parts = re.findall(r"\['([^']+)'\]|\[(\d+)\]", text[root.start() :] if root else text)
+    names = [a or b for a, b in parts]
+    return ".".join(names) if names else node.name
+
+
+def fmt_value(val: Any) -> str:
+    """``f32[4, 64, 64]`` for a tensor (symbolic sizes printed as their expressions)."""
+    if isinstance(val, torch.Tensor):
+        return f"{_DTYPES.get(val.dtype, str(val.dtype))}[{', '.join(str(s) for s in val.shape)}]"
+    if isinstance(val, (list, tuple)):
+        return "(" + ", ".join(fmt_value(v) for v in val) + ")"
+    return repr(val)
