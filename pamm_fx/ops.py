@@ -27,7 +27,7 @@ from torch import Tensor
 
 from pamm_fx import kernels
 
-__all__ = ["compress", "linear_group", "num_generators", "sample_generators"]
+__all__ = ["DoubleBackwardError", "compress", "linear_group", "num_generators", "sample_generators"]
 
 _MASK63 = (1 << 63) - 1
 
@@ -130,6 +130,12 @@ def linear_group(
     biases holds only the projections that have one, in order; has_bias says which.
     (A list of optional tensors would lose per-element ``needs_input_grad``.)
     """
+    if torch.autograd.forward_ad._current_level >= 0:
+        # Custom ops drop tangents silently; refuse rather than return a wrong jvp.
+        raise NotImplementedError(
+            "pamm: forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) through a PAMM-compressed "
+            "projection is not supported; compile this model with backend='inductor' for forward-mode AD."
+        )
     it = iter(biases)
     return [torch.nn.functional.linear(x, w, next(it) if hb else None) for w, hb in zip(weights, has_bias)]
 
@@ -145,7 +151,17 @@ def _setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
     ctx.has_bias = list(has_bias)
 
 
+class DoubleBackwardError(RuntimeError):
+    """Differentiating PAMM's backward would differentiate an approximation as if it were exact."""
+
+
 def _backward(ctx: Any, grads: list[Tensor]) -> tuple:
+    if torch.is_grad_enabled() and any(g.requires_grad for g in grads):
+        raise DoubleBackwardError(
+            "pamm: double backward (create_graph=True, gradient penalties, Hessian-vector products) through a "
+            "PAMM-compressed projection is not supported: its weight gradient is an approximation. Compile this "
+            "model with backend='inductor', or exclude the projection (e.g. freeze it)."
+        )
     c, f, alpha, *weights = ctx.saved_tensors
     needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
     dx = None

@@ -1,12 +1,14 @@
 """Plain-torch PAMM kernels: the CPU path and the reference every other kernel must match.
 
-Both functions work in row chunks so that no b x k similarity matrix and no
-b x n float32 copy of X ever exists in full (the whole point is to save memory).
+``assign`` works in row chunks so that no b x k similarity matrix and no b x n
+float32 copy of X ever exists in full (the whole point is to save memory);
+``contract`` reads each dY once through a sparse product.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -67,20 +69,23 @@ def assign(x: Tensor, c: Tensor, eps: float = math.inf) -> tuple[Tensor, Tensor]
 
 
 def contract(grads: list[Tensor], f: Tensor, alpha: Tensor, k: int) -> Tensor:
-    """B~ = P^T [dY_1 | dY_2 | ...]: scatter-add alpha_i * dY_i into row f_i.
+    """B~ = P^T [dY_1 | dY_2 | ...], with P^T (k x b) the one-hot-times-alpha matrix, stored sparse.
 
     grads: per-projection output gradients, each (..., m_j) with b rows in all.
-    Returns B~ (k, sum m_j) float32. CPU ``index_add_`` runs in a fixed order,
-    so the result is bitwise deterministic.
+    Returns B~ (k, sum m_j) float32. P^T is built as a CSR matrix (rows = generators,
+    columns = tokens sorted by generator), so each dY_j is read once by a sparse x
+    dense product: no b x M concatenation, no scaled copy of dY, no atomics. Every
+    output row is summed by one thread in a fixed order: bitwise deterministic.
     """
     flat = [g.reshape(-1, g.shape[-1]) for g in grads]
-    width = sum(g.shape[1] for g in flat)
-    device = flat[0].device
-    out = torch.zeros(k, width, dtype=torch.float32, device=device)
+    device = f.device
     b = f.shape[0]
-    idx = f.long()
-    for r0 in range(0, b, ROW_CHUNK):
-        block = torch.cat([g[r0 : r0 + ROW_CHUNK].float() for g in flat], dim=1)
-        block.mul_(alpha[r0 : r0 + ROW_CHUNK, None])
-        out.index_add_(0, idx[r0 : r0 + ROW_CHUNK], block)
-    return out
+    if k == 0 or b == 0:
+        return torch.zeros(k, sum(g.shape[1] for g in flat), dtype=torch.float32, device=device)
+    order = torch.argsort(f, stable=True)
+    crow = torch.zeros(k + 1, dtype=torch.int64, device=device)
+    crow[1:] = torch.bincount(f, minlength=k).cumsum(0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        p_t = torch.sparse_csr_tensor(crow, order, alpha[order], (k, b), check_invariants=False)
+    return torch.cat([p_t @ g.float() for g in flat], dim=1)
