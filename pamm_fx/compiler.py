@@ -10,7 +10,6 @@ is left as it was and the log says why: a compile never fails because of us.
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -44,9 +43,6 @@ counters_by_compile: collections.deque[dict[str, Any]] = collections.deque(maxle
 
 Observer = Callable[[fx.GraphModule, MatchResult, "fx.GraphModule | None"], None]
 _observers: list[Observer] = []
-# Graphs compiled in this process; mixed into each group's salt so that groups of
-# different graphs (graph breaks, recompiles) sample different rows from one seed.
-_graph_ids = itertools.count()
 
 
 def add_observer(fn: Observer) -> None:
@@ -78,6 +74,16 @@ def _seed_example(example_inputs: Sequence[Any]) -> torch.Tensor:
     example = torch.zeros((), dtype=torch.int64)
     fake_mode = torch._guards.detect_fake_mode(list(example_inputs))
     return fake_mode.from_tensor(example) if fake_mode is not None else example
+
+
+def _salt_base() -> int:
+    """Tell apart the graphs of one program (graph breaks, recompiles) so that, with a fixed ``seed``,
+    their groups still sample different rows. Dynamo's compile id is stable from run to run and
+    across processes (and restarts at ``torch._dynamo.reset()``), unlike a process-wide counter."""
+    cid = torch._guards.CompileContext.current_compile_id()
+    if cid is None:
+        return 0
+    return ((cid.frame_id or 0) << 24 | (cid.frame_compile_id or 0) << 16) & ((1 << 62) - 1)
 
 
 def _bump(per_compile: dict[str, Any], key: str, n: int = 1) -> None:
@@ -116,9 +122,8 @@ def _compile(
         log.info("pamm: no projection group in this graph; handing it to Inductor unchanged")
         _notify(gm, result, None)
         return _inductor(gm, example_inputs, patches)
-    graph_id = next(_graph_ids)
     try:
-        new = rewrite_groups(gm, result.groups, config, salt_base=graph_id << 16)
+        new = rewrite_groups(gm, result.groups, config, salt_base=_salt_base())
     except Exception:
         log.warning("pamm: rewrite failed; compiling the original graph untouched", exc_info=True)
         _bump(mine, "fallbacks")
