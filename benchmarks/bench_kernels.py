@@ -1,12 +1,14 @@
 """Benchmark the PAMM kernels: CPU chunk sizes of the plain-torch path, GPU bandwidth of the Triton kernels.
 
-CPU: ``reference.assign`` and ``reference.contract`` for every (ROW_CHUNK, GEN_CHUNK)
-candidate at b = 8192 tokens, so the defaults in ``pamm_fx/kernels/reference.py``
-are the fastest measured. GEN_CHUNK only matters once k > GEN_CHUNK, hence the
-large-k row. GPU (only when CUDA is available): achieved bandwidth of assign
-(X read once), the whole ``pamm::compress`` op (sampling, gather of C, assign) and
-contract (dY read once) against an HBM roofline; bytes counted are the minimum
-traffic (X or dY once, plus C, f, alpha, B~).
+CPU: ``reference.assign`` for every (ROW_CHUNK, GEN_CHUNK) candidate at b = 8192
+tokens, so the defaults in ``pamm_fx/kernels/reference.py`` are the fastest measured
+(GEN_CHUNK only matters once k > GEN_CHUNK, hence the large-k row), and
+``reference.contract`` (a CSR sparse x dense product) against the alternatives it
+replaced and against the exact weight-gradient GEMM it stands in for.
+GPU (only when CUDA is available): achieved bandwidth of assign (X read once), the
+whole ``pamm::compress`` op (sampling, gather of C, assign) and contract (dY read
+once) against an HBM roofline; bytes counted are the minimum traffic (X or dY once,
+plus C, f, alpha, B~).
 
     /work/venv/bin/python benchmarks/bench_kernels.py [--cpu-only | --gpu-only] [--runs N]
 """
@@ -68,13 +70,35 @@ def bench_cpu(runs: int) -> None:
                 continue
             dys = [torch.randn(b, n, generator=gen) for _ in range(3)]
             f, alpha = reference.assign(x, c)
-            for row in ROW_CHUNKS:
-                reference.ROW_CHUNK = row
-                ms = 1e3 * _median_s(partial(reference.contract, dys, f, alpha, k), runs)
-                mark = " (default)" if row == defaults[0] else ""
-                print(f"| contract 3x{n} | {b} | {n} | {k} | {row}{mark} | - | {ms:.1f} |")
+            for name, fn in _contract_alternatives(dys, f, alpha, k, x).items():
+                ms = 1e3 * _median_s(fn, runs)
+                print(f"| contract 3x{n}: {name} | {b} | {n} | {k} | - | - | {ms:.1f} |")
     finally:
         reference.ROW_CHUNK, reference.GEN_CHUNK = defaults
+
+
+def _contract_alternatives(
+    dys: list[torch.Tensor], f: torch.Tensor, alpha: torch.Tensor, k: int, x: torch.Tensor
+) -> dict[str, Callable[[], object]]:
+    """The CSR product in use, the alternatives it replaced, and the exact weight gradient for scale."""
+
+    def index_add_chunked(row: int = 2048) -> torch.Tensor:
+        out = torch.zeros(k, sum(d.shape[1] for d in dys))
+        for r0 in range(0, f.shape[0], row):
+            block = torch.cat([d[r0 : r0 + row] for d in dys], 1) * alpha[r0 : r0 + row, None]
+            out.index_add_(0, f[r0 : r0 + row].long(), block)
+        return out
+
+    def one_hot_gemm() -> torch.Tensor:
+        p_t = torch.zeros(k, f.shape[0]).index_put_((f.long(), torch.arange(f.shape[0])), alpha)
+        return torch.cat([p_t @ d for d in dys], 1)
+
+    return {
+        "CSR sparse x dense (default)": partial(reference.contract, dys, f, alpha, k),
+        "chunked index_add": index_add_chunked,
+        "one-hot dense GEMM": one_hot_gemm,
+        "exact dW = dY^T X (what PAMM replaces)": lambda: [d.T @ x for d in dys],
+    }
 
 
 def _cuda_median_s(fn: Callable[[], object], runs: int) -> float:
