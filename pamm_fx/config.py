@@ -14,10 +14,15 @@ from collections.abc import Mapping
 from fractions import Fraction
 from typing import Any
 
-__all__ = ["PammConfig", "TARGETS"]
+__all__ = ["PammConfig", "SITES", "TARGETS"]
 
-#: Which projection sites are compressed. Only attention inputs for now.
-TARGETS = ("qkv",)
+#: Valid values of the ``targets`` option (also the keys of its dict form): ``"qkv"`` the inputs of
+#: attention's Q/K/V projections, ``"mlp"`` the inputs of an MLP's up/gate and down projections,
+#: ``"all"`` every trainable linear (in a dict: every site not named otherwise).
+TARGETS = ("qkv", "mlp", "all")
+#: The site a group is classified as (:attr:`pamm_fx.passes.match.Group.site`); "other" is any
+#: trainable linear that is neither, compressed only by ``"all"``.
+SITES = ("qkv", "mlp", "other")
 
 # Ratios are kept as exact fractions p/q so that k = ceil(p*b/q) is integer
 # arithmetic on (possibly symbolic) b; floats like 1/3 are snapped to the nearest
@@ -25,27 +30,55 @@ TARGETS = ("qkv",)
 _MAX_DENOMINATOR = 1 << 20
 
 
-def _parse_ratio(value: Any) -> Fraction:
+def _parse_ratio(value: Any, what: str = "option 'ratio'") -> Fraction:
     if isinstance(value, bool):
-        raise ValueError(f"pamm option 'ratio' must be a number in (0, 1], got {value!r}")
+        raise ValueError(f"pamm {what} must be a number in (0, 1], got {value!r}")
     if isinstance(value, str):
         try:
             frac = Fraction(value.strip())
         except (ValueError, ZeroDivisionError):
             raise ValueError(
-                f"pamm option 'ratio' must be a number in (0, 1] such as 0.015625 or '1/64', got {value!r}"
+                f"pamm {what} must be a number in (0, 1] such as 0.015625 or '1/64', got {value!r}"
             ) from None
     elif isinstance(value, (int, float, Fraction)):
         if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"pamm option 'ratio' must be a number in (0, 1], got {value!r}")
+            raise ValueError(f"pamm {what} must be a number in (0, 1], got {value!r}")
         frac = Fraction(value).limit_denominator(_MAX_DENOMINATOR)
     else:
-        raise ValueError(
-            f"pamm option 'ratio' must be a number in (0, 1], got {type(value).__name__} {value!r}"
-        )
+        raise ValueError(f"pamm {what} must be a number in (0, 1], got {type(value).__name__} {value!r}")
     if not 0 < frac <= 1:
-        raise ValueError(f"pamm option 'ratio' must be in (0, 1], got {value!r}")
+        raise ValueError(f"pamm {what} must be in (0, 1], got {value!r}")
     return frac
+
+
+def _parse_targets(value: Any) -> str | tuple[tuple[str, float | None], ...]:
+    """A target name stays a string; a dict or a list of names becomes sorted (site, ratio) pairs.
+
+    Pairs rather than a dict keep the config hashable; ``None`` means "the global ratio".
+    """
+    valid = list(TARGETS)
+    if isinstance(value, str):
+        if value not in TARGETS:
+            raise ValueError(f"pamm option 'targets' must be one of {valid} or a dict of them to ratios, got {value!r}")
+        return value
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, (list, tuple, set, frozenset)) and value:
+        items = [item if isinstance(item, tuple) and len(item) == 2 else (item, None) for item in value]
+    else:
+        raise ValueError(
+            f"pamm option 'targets' must be one of {valid}, a list of them, or a dict of them to ratios such as "
+            f"{{'qkv': 1/256, 'mlp': 1/32}}, got {value!r}"
+        )
+    if not items:
+        raise ValueError(f"pamm option 'targets' must name at least one of {valid}, got {value!r}")
+    pairs: dict[str, float | None] = {}
+    for site, ratio in items:
+        if site not in TARGETS:
+            raise ValueError(f"pamm option 'targets' has an unknown site {site!r}; valid sites are {valid}")
+        what = f"ratio of targets[{site!r}]"
+        pairs[site] = None if ratio is None else float(_parse_ratio(ratio, what))
+    return tuple(sorted(pairs.items()))
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -69,7 +102,10 @@ class PammConfig:
     min_tokens: groups whose X has fewer rows than this stay exact (compressing a
         handful of rows saves nothing and only adds noise).
     min_generators: floor on k, so small batches do not collapse to a few rows.
-    targets: which projection sites to compress; one of :data:`TARGETS`.
+    targets: which projection sites to compress: one of :data:`TARGETS`, a list of
+        them, or a dict of them to per-site ratios (``{"qkv": 1/256, "mlp": 1/32}``;
+        a dict's ``"all"`` covers every site not named). Stored as given for a name,
+        else as sorted ``(site, ratio_or_None)`` pairs.
     """
 
     ratio: float = 1 / 64
@@ -77,7 +113,7 @@ class PammConfig:
     eps: float = math.inf
     min_tokens: int = 128
     min_generators: int = 16
-    targets: str = "qkv"
+    targets: str | tuple[tuple[str, float | None], ...] = "qkv"
 
     def __post_init__(self) -> None:
         frac = _parse_ratio(self.ratio)
@@ -91,13 +127,23 @@ class PammConfig:
         object.__setattr__(self, "eps", float(self.eps))
         _check_int("min_tokens", self.min_tokens, 1)
         _check_int("min_generators", self.min_generators, 1)
-        if self.targets not in TARGETS:
-            raise ValueError(f"pamm option 'targets' must be one of {list(TARGETS)}, got {self.targets!r}")
+        object.__setattr__(self, "targets", _parse_targets(self.targets))
 
     @property
     def ratio_fraction(self) -> Fraction:
         """The ratio as p/q, the form the graph carries."""
         return Fraction(self.ratio).limit_denominator(_MAX_DENOMINATOR)
+
+    def site_ratio(self, site: str) -> Fraction | None:
+        """The ratio for groups of ``site`` (one of :data:`SITES`), or None where it is not a target."""
+        named = {self.targets: None} if isinstance(self.targets, str) else dict(self.targets)
+        if site in named:
+            ratio = named[site]
+        elif "all" in named:
+            ratio = named["all"]
+        else:
+            return None
+        return self.ratio_fraction if ratio is None else Fraction(ratio).limit_denominator(_MAX_DENOMINATOR)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> PammConfig:
@@ -114,7 +160,7 @@ class PammConfig:
             raise ValueError(f"unknown pamm option(s) {unknown}; valid options are {valid}")
         return cls(**options)
 
-    def num_generators(self, b: int) -> int:
-        """k for b rows (concrete ints; the graph uses the same formula on SymInts)."""
-        frac = self.ratio_fraction
+    def num_generators(self, b: int, site: str | None = None) -> int:
+        """k for b rows at ``site``'s ratio (concrete ints; the graph uses the same formula on SymInts)."""
+        frac = (self.site_ratio(site) if site is not None else None) or self.ratio_fraction
         return min(b, max(self.min_generators, -(-frac.numerator * b // frac.denominator)))

@@ -305,10 +305,10 @@ def _group(g: Group, config: PammConfig) -> GroupInfo:
     shape = [hint(s) for s in xv.shape]
     n = shape[-1]
     b = math.prod(shape[:-1]) if len(shape) > 1 else 1
-    k = config.num_generators(b)
+    k = config.num_generators(b, g.site)
     m = sum(p.out_features for p in g.projections)
-    frac = config.ratio_fraction
-    item = xv.dtype.itemsize
+    frac = config.site_ratio(g.site) or config.ratio_fraction
+    item = (g.dtype or xv.dtype).itemsize  # under autocast X is saved in the compute dtype either way
     # Saved for backward: X (b x n) before; C (k x n, X's dtype), f (b, int32), alpha (b, fp32) after.
     # Weight-grad GEMM: dW = dY^T X, 2*b*n*m before; B~ = P^T dY (one pass over dY) then B~^T C after.
     info = GroupInfo(

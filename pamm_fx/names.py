@@ -29,7 +29,16 @@ _DTYPES = {
 
 
 def param_name(node: fx.Node) -> str:
-    """``layers.0.self_attn.q_proj.weight`` for a Dynamo placeholder or get_attr; else the node name."""
+    """``layers.0.self_attn.q_proj.weight`` for a Dynamo placeholder or get_attr; else the node name.
+
+    A transposed view of one (``W.t()``, which normalize makes of a weight stored (in, out), as
+    GPT-2's ``Conv1D``) is named ``<name>.T``; the rewrite's explicit autocast cast ``<name>.to(bf16)``.
+    """
+    if node.op == "call_method" and node.target == "t" and isinstance(node.args[0], fx.Node):
+        return f"{param_name(node.args[0])}.T"
+    if node.op == "call_method" and node.target == "to" and isinstance(node.args[0], fx.Node):
+        dtype = node.args[1] if len(node.args) > 1 else None
+        return f"{param_name(node.args[0])}.to({_DTYPES.get(dtype, dtype)})"  # autocast's cast, made explicit
     if node.op == "get_attr":
         return str(node.target)
     grapharg = node.meta.get("grapharg")

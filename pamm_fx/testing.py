@@ -37,6 +37,7 @@ __all__ = [
     "assert_rewrites",
     "capture_rewrites",
     "describe",
+    "describe_rewrites",
     "fmt_value",
     "param_name",
 ]
@@ -115,6 +116,36 @@ def _describe(record: RewriteRecord) -> str:
         name = param_name(w) if isinstance(w, fx.Node) else rej.node.name
         lines.append(f"untouched {name}: {rej.reason}")
     return "\n".join(lines)
+
+
+def describe_rewrites(model: Any, *inputs: Any, **options: Any) -> str:
+    """:func:`describe` text of every graph Dynamo captures from ``model(*inputs)``, joined by ``---``.
+
+    Runs the backend's passes (normalize, match, rewrite) but neither Inductor nor the
+    rewritten graph, so a golden test of a layout costs one Dynamo trace.
+    """
+    from pamm_fx.config import PammConfig
+    from pamm_fx.passes.match import find_groups
+    from pamm_fx.passes.normalize import normalize_linears
+    from pamm_fx.passes.rewrite import rewrite_groups
+
+    config = PammConfig.from_options(options)
+    texts: list[str] = []
+
+    def backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
+        normalize_linears(gm)
+        result = find_groups(gm, config)
+        new = rewrite_groups(gm, result.groups, config) if result.groups else None
+        texts.append(_describe(RewriteRecord(gm, result, new)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        with torch.enable_grad():
+            torch.compile(model, backend=backend)(*inputs)
+    finally:
+        torch._dynamo.reset()
+    return "\n---\n".join(texts)
 
 
 def _plan_text(report: ExplainReport) -> str:

@@ -30,7 +30,7 @@ def test_bad_ratio_names_valid_range(ratio):
         ({"eps": float("nan")}, r"'eps' must be a float >= 0"),
         ({"min_tokens": 0}, r"'min_tokens' must be an int >= 1"),
         ({"min_generators": 0}, r"'min_generators' must be an int >= 1"),
-        ({"targets": "everything"}, r"'targets' must be one of \['qkv'\]"),
+        ({"targets": "everything"}, r"'targets' must be one of \['qkv', 'mlp', 'all'\]"),
     ],
 )
 def test_bad_options(options, match):

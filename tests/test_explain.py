@@ -100,10 +100,11 @@ def test_skip_below_min_tokens() -> None:
     assert "X has 32 rows, below min_tokens=64" in str(report)
 
 
-def test_skip_autocast() -> None:
+def test_autocast_group_is_planned_in_the_compute_dtype() -> None:
     report = pamm_fx.explain(Attention(autocast=True), X, min_tokens=1)
-    assert report.groups == []
-    assert set(_skips(report).values()) == {"autocast"}
+    assert [g.key for g in report.groups] == ["q_proj.weight, k_proj.weight, v_proj.weight"]
+    assert report.groups[0].saved_bytes_before == 2 * 16 * 32 * 2  # X is saved in bf16 under autocast
+    assert _skips(report) == {"o_proj.weight": "no_attention"}
 
 
 def test_skip_graph_break_splits_group(split: ExplainReport) -> None:

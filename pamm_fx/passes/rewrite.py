@@ -8,6 +8,12 @@
                                                            ├─ [1] ── ...
                                                            └─ [2] ── ...
 
+Under autocast (``Group.dtype`` set) X, the weights and the biases are first cast
+explicitly to the dtype the linears computed in (``.to(dtype)``), because custom ops
+do not follow autocast: C is then stored in that dtype, alpha stays float32, and the
+casts' backward returns dX and the weight gradients in the original dtypes, as
+autocast's own casts do.
+
 The rewrite works on a copy of the graph, so the caller can still compile the
 untouched original if anything goes wrong. One extra placeholder, ``pamm_seed``
 (an int64 scalar tensor), is appended after the graph's own inputs; the backend
@@ -88,14 +94,16 @@ def rewrite_groups(
     graph = new.graph
     fake_mode = _fake_mode(graph)
     seed = _add_seed(graph, fake_mode)
-    frac = config.ratio_fraction
     for salt, group in enumerate(groups):
+        frac = config.site_ratio(group.site) or config.ratio_fraction
         where = _insertion_point(graph, group, env, seed)
         x = env[group.x]
         projs = [env[p.node] for p in group.projections]
         weights = [env[p.weight] for p in group.projections]
         biases = [env[p.bias] for p in group.projections if p.bias is not None]
         has_bias = [p.bias is not None for p in group.projections]
+        if group.dtype is not None:
+            where, (x, *weights), biases = _cast(graph, where, group.dtype, [x, *weights], biases, fake_mode)
         with graph.inserting_after(where):
             detached = graph.call_method("detach", (x,))
         with graph.inserting_after(detached):
@@ -115,11 +123,12 @@ def rewrite_groups(
             )
         outs = []
         anchor = fused
-        for i, old in enumerate(projs):
+        for i, (proj, old) in enumerate(zip(group.projections, projs)):
             with graph.inserting_after(anchor):
                 out = graph.call_function(operator.getitem, (fused, i))
             out.meta = dict(old.meta)
             old.replace_all_uses_with(out)
+            env[proj.node] = out  # a later group may read it as X (LoRA's B reads A's output)
             outs.append(out)
             anchor = out
         _set_meta(x, detached, comp, (c, f, alpha), fused, outs, fake_mode)
@@ -129,6 +138,23 @@ def rewrite_groups(
     new.recompile()
     log.info("pamm rewrote %d group(s)", len(groups))
     return new
+
+
+def _cast(
+    graph: fx.Graph, where: fx.Node, dtype: torch.dtype, tensors: list[fx.Node], biases: list[fx.Node], fake_mode: Any
+) -> tuple[fx.Node, list[fx.Node], list[fx.Node]]:
+    """``t.to(dtype)`` for each tensor and bias, inserted after ``where``; returns the new anchor and nodes."""
+    out: list[fx.Node] = []
+    for node in [*tensors, *biases]:
+        with graph.inserting_after(where):
+            cast = graph.call_method("to", (node, dtype))
+        val = node.meta.get("example_value")
+        if fake_mode is not None and isinstance(val, torch.Tensor):
+            with fake_mode:
+                cast.meta["example_value"] = val.to(dtype)
+        out.append(cast)
+        where = cast
+    return where, out[: len(tensors)], out[len(tensors) :]
 
 
 def _set_meta(
