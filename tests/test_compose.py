@@ -258,3 +258,16 @@ def test_saving_holds_with_checkpointing_off_and_budget_on():
         ).nbytes
     assert ours < base
     assert pamm_fx.counters["groups_rewritten"] >= 2
+
+
+def test_bf16_weights_keep_c_in_bf16_and_match_plain_compile():
+    x, proj = (t.bfloat16() for t in _inputs(seq=16))
+    model = _net(layers=1).bfloat16()
+    expected = _grads(model, x, proj, "inductor")
+    torch._dynamo.reset()
+    got = _grads(model, x, proj, "pamm", EXACT)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g.float(), e.float(), rtol=2e-2, atol=2e-2 * max(1.0, e.abs().max().item()))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="pamm", options=COMPRESS)
+    assert [c.dtype for c in _recorded_generators(lambda: compiled(x))] == [torch.bfloat16]
