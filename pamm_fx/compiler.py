@@ -115,8 +115,13 @@ def _compile(
         log.info("pamm: gradients are disabled for this graph; handing it to Inductor unchanged")
         _notify(gm, MatchResult([], []), None)
         return _inductor(gm, example_inputs, patches)
-    normalize_linears(gm)
-    result = find_groups(gm, config)
+    try:
+        normalize_linears(gm)
+        result = find_groups(gm, config)
+    except Exception:
+        log.warning("pamm: matching failed; compiling the graph untouched", exc_info=True)
+        _bump(mine, "fallbacks")
+        return _inductor(gm, example_inputs, patches)
     _bump(mine, "linears_skipped", len(result.rejections))
     if not result.groups:
         log.info("pamm: no projection group in this graph; handing it to Inductor unchanged")
@@ -129,10 +134,17 @@ def _compile(
         _bump(mine, "fallbacks")
         _notify(gm, result, None)
         return _inductor(gm, example_inputs, patches)
-    _bump(mine, "groups_rewritten", len(result.groups))
     _notify(gm, result, new)
+    try:
+        compiled = _inductor(new, [*example_inputs, _seed_example(example_inputs)], patches)
+    except Exception:
+        # Not our graph's fault as far as we know, but never fail a compile Inductor could do without us.
+        log.warning("pamm: Inductor failed on the rewritten graph; compiling the original untouched", exc_info=True)
+        _bump(mine, "fallbacks")
+        _notify(gm, result, None)
+        return _inductor(gm, example_inputs, patches)
+    _bump(mine, "groups_rewritten", len(result.groups))
     seeds = _SeedSource(config.seed)
-    compiled = _inductor(new, [*example_inputs, _seed_example(example_inputs)], patches)
 
     def run(*args: Any) -> Any:
         return compiled(*args, seeds())

@@ -271,3 +271,35 @@ def test_bf16_weights_keep_c_in_bf16_and_match_plain_compile():
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="pamm", options=COMPRESS)
     assert [c.dtype for c in _recorded_generators(lambda: compiled(x))] == [torch.bfloat16]
+
+
+@pytest.mark.parametrize("stage", ["find_groups", "rewrite_groups", "inductor"])
+def test_a_failure_of_ours_falls_back_to_plain_inductor(stage, monkeypatch, caplog):
+    from pamm_fx import compiler
+
+    x, proj = _inputs()
+    model = _net(layers=1)
+    expected = _grads(model, x, proj, "inductor")
+    torch._dynamo.reset()
+    if stage == "inductor":
+        real = compiler._inductor
+
+        def fail_on_pamm_ops(gm, example_inputs, patches):
+            if any(n.target is torch.ops.pamm.linear_group.default for n in gm.graph.nodes):
+                raise RuntimeError("injected Inductor failure")
+            return real(gm, example_inputs, patches)
+
+        monkeypatch.setattr(compiler, "_inductor", fail_on_pamm_ops)
+    else:
+
+        def boom(*args, **kwargs):
+            raise RuntimeError("injected failure")
+
+        monkeypatch.setattr(compiler, stage, boom)
+    before = pamm_fx.counters["fallbacks"]
+    with caplog.at_level(logging.WARNING, logger="pamm_fx"):
+        got = _grads(model, x, proj, "pamm", EXACT)
+    assert pamm_fx.counters["fallbacks"] == before + 1
+    assert "compiling the" in caplog.text and "untouched" in caplog.text
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
