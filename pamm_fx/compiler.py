@@ -137,6 +137,8 @@ def _compile(
     _notify(gm, result, new)
     try:
         compiled = _inductor(new, [*example_inputs, _seed_example(example_inputs)], patches)
+    except torch._dynamo.exc.TorchDynamoException:
+        raise  # Dynamo's own control flow (e.g. RestartAnalysis from Inductor's scalar pass), not a failure
     except Exception:
         # Not our graph's fault as far as we know, but never fail a compile Inductor could do without us.
         log.warning("pamm: Inductor failed on the rewritten graph; compiling the original untouched", exc_info=True)
