@@ -171,7 +171,13 @@ def _backward(ctx: Any, grads: list[Tensor]) -> tuple:
             dx = dx + g.matmul(w)
     dweights: list[Tensor | None] = [None] * len(weights)
     if any(needs_w):
-        bt = torch.ops.pamm.contract(grads, f, alpha, c.shape[0])
+        if f.is_cuda and kernels.has_triton():
+            # Traceable twin: AOTAutograd decomposes it, so Inductor sees the Triton kernel.
+            from pamm_fx.kernels import triton_contract
+
+            bt = triton_contract.contract_triton(grads, f, alpha, c.shape[0])
+        else:
+            bt = torch.ops.pamm.contract(grads, f, alpha, c.shape[0])
         dw_all = bt.t().mm(c.float())
         offset = 0
         for j, w in enumerate(weights):

@@ -25,7 +25,10 @@ triton = pytest.importorskip(
     reason="triton is not installed: `pip install 'triton>=3.7.1'` (CPU runs use its interpreter, TRITON_INTERPRET=1)",
 )
 
+from functorch.compile import make_boxed_func  # noqa: E402
+from torch._dynamo.backends.common import aot_autograd  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
 
 from pamm_fx.kernels import reference, triton_assign, triton_contract  # noqa: E402
 
@@ -165,5 +168,94 @@ def test_contract_is_bitwise_deterministic() -> None:
     grads, f, alpha = _contract_inputs(300, [70, 140], 3, torch.bfloat16)
     args = ([g.to(DEVICE) for g in grads], f.to(DEVICE), alpha.to(DEVICE), 3)
     first = triton_contract.contract(*args)
-    second = triton_contract.contract(*args)
+    second = torch.ops.pamm.contract_triton(*args)
     assert torch.equal(first, second)
+
+
+class _TraceableInterpreted(JITFunction):
+    """A JITFunction, so ``wrap_triton`` traces it into a graph, that launches through the interpreter.
+
+    Under ``TRITON_INTERPRET=1`` ``@triton.jit`` returns an ``InterpretedFunction`` and
+    ``wrap_triton`` hands that back unwrapped (torch/_library/triton.py), so tracing the op
+    with fake tensors runs the interpreter on them, which reads their (nonexistent) storage:
+    opcheck's test_faketensor and test_aot_dispatch_dynamic fail on that, not on the op.
+    This twin restores the GPU tracing path (the kernel-wrapper HOP) on CPU tensors.
+    """
+
+    def __init__(self, interpreted: InterpretedFunction) -> None:
+        super().__init__(interpreted.fn)
+        self._interpreted = interpreted
+
+    def run(self, *args: object, grid: object, warmup: bool, **kwargs: object) -> object:
+        return self._interpreted.run(*args, grid=grid, warmup=warmup, **kwargs)
+
+
+@pytest.fixture
+def traceable_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPU, let pamm::contract_triton's body wrap a traceable kernel (on a GPU it already does)."""
+    if _INTERPRETED:
+        monkeypatch.setattr(
+            triton_contract, "_contract_kernel", _TraceableInterpreted(triton_contract._contract_kernel)
+        )
+
+
+def _contract_args(b: int, widths: list[int], k: int, dtype: torch.dtype) -> tuple:
+    grads, f, alpha = _contract_inputs(b, widths, k, dtype)
+    return [g.to(DEVICE) for g in grads], f.to(DEVICE), alpha.to(DEVICE), k
+
+
+@pytest.mark.usefixtures("traceable_kernel")
+def test_contract_triton_opcheck() -> None:
+    grads, f, alpha, k = _contract_args(75, [40, 130], 5, torch.bfloat16)
+    torch.library.opcheck(torch.ops.pamm.contract_triton.default, (grads, f, alpha, k))
+    torch.library.opcheck(torch.ops.pamm.contract_triton.default, ([g.reshape(3, 25, -1) for g in grads], f, alpha, k))
+
+
+def _recording_backend() -> tuple[object, list[torch.fx.GraphModule]]:
+    """An aot_eager backend that also keeps every AOTAutograd graph (forward, then backward)."""
+    graphs: list[torch.fx.GraphModule] = []
+
+    def keep(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return make_boxed_func(gm)
+
+    return aot_autograd(fw_compiler=keep, bw_compiler=keep), graphs
+
+
+@pytest.mark.usefixtures("traceable_kernel")
+def test_contract_triton_traces_into_the_kernel() -> None:
+    """AOTAutograd decomposes the op: the graph holds the kernel wrapper (one per grad), not the op."""
+    grads, f, alpha, k = _contract_args(75, [40, 130, 8], 5, torch.float32)
+    backend, graphs = _recording_backend()
+    compiled = torch.compile(
+        lambda gs, f, a: torch.ops.pamm.contract_triton(gs, f, a, k), backend=backend, dynamic=True
+    )
+    out = compiled(grads, f, alpha)
+    code = "\n".join(g.code for g in graphs)
+    assert code.count("triton_kernel_wrapper_functional(") == 3 and "pamm" not in code
+    eager = torch.ops.pamm.contract_triton(grads, f, alpha, k)
+    assert torch.equal(out, eager)
+    torch.testing.assert_close(out.cpu(), reference.contract([g.cpu() for g in grads], f.cpu(), alpha.cpu(), k))
+
+
+def test_backward_picks_the_contraction_by_device() -> None:
+    """CUDA: the traceable contract_triton (kernel in the graph); CPU: the opaque pamm::contract, as before."""
+    x = _data(2, 37, 24, dtype=torch.float32).to(DEVICE)
+    c, f, alpha = torch.ops.pamm.compress(x, torch.tensor(3), 1, 4, 1, math.inf, 0)
+    weights = [_data(16, 24, dtype=torch.float32, seed=s).to(DEVICE).requires_grad_() for s in (1, 2)]
+    backend, graphs = _recording_backend()
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        ys = torch.ops.pamm.linear_group(x, weights, [], [False, False], c, f, alpha)
+        return sum(y.square().sum() for y in ys)
+
+    torch.compile(step, backend=backend, fullgraph=True)(x).backward()
+    backward = graphs[-1].code
+    if DEVICE == "cuda":
+        assert "triton_kernel_wrapper_functional(" in backward and "pamm.contract" not in backward
+    else:
+        assert "torch.ops.pamm.contract.default(" in backward and "triton_kernel_wrapper" not in backward
+    grads = [2 * torch.nn.functional.linear(x, w).detach() for w in weights]
+    bt = reference.contract([g.cpu() for g in grads], f.cpu(), alpha.cpu(), c.shape[0])
+    expected = bt.t().mm(c.cpu().float())
+    torch.testing.assert_close(torch.cat([w.grad for w in weights]).cpu(), expected, rtol=1e-4, atol=1e-4)
