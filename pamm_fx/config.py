@@ -101,7 +101,10 @@ class PammConfig:
         is dropped from the weight gradient (``inf`` keeps every row, the paper's best).
     min_tokens: groups whose X has fewer rows than this stay exact (compressing a
         handful of rows saves nothing and only adds noise).
-    min_generators: floor on k, so small batches do not collapse to a few rows.
+    min_generators: floor on k, so small batches do not collapse to a few rows. Quality
+        follows k, not the ratio: at 2,048 tokens per step, k = 16-32 cost 3-4% validation
+        loss and k = 256 none (docs/benchmarks.md), hence 256; from 16,384 tokens per
+        step on, ratio 1/64 alone gives k >= 256.
     targets: which projection sites to compress: one of :data:`TARGETS`, a list of
         them, or a dict of them to per-site ratios (``{"qkv": 1/256, "mlp": 1/32}``;
         a dict's ``"all"`` covers every site not named). Stored as given for a name,
@@ -112,7 +115,7 @@ class PammConfig:
     seed: int | None = None
     eps: float = math.inf
     min_tokens: int = 128
-    min_generators: int = 16
+    min_generators: int = 256
     targets: str | tuple[tuple[str, float | None], ...] = "qkv"
 
     def __post_init__(self) -> None:

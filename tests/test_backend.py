@@ -139,13 +139,13 @@ def test_inference_graph_is_left_to_inductor():
     model = _model(GQA)
     tokens, _ = _inputs()
     with torch.no_grad(), capture_rewrites() as records:
-        out = torch.compile(model, backend="pamm", options={"min_tokens": 1})(tokens)
+        out = torch.compile(model, backend="pamm", options={"min_tokens": 1, "min_generators": 16})(tokens)
     assert len(records) == 1 and records[0].rewritten is None and out.shape == (BATCH, SEQ, 256)
 
 
 def test_dynamic_sequence_length_does_not_recompile():
     model = _model(GQA)
-    compiled = torch.compile(model, backend="pamm", dynamic=True, options={"ratio": 1 / 8, "min_tokens": 1})
+    compiled = torch.compile(model, backend="pamm", dynamic=True, options={"ratio": 1 / 8, "min_tokens": 1, "min_generators": 16})
     with capture_rewrites() as records:
         counts = []
         for seq in (24, 40, 56):
@@ -167,7 +167,7 @@ SEEDED_RUN = textwrap.dedent(
     torch.manual_seed(0)
     model = Llama(LlamaConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    step = torch.compile(model, backend="pamm", options={"ratio": 1 / 16, "min_tokens": 1, "seed": 5})
+    step = torch.compile(model, backend="pamm", options={"ratio": 1 / 16, "min_tokens": 1, "min_generators": 16, "seed": 5})
     for _ in range(3):
         tokens = torch.randint(0, 256, (2, 33))
         step(tokens[:, :-1], tokens[:, 1:]).backward()
@@ -212,7 +212,7 @@ def test_group_whose_input_is_a_graph_input_is_rewritten():
     expected = torch.autograd.grad((model(x) * proj).sum(), list(model.parameters()))
     fallbacks = pamm_fx.counters["fallbacks"]
     with capture_rewrites() as records:
-        out = torch.compile(model, backend="pamm", options={"ratio": 1, "min_tokens": 1})(x)
+        out = torch.compile(model, backend="pamm", options={"ratio": 1, "min_tokens": 1, "min_generators": 16})(x)
     got = torch.autograd.grad((out * proj).sum(), list(model.parameters()))
     assert pamm_fx.counters["fallbacks"] == fallbacks
     assert [r.rewritten is not None for r in records] == [False, True]

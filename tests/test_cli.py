@@ -56,7 +56,7 @@ def test_parse_options() -> None:
 
 def test_table_graph_and_dot(factory: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     dot = tmp_path / "groups.dot"
-    assert main(["explain", f"{factory}:tiny", "--options", "ratio=1/128,min_tokens=1", "--graph", "diff",
+    assert main(["explain", f"{factory}:tiny", "--options", "ratio=1/128,min_tokens=1,min_generators=16", "--graph", "diff",
                  "--dot", str(dot)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("pamm explain: 1 graph(s), 0 graph break(s), 1 group(s) rewritten, 5 linear(s) left exact")
@@ -68,7 +68,7 @@ def test_check_fails_on_changed_plan_and_passes_on_same(
     factory: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     expected = tmp_path / "plan.json"
-    args = ["explain", f"{factory}:tiny", "--options", "min_tokens=1", "--check", str(expected)]
+    args = ["explain", f"{factory}:tiny", "--options", "min_tokens=1,min_generators=16", "--check", str(expected)]
     assert main(args) == 1
     assert "rerun with PAMM_ACCEPT=1" in capsys.readouterr().err
     monkeypatch.setenv("PAMM_ACCEPT", "1")
@@ -76,7 +76,7 @@ def test_check_fails_on_changed_plan_and_passes_on_same(
     monkeypatch.delenv("PAMM_ACCEPT")
     assert main(args) == 0
     capsys.readouterr()
-    assert main(["explain", f"{factory}:tiny_frozen", "--options", "min_tokens=1", "--check", str(expected)]) == 1
+    assert main(["explain", f"{factory}:tiny_frozen", "--options", "min_tokens=1,min_generators=16", "--check", str(expected)]) == 1
     err = capsys.readouterr().err
     assert "pamm rewrite plan differs from" in err
     assert ("  group disappeared: layers.0.self_attn.{q_proj,k_proj,v_proj}.weight (X f32[2, 64, 32]); now left exact: "
@@ -84,7 +84,7 @@ def test_check_fails_on_changed_plan_and_passes_on_same(
 
 
 def test_json_output(factory: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["explain", f"{factory}:tiny", "--options", "min_tokens=1", "--json"]) == 0
+    assert main(["explain", f"{factory}:tiny", "--options", "min_tokens=1,min_generators=16", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert [p["weight"] for p in data["graphs"][0]["groups"][0]["projections"]] == [
         f"layers.0.self_attn.{p}_proj.weight" for p in "qkv"

@@ -303,3 +303,12 @@ def test_a_failure_of_ours_falls_back_to_plain_inductor(stage, monkeypatch, capl
     assert "compiling the" in caplog.text and "untouched" in caplog.text
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def test_groups_smaller_than_min_generators_stay_exact():
+    x, proj = _inputs()  # 24 rows, below the default floor of 256 generators
+    with capture_rewrites() as records:
+        _grads(_net(layers=1), x, proj, "pamm", {"ratio": 1 / 4, "min_tokens": 1})
+    (record,) = records
+    assert record.rewritten is None
+    assert "X has 24 rows, not more than min_generators=256: every row would be kept" in record.summary

@@ -394,7 +394,7 @@ def test_targets_all_keeps_outputs_and_input_gradients_exact() -> None:
 def test_dynamic_batch_does_not_recompile() -> None:
     torch.manual_seed(0)
     model = Shared("q=k-v", kv_heads=2)
-    compiled = torch.compile(model, backend="pamm", dynamic=True, options={"ratio": 1 / 8, "min_tokens": 1})
+    compiled = torch.compile(model, backend="pamm", dynamic=True, options={"ratio": 1 / 8, "min_tokens": 1, "min_generators": 16})
     torch._dynamo.reset()
     with capture_rewrites() as records:
         counts = []

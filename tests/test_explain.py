@@ -62,12 +62,12 @@ X = torch.randn(2, 16, 32)
 @pytest.fixture(scope="module")
 def frozen() -> ExplainReport:
     model, tokens = tiny_llama(frozen_v=True)
-    return pamm_fx.explain(model, tokens, min_tokens=1)
+    return pamm_fx.explain(model, tokens, min_tokens=1, min_generators=16)
 
 
 @pytest.fixture(scope="module")
 def split() -> ExplainReport:
-    return pamm_fx.explain(Attention(graph_break=True), X, min_tokens=1)
+    return pamm_fx.explain(Attention(graph_break=True), X, min_tokens=1, min_generators=16)
 
 
 def _skips(report: ExplainReport) -> dict[str, str]:
@@ -101,7 +101,7 @@ def test_skip_below_min_tokens() -> None:
 
 
 def test_autocast_group_is_planned_in_the_compute_dtype() -> None:
-    report = pamm_fx.explain(Attention(autocast=True), X, min_tokens=1)
+    report = pamm_fx.explain(Attention(autocast=True), X, min_tokens=1, min_generators=16)
     assert [g.key for g in report.groups] == ["q_proj.weight, k_proj.weight, v_proj.weight"]
     assert report.groups[0].saved_bytes_before == 2 * 16 * 32 * 2  # X is saved in bf16 under autocast
     assert _skips(report) == {"o_proj.weight": "no_attention"}
@@ -153,7 +153,7 @@ def test_graph_text_and_dot(frozen: ExplainReport) -> None:
 
 def test_diff_plans_names_what_changed(frozen: ExplainReport) -> None:
     model, tokens = tiny_llama()
-    unfrozen = pamm_fx.explain(model, tokens, min_tokens=1)
+    unfrozen = pamm_fx.explain(model, tokens, min_tokens=1, min_generators=16)
     assert diff_plans(frozen, frozen) == []
     changes = diff_plans(frozen, unfrozen)
     assert changes == [
@@ -186,14 +186,14 @@ def test_assert_rewrites_messages() -> None:
     model, tokens = tiny_llama(frozen_v=True)
     qkv = [f"layers.0.self_attn.{p}_proj.weight" for p in "qkv"]
     with pytest.raises(AssertionError) as info:
-        assert_rewrites(model, tokens, groups=[qkv], skipped=6, min_tokens=1)
+        assert_rewrites(model, tokens, groups=[qkv], skipped=6, min_tokens=1, min_generators=16)
     msg = str(info.value)
     assert ("group disappeared: layers.0.self_attn.{q_proj,k_proj,v_proj}.weight "
             "(left exact: layers.0.self_attn.v_proj.weight: frozen") in msg
     assert "group appeared: layers.0.self_attn.{q_proj,k_proj}.weight\n" in msg
-    report = assert_rewrites(model, tokens, groups=1, skipped=6, graph_breaks=0, min_tokens=1)
+    report = assert_rewrites(model, tokens, groups=1, skipped=6, graph_breaks=0, min_tokens=1, min_generators=16)
     with pytest.raises(AssertionError, match="expected 2 group"):
-        assert_rewrites(model, tokens, groups=2, min_tokens=1)
+        assert_rewrites(model, tokens, groups=2, min_tokens=1, min_generators=16)
     assert report.groups[0].k == 16
 
 
@@ -201,10 +201,10 @@ def test_assert_plan_snapshot(tmp_path, monkeypatch) -> None:
     model, tokens = tiny_llama()
     path = tmp_path / "expected.json"
     monkeypatch.setenv("EXPECTTEST_ACCEPT", "1")
-    assert_plan_snapshot(model, tokens, expected=path, min_tokens=1)
+    assert_plan_snapshot(model, tokens, expected=path, min_tokens=1, min_generators=16)
     monkeypatch.delenv("EXPECTTEST_ACCEPT")
     monkeypatch.delenv("PAMM_ACCEPT", raising=False)
-    assert_plan_snapshot(model, tokens, expected=path, min_tokens=1)
+    assert_plan_snapshot(model, tokens, expected=path, min_tokens=1, min_generators=16)
     with pytest.raises(AssertionError, match=r"option min_tokens: 1 -> 1000\n  group disappeared"):
         assert_plan_snapshot(model, tokens, expected=path, min_tokens=1000)
 
@@ -240,7 +240,7 @@ def test_counters_per_compile() -> None:
     model, tokens = tiny_llama()
     torch._dynamo.reset()
     before = dict(compiler.counters)
-    torch.compile(model, backend="pamm", options={"min_tokens": 1})(tokens).sum().backward()
+    torch.compile(model, backend="pamm", options={"min_tokens": 1, "min_generators": 16})(tokens).sum().backward()
     torch._dynamo.reset()
     assert compiler.counters_by_compile[-1] == {
         "compile_id": "0/0", "groups_rewritten": 1, "linears_skipped": 5, "fallbacks": 0

@@ -43,7 +43,7 @@ def _adapter_grads(backend: str, options: dict | None) -> tuple[dict[str, torch.
 
 def test_peft_lora_adapters_are_the_group_and_exact_at_ratio_one():
     expected, _ = _adapter_grads("inductor", None)
-    got, records = _adapter_grads("pamm", {"ratio": 1, "min_tokens": 1})
+    got, records = _adapter_grads("pamm", {"ratio": 1, "min_tokens": 1, "min_generators": 16})
     summary = "\n".join(r.summary for r in records)
     # The trainable lora_A matrices read X; the frozen base projections are left alone.
     assert "q_proj.lora_A.default.weight" in summary and "k_proj.lora_A.default.weight" in summary
@@ -60,7 +60,7 @@ def test_trainer_with_a_pamm_compiled_model_trains(tmp_path):
         output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
         use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", remove_unused_columns=False,
     )
-    model = torch.compile(_llama(), backend="pamm", options={"ratio": 1 / 8, "min_tokens": 1})
+    model = torch.compile(_llama(), backend="pamm", options={"ratio": 1 / 8, "min_tokens": 1, "min_generators": 16})
     with capture_rewrites() as records:
         result = transformers.Trainer(model=model, args=args, train_dataset=data).train()
     assert result.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))

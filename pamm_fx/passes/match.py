@@ -354,6 +354,10 @@ def find_groups(gm: fx.GraphModule, config: PammConfig) -> MatchResult:
             reason = f"a row of X is {row_bytes} bytes, no more than the {_INDEX_BYTES_PER_ROW} PAMM keeps per row"
             rejections.extend(Rejection(p.node, reason, "no_saving") for p in projs)
             continue
+        if config.site_ratio(site) < 1 and config.num_generators(b, site) >= b:
+            reason = f"X has {b} rows, not more than min_generators={config.min_generators}: every row would be kept"
+            rejections.extend(Rejection(p.node, reason, "no_saving") for p in projs)
+            continue
         groups.append(Group(x, tuple(projs), site, dtype))
     for g in groups:
         weights = [param_name(p.weight) for p in g.projections]
