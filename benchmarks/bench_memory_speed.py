@@ -1,0 +1,321 @@
+"""Memory and speed: plain ``torch.compile`` vs ``backend="pamm"`` vs activation-memory budgets, interleaved.
+
+For each model size (the LLaMA-style demo model: dim, layers, tokens per step,
+dtype) every variant is compiled from the same initial weights and then timed in
+one process, interleaved round-robin (the order rotates every round), over one
+training step = forward + backward (no optimizer: it is the same for every
+variant). Variants: plain Inductor; ``backend="pamm"`` at several ratios;
+``torch._functorch.config.activation_memory_budget`` (min-cut partitioner with a
+recompute knapsack) at 0.8/0.5/0.2 with plain Inductor; and pamm stacked with a
+budget. The budget is a config patch read by the partitioner, so it is applied
+around the first (compiling) call of each variant.
+
+Reported per variant: bytes saved for backward (``pamm_fx.measure.saved_for_backward``:
+a ``saved_tensors_hooks`` count, deduplicated by storage, parameters excluded);
+the QKV-input part (plain: the attention-norm output, layers x b x n, saved as its
+own tensor; pamm: C k x n + f int32 + alpha fp32 per layer, read off the saved
+tensors by shape); resident memory held between forward and backward (RSS after
+the forward minus before, with glibc forced to ``mmap`` large blocks so frees reach
+the OS) and the peak RSS during a step (sampled every ~1 ms); median step time with
+its p20/p80 over the timed rounds, and the ratio to plain.
+
+Each size is written to ``benchmarks/results/memory_speed/<size>.json`` when done;
+sizes already there are skipped (``--force`` reruns). The table and
+``docs/pareto_cpu.png`` are rebuilt from all result files.
+
+    /work/venv/bin/python benchmarks/bench_memory_speed.py --threads 1 [--sizes d256-L4-b2048-fp32,...] [--rounds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Large tensors must be mmap-ed so that freeing them lowers RSS (else RSS deltas mean nothing).
+if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+import torch  # noqa: E402
+
+from pamm_fx.config import PammConfig  # noqa: E402
+from pamm_fx.llama import Llama, LlamaConfig  # noqa: E402
+from pamm_fx.measure import saved_for_backward  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    DOCS,
+    RESULTS,
+    add_common_args,
+    machine,
+    markdown_table,
+    read_json,
+    run_resumable,
+    spread,
+)
+
+OUT = RESULTS / "memory_speed"
+DEFAULT_SIZES = ["d256-L4-b2048-fp32", "d512-L2-b8192-fp32", "d512-L2-b4096-bf16"]
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to compile the model: pamm ratio (None: plain Inductor) and memory budget (None: default 1.0)."""
+
+    ratio: str | None = None
+    budget: float | None = None
+
+    @property
+    def name(self) -> str:
+        parts = ["plain" if self.ratio is None else f"pamm {self.ratio}"]
+        if self.budget is not None:
+            parts.append(f"budget {self.budget}")
+        return " + ".join(parts)
+
+
+VARIANTS = [
+    Variant(),
+    Variant("1/8"), Variant("1/64"), Variant("1/512"),
+    Variant(None, 0.8), Variant(None, 0.5), Variant(None, 0.2),
+    Variant("1/64", 0.5), Variant("1/64", 0.2),
+]
+
+
+def parse_size(label: str) -> dict[str, Any]:
+    """``d512-L2-b8192-bf16`` -> dim 512, 2 layers, 8192 tokens (batch x 512 or x 256), bfloat16."""
+    d, layers, b, dt = label.split("-")
+    tokens = int(b[1:])
+    seq = 512 if tokens >= 4096 else 256
+    return {"dim": int(d[1:]), "layers": int(layers[1:]), "batch": tokens // seq, "seq": seq, "tokens": tokens,
+            "dtype": {"fp32": torch.float32, "bf16": torch.bfloat16}[dt]}
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+class PeakRss:
+    """Sample RSS every ~1 ms in a thread; ``peak`` is the maximum seen."""
+
+    def __enter__(self) -> PeakRss:
+        self.peak, self._stop = rss(), threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, rss())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, rss())
+
+
+def compile_variant(model: torch.nn.Module, v: Variant, tag: int) -> Callable[..., torch.Tensor]:
+    """``torch.compile`` of a wrapper with its own code object.
+
+    Dynamo caches compiled code per code object and, with inlined nn.Modules, its
+    guards do not tell two copies of the same model apart: without a fresh code
+    object a second plain-Inductor variant would silently reuse the first one's
+    graph (and its partition, whatever the memory budget).
+    """
+
+    def run(tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return model(tokens, targets)
+
+    run.__code__ = run.__code__.replace(co_name=f"run_variant_{tag}")
+    if v.ratio is None:
+        return torch.compile(run, backend="inductor")
+    return torch.compile(run, backend="pamm", options={"ratio": v.ratio})
+
+
+def step(fn: Callable[..., torch.Tensor], model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> None:
+    fn(tokens, targets).backward()
+    for p in model.parameters():
+        p.grad = None
+
+
+def qkv_bytes(v: Variant, saved: list[tuple[tuple[int, ...], torch.dtype, int]], size: dict[str, Any]) -> int | None:
+    """Bytes of the QKV input as saved: plain layers*b*n; pamm the compressed (C, f, alpha) found by shape."""
+    b, n, layers = size["tokens"], size["dim"], size["layers"]
+    if v.ratio is None:
+        return None if v.budget is not None else layers * b * n * size["dtype"].itemsize
+    k = PammConfig(ratio=v.ratio).num_generators(b)
+    c = [e for e in saved if e[0] == (k, n) and e[1] == size["dtype"]]
+    f = [e for e in saved if e[0] == (b,) and e[1] == torch.int32]
+    a = [e for e in saved if e[0] == (b,) and e[1] == torch.float32]
+    if len(c) != layers or len(f) != layers or len(a) < layers:
+        return None
+    return sum(e[2] for e in c + f + a[:layers])
+
+
+def run_size(label: str, rounds: int, warmup: int) -> dict[str, Any]:
+    size = parse_size(label)
+    cfg = LlamaConfig(dim=size["dim"], n_layers=size["layers"], n_heads=8, n_kv_heads=4,
+                      hidden_dim=int(size["dim"] * 2.6875), max_seq_len=size["seq"])
+    torch.manual_seed(0)
+    base = Llama(cfg).to(size["dtype"])
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 256, (size["batch"], size["seq"]), generator=gen)
+    targets = torch.randint(0, 256, (size["batch"], size["seq"]), generator=gen)
+    results: dict[str, dict[str, Any]] = {}
+    live: dict[str, tuple[torch.nn.Module, Callable[..., torch.Tensor]]] = {}
+    for tag, v in enumerate(VARIANTS):
+        model = copy.deepcopy(base)
+        fn = compile_variant(model, v, tag)
+        t0 = time.perf_counter()
+        try:
+            if v.budget is not None:
+                with torch._functorch.config.patch(activation_memory_budget=v.budget):
+                    step(fn, model, tokens, targets)
+            else:
+                step(fn, model, tokens, targets)
+            for _ in range(warmup - 1):
+                step(fn, model, tokens, targets)
+        except Exception as e:  # record the failure, go on with the other variants
+            print(f"  {v.name}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+            results[v.name] = {"variant": v.__dict__, "error": f"{type(e).__name__}: {e}"[:2000]}
+            continue
+        compile_s = time.perf_counter() - t0
+        gc.collect()
+        before = rss()
+        m = saved_for_backward(lambda fn=fn, model=model: fn(tokens, targets), model)
+        after_fwd = rss()
+        m.output.backward()
+        for p in model.parameters():
+            p.grad = None
+        del m.output
+        gc.collect()
+        before_peak = rss()
+        with PeakRss() as pk:
+            step(fn, model, tokens, targets)
+        results[v.name] = {
+            "variant": v.__dict__, "compile_s": compile_s, "saved_bytes": m.nbytes,
+            "qkv_bytes": qkv_bytes(v, m.tensors, size), "rss_after_forward_bytes": after_fwd - before,
+            "peak_rss_step_bytes": pk.peak - before_peak,
+            "k": None if v.ratio is None else PammConfig(ratio=v.ratio).num_generators(size["tokens"]),
+            "saved_tensors": [[list(s), str(d), nb] for s, d, nb in m.tensors],
+        }
+        live[v.name] = (model, fn)
+        print(f"  {v.name}: compiled+warm-up {compile_s:.1f} s, saved {m.nbytes / 2**20:.2f} MiB", flush=True)
+    times: dict[str, list[float]] = {name: [] for name in live}
+    names = list(live)
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            model, fn = live[name]
+            t0 = time.perf_counter()
+            step(fn, model, tokens, targets)
+            times[name].append(time.perf_counter() - t0)
+        print(f"  round {r + 1}/{rounds}: " + " ".join(f"{n}={times[n][-1] * 1e3:.0f}ms" for n in names), flush=True)
+    for name in names:
+        p20, med, p80 = spread(times[name])
+        results[name].update({"step_s": times[name], "median_s": med, "p20_s": p20, "p80_s": p80})
+    size_json = {k: (str(v) if k == "dtype" else v) for k, v in size.items()}
+    params = sum(p.numel() for p in base.parameters())
+    return {"size": label, "shape": size_json, "params": params, "rounds": rounds, "warmup": warmup,
+            "variants": results, "machine": machine()}
+
+
+def report(out: Path = OUT, plot: bool = True) -> None:
+    """Print one table per size (baseline first) and draw the Pareto plot."""
+    files = sorted(out.glob("*.json"))
+    if not files:
+        print("no results yet")
+        return
+    mib = lambda x: "-" if x is None else f"{x / 2**20:.2f}"  # noqa: E731
+    data = [read_json(p) for p in files]
+    for d in data:
+        res, base = d["variants"], d["variants"].get("plain", {})
+        print(f"\n### {d['size']} ({d['params'] / 1e6:.2f}M params, {d['shape']['batch']}x{d['shape']['seq']} tokens, "
+              f"{d['shape']['dtype']}; median of {d['rounds']} interleaved rounds, torch {d['machine']['torch']}, "
+              f"{d['machine']['nproc']} CPUs)\n")
+        rows = []
+        for name, r in res.items():
+            if "error" in r:
+                rows.append([name, "-", "FAILED: " + r["error"].splitlines()[0][:80], *[""] * 9])
+                continue
+            saved_vs = f"{r['saved_bytes'] / base['saved_bytes'] - 1:+.1%}" if base.get("saved_bytes") else "-"
+            qkv_vs = (f"{r['qkv_bytes'] / base['qkv_bytes'] - 1:+.1%}"
+                      if r.get("qkv_bytes") is not None and base.get("qkv_bytes") else "-")
+            rows.append([
+                name, r["k"] if r["k"] is not None else "-", mib(r["saved_bytes"]), saved_vs, mib(r["qkv_bytes"]),
+                qkv_vs, mib(r["rss_after_forward_bytes"]), mib(r["peak_rss_step_bytes"]),
+                f"{r['median_s'] * 1e3:.0f} ({r['p20_s'] * 1e3:.0f}-{r['p80_s'] * 1e3:.0f})",
+                f"{r['median_s'] / base['median_s']:.3f}x" if base.get("median_s") else "-",
+                f"{min(r['step_s']) * 1e3:.0f}",
+                f"{min(r['step_s']) / min(base['step_s']):.3f}x" if base.get("step_s") else "-",
+            ])
+        print(markdown_table(["variant", "k", "saved MiB", "vs plain", "QKV input MiB", "QKV vs plain",
+                              "RSS held after fwd MiB", "peak RSS in step MiB", "step ms median (p20-p80)",
+                              "median vs plain", "step ms min", "min vs plain"], rows))
+    if not plot:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(data), figsize=(5.2 * len(data), 4.6), squeeze=False)
+    for ax, d in zip(axes[0], data):
+        res, base = d["variants"], d["variants"].get("plain", {})
+        for name, r in res.items():
+            if "error" in r or not base:
+                continue
+            v = r["variant"]
+            color = "black" if name == "plain" else ("tab:red" if v["ratio"] and v["budget"]
+                                                      else "tab:blue" if v["ratio"] else "tab:green")
+            x, y = r["median_s"] / base["median_s"], r["saved_bytes"] / 2**20
+            ax.errorbar(x, y, xerr=[[x - r["p20_s"] / base["median_s"]], [r["p80_s"] / base["median_s"] - x]],
+                        fmt="o", color=color, capsize=2)
+            ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set(xlabel="step time / plain (median, p20-p80)", ylabel="saved for backward (MiB)", title=d["size"])
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"saved for backward vs step time (lower left is better)\nblack plain, blue pamm, green budget, "
+                 f"red pamm+budget; {data[0]['machine']['nproc']}-core CPU, {data[0]['machine']['torch_threads']} "
+                 f"thread(s), torch {data[0]['machine']['torch']}", fontsize=9)
+    fig.tight_layout()
+    DOCS.mkdir(exist_ok=True)
+    fig.savefig(DOCS / "pareto_cpu.png", dpi=110)
+    print(f"\nwrote {DOCS / 'pareto_cpu.png'}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default=",".join(DEFAULT_SIZES))
+    p.add_argument("--rounds", type=int, default=7, help="timed interleaved rounds (default 7)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant, compile included")
+    p.add_argument("--force", action="store_true", help="rerun sizes that have results")
+    add_common_args(p, OUT)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    def run(label: str) -> dict:
+        t0 = time.perf_counter()
+        result = run_size(label, args.rounds, args.warmup)
+        torch._dynamo.reset()
+        gc.collect()
+        result["bench_wall_s"] = time.perf_counter() - t0
+        return result
+
+    if not args.report_only:
+        run_resumable(args.sizes.split(","), args.out, run, lambda r: f"{r['bench_wall_s']:.0f} s", force=args.force)
+    report(args.out, plot=args.out == OUT)
+
+
+if __name__ == "__main__":
+    main()
