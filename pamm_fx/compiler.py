@@ -21,7 +21,7 @@ from pamm_fx import logs as _logs
 from pamm_fx.config import PammConfig
 from pamm_fx.passes.match import MatchResult, find_groups
 from pamm_fx.passes.normalize import normalize_linears
-from pamm_fx.passes.rewrite import rewrite_groups
+from pamm_fx.passes.rewrite import copy_graph_module, rewrite_groups
 
 __all__ = [
     "pamm_backend",
@@ -116,8 +116,10 @@ def _compile(
         _notify(gm, MatchResult([], []), None)
         return _inductor(gm, example_inputs, patches)
     try:
-        normalize_linears(gm)
-        result = find_groups(gm, config)
+        # Normalize a copy: a graph with nothing to rewrite reaches Inductor exactly as Dynamo captured it.
+        work, _ = copy_graph_module(gm)
+        normalize_linears(work)
+        result = find_groups(work, config)
     except Exception:
         log.warning("pamm: matching failed; compiling the graph untouched", exc_info=True)
         _bump(mine, "fallbacks")
@@ -125,16 +127,16 @@ def _compile(
     _bump(mine, "linears_skipped", len(result.rejections))
     if not result.groups:
         log.info("pamm: no projection group in this graph; handing it to Inductor unchanged")
-        _notify(gm, result, None)
+        _notify(work, result, None)
         return _inductor(gm, example_inputs, patches)
     try:
-        new = rewrite_groups(gm, result.groups, config, salt_base=_salt_base())
+        new = rewrite_groups(work, result.groups, config, salt_base=_salt_base())
     except Exception:
         log.warning("pamm: rewrite failed; compiling the original graph untouched", exc_info=True)
         _bump(mine, "fallbacks")
-        _notify(gm, result, None)
+        _notify(work, result, None)
         return _inductor(gm, example_inputs, patches)
-    _notify(gm, result, new)
+    _notify(work, result, new)
     try:
         compiled = _inductor(new, [*example_inputs, _seed_example(example_inputs)], patches)
     except torch._dynamo.exc.TorchDynamoException:
@@ -143,7 +145,7 @@ def _compile(
         # Not our graph's fault as far as we know, but never fail a compile Inductor could do without us.
         log.warning("pamm: Inductor failed on the rewritten graph; compiling the original untouched", exc_info=True)
         _bump(mine, "fallbacks")
-        _notify(gm, result, None)
+        _notify(work, result, None)
         return _inductor(gm, example_inputs, patches)
     _bump(mine, "groups_rewritten", len(result.groups))
     seeds = _SeedSource(config.seed)

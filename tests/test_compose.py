@@ -312,3 +312,21 @@ def test_groups_smaller_than_min_generators_stay_exact():
     (record,) = records
     assert record.rewritten is None
     assert "X has 24 rows, not more than min_generators=256: every row would be kept" in record.summary
+
+
+def test_graph_with_nothing_to_rewrite_reaches_inductor_as_captured(monkeypatch):
+    from pamm_fx import compiler
+
+    w = nn.Parameter(torch.randn(D, 32))
+    seen = []
+    real = compiler._inductor
+
+    def record(gm, example_inputs, patches):
+        seen.append(gm.code)
+        return real(gm, example_inputs, patches)
+
+    monkeypatch.setattr(compiler, "_inductor", record)
+    x, _ = _inputs()
+    torch.compile(lambda t: torch.relu(t @ w).sum(), backend="pamm", options=EXACT)(x).backward()
+    (code,) = seen
+    assert "linear" not in code and "matmul" in code  # normalize_linears ran on a copy only

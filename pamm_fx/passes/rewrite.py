@@ -32,7 +32,7 @@ from torch import fx
 from pamm_fx.config import PammConfig
 from pamm_fx.passes.match import Group
 
-__all__ = ["rewrite_groups", "SEED_PLACEHOLDER"]
+__all__ = ["copy_graph_module", "rewrite_groups", "SEED_PLACEHOLDER"]
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ class RewriteError(RuntimeError):
     """A group whose nodes cannot be fused without reordering the graph."""
 
 
-def _copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
+def copy_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
+    """A copy of ``gm`` (node metadata included) and the map from its nodes to the copy's."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     out = graph.graph_copy(gm.graph, env)
@@ -90,7 +91,7 @@ def rewrite_groups(
 
     Group i gets salt ``salt_base + i`` so that groups draw different rows from one seed.
     """
-    new, env = _copy(gm)
+    new, env = copy_graph_module(gm)
     graph = new.graph
     fake_mode = _fake_mode(graph)
     seed = _add_seed(graph, fake_mode)
