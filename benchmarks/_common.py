@@ -78,8 +78,12 @@ def run_resumable(labels: Sequence[str], out: Path, run: Callable[[str], dict[st
         print(f"  {label}: {summary(result)}", flush=True)
 
 
-def add_common_args(parser: Any, out: Path) -> None:
-    """Options every benchmark script takes: output folder, thread count, report-only."""
+def parse_common_args(parser: Any, out: Path) -> Any:
+    """Add the options every benchmark takes (output folder, threads, report-only), parse, apply --threads."""
     parser.add_argument("--out", type=Path, default=out)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args

@@ -55,9 +55,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     DOCS,
     RESULTS,
-    add_common_args,
     machine,
     markdown_table,
+    parse_common_args,
     read_json,
     run_resumable,
     spread,
@@ -299,10 +299,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7, help="timed interleaved rounds (default 7)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant, compile included")
     p.add_argument("--force", action="store_true", help="rerun sizes that have results")
-    add_common_args(p, OUT)
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_common_args(p, OUT)
 
     def run(label: str) -> dict:
         t0 = time.perf_counter()

@@ -31,7 +31,7 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from _common import RESULTS, add_common_args, machine, markdown_table, read_json, run_resumable  # noqa: E402
+from _common import RESULTS, machine, markdown_table, parse_common_args, read_json, run_resumable  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from pamm_fx.config import PammConfig  # noqa: E402
@@ -198,10 +198,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--eval-every", type=int, default=40)
     p.add_argument("--runs", default=",".join(DEFAULT_RUNS))
-    add_common_args(p, OUT)
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_common_args(p, OUT)
     if not args.report_only:
         settings = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "out"})
         run_resumable(

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import DOCS, RESULTS, add_common_args, machine, markdown_table, read_json, run_resumable
+from _common import DOCS, RESULTS, machine, markdown_table, parse_common_args, read_json, run_resumable
 
 from pamm_fx.config import PammConfig
 from pamm_fx.data import batches, byte_dataset
@@ -175,10 +175,7 @@ def main() -> None:
     p.add_argument("--val-batches", type=int, default=4)
     p.add_argument("--final-val-batches", type=int, default=32)
     p.add_argument("--runs", default=",".join(DEFAULT_RUNS), help="comma-separated run labels")
-    add_common_args(p, OUT)
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_common_args(p, OUT)
     if not args.report_only:
         settings = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "out"})
         run_resumable(

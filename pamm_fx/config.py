@@ -14,7 +14,9 @@ from collections.abc import Mapping
 from fractions import Fraction
 from typing import Any
 
-__all__ = ["PammConfig", "SITES", "TARGETS"]
+import torch
+
+__all__ = ["num_generators", "PammConfig", "SITES", "TARGETS"]
 
 #: Valid values of the ``targets`` option (also the keys of its dict form): ``"qkv"`` the inputs of
 #: attention's Q/K/V projections, ``"mlp"`` the inputs of an MLP's up/gate and down projections,
@@ -87,6 +89,12 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"pamm option {name!r} must be an int >= {minimum}, got {value!r}")
     return value
+
+
+def num_generators(b: Any, ratio_num: int, ratio_den: int, min_generators: int) -> Any:
+    """k = min(b, max(min_generators, ceil(ratio * b))); b may be an int or a SymInt (then k is symbolic)."""
+    k = (ratio_num * b + ratio_den - 1) // ratio_den
+    return torch.sym_min(b, torch.sym_max(min_generators, k))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +172,6 @@ class PammConfig:
         return cls(**options)
 
     def num_generators(self, b: int, site: str | None = None) -> int:
-        """k for b rows at ``site``'s ratio (concrete ints; the graph uses the same formula on SymInts)."""
+        """k for b rows at ``site``'s ratio (the formula the graph evaluates on SymInts)."""
         frac = (self.site_ratio(site) if site is not None else None) or self.ratio_fraction
-        return min(b, max(self.min_generators, -(-frac.numerator * b // frac.denominator)))
+        return num_generators(b, frac.numerator, frac.denominator, self.min_generators)

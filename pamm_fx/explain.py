@@ -505,6 +505,18 @@ def why_left_exact(weights: Sequence[str], reasons: dict[str, str]) -> str:
     return "; ".join(f"{short_names(ws)}: {reason}" for reason, ws in by_reason.items())
 
 
+
+def _group_changes(groups: dict, others: dict, reasons: dict[str, str], verb: str, tail: str) -> list[str]:
+    """One line per group of ``groups`` missing from ``others``, with why its weights are (or were) exact."""
+    lines = []
+    for key, g in groups.items():
+        if key not in others:
+            weights = [p.weight for p in g.projections]
+            why = why_left_exact(weights, reasons)
+            lines.append(f"group {verb}: {short_names(weights)} (X {g.x_type})" + (f"; {tail}: {why}" if why else ""))
+    return lines
+
+
 def diff_plans(expected: ExplainReport, actual: ExplainReport) -> list[str]:
     """Sentences saying how ``actual``'s plan differs from ``expected``'s; empty when they are the same."""
     lines: list[str] = []
@@ -526,18 +538,8 @@ def diff_plans(expected: ExplainReport, actual: ExplainReport) -> list[str]:
     old_skips = _keyed(expected.skipped, lambda s: s.weight)
     new_reasons = {k: s.reason for k, s in new_skips.items()}
     old_reasons = {k: s.reason for k, s in old_skips.items()}
-    for key, g in old_g.items():
-        if key not in new_g:
-            weights = [p.weight for p in g.projections]
-            why = why_left_exact(weights, new_reasons)
-            lines.append(f"group disappeared: {short_names(weights)} (X {g.x_type})"
-                         + (f"; now left exact: {why}" if why else ""))
-    for key, g in new_g.items():
-        if key not in old_g:
-            weights = [p.weight for p in g.projections]
-            why = why_left_exact(weights, old_reasons)
-            lines.append(f"group appeared: {short_names(weights)} (X {g.x_type})"
-                         + (f"; was left exact: {why}" if why else ""))
+    lines += _group_changes(old_g, new_g, new_reasons, "disappeared", "now left exact")
+    lines += _group_changes(new_g, old_g, old_reasons, "appeared", "was left exact")
     for key in [k for k in old_g if k in new_g]:
         a, b = dataclasses.asdict(old_g[key]), dataclasses.asdict(new_g[key])
         changed = [f"{f} {a[f]} -> {b[f]}" for f in ("x_type", "ratio", "k", "saved_bytes_after",

@@ -26,16 +26,11 @@ import torch
 from torch import Tensor
 
 from pamm_fx import kernels
+from pamm_fx.config import num_generators
 
 __all__ = ["DoubleBackwardError", "compress", "linear_group", "num_generators", "sample_generators"]
 
 _MASK63 = (1 << 63) - 1
-
-
-def num_generators(b: Any, ratio_num: int, ratio_den: int, min_generators: int) -> Any:
-    """k for b rows; b may be an int or a SymInt (the result then is symbolic too)."""
-    k = (ratio_num * b + ratio_den - 1) // ratio_den
-    return torch.sym_min(b, torch.sym_max(min_generators, k))
 
 
 def sample_generators(b: int, k: int, seed: int, salt: int) -> Tensor:
