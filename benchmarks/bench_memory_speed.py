@@ -10,7 +10,7 @@ recompute knapsack) at 0.8/0.5/0.2 with plain Inductor; and pamm stacked with a
 budget. The budget is a config patch read by the partitioner, so it is applied
 around the first (compiling) call of each variant.
 
-Reported per variant: bytes saved for backward (``pamm_fx.measure.saved_for_backward``:
+Reported per variant: bytes saved for backward (``pamm_fx.demo.measure.saved_for_backward``:
 a ``saved_tensors_hooks`` count, deduplicated by storage, parameters excluded);
 the QKV-input part (plain: the attention-norm output, layers x b x n, saved as its
 own tensor; pamm: C k x n + f int32 + alpha fp32 per layer, read off the saved
@@ -48,8 +48,8 @@ if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
 import torch  # noqa: E402
 
 from pamm_fx.config import PammConfig  # noqa: E402
-from pamm_fx.llama import Llama, LlamaConfig  # noqa: E402
-from pamm_fx.measure import saved_for_backward  # noqa: E402
+from pamm_fx.demo.llama import Llama, LlamaConfig  # noqa: E402
+from pamm_fx.demo.measure import saved_for_backward  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402

@@ -35,7 +35,7 @@ from _common import RESULTS, machine, markdown_table, parse_common_args, read_js
 from torch import Tensor, nn  # noqa: E402
 
 from pamm_fx.config import PammConfig  # noqa: E402
-from pamm_fx.measure import saved_for_backward  # noqa: E402
+from pamm_fx.demo.measure import saved_for_backward  # noqa: E402
 from pamm_fx.testing import capture_rewrites  # noqa: E402
 
 OUT = RESULTS / "finetune_minilm"

@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import torch
 
-from pamm_fx.data import batches, byte_dataset
-from pamm_fx.llama import Llama, LlamaConfig
+from pamm_fx.demo.data import batches, byte_dataset
+from pamm_fx.demo.llama import Llama, LlamaConfig
 
 QKV = ("q_proj", "k_proj", "v_proj")
 PROBE = "layers.0.self_attn.q_proj.weight"

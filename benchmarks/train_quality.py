@@ -24,9 +24,9 @@ import torch
 from _common import DOCS, RESULTS, machine, markdown_table, parse_common_args, read_json, run_resumable
 
 from pamm_fx.config import PammConfig
-from pamm_fx.data import batches, byte_dataset
-from pamm_fx.llama import Llama, LlamaConfig
-from pamm_fx.measure import saved_for_backward
+from pamm_fx.demo.data import batches, byte_dataset
+from pamm_fx.demo.llama import Llama, LlamaConfig
+from pamm_fx.demo.measure import saved_for_backward
 
 OUT = RESULTS / "train_quality"
 #: (label, ratio or None for plain Inductor, seed)

@@ -70,6 +70,13 @@ def _inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], patches: dict[s
     return compile_fx(gm, list(example_inputs), config_patches=patches or None)
 
 
+def _aot_eager(gm: fx.GraphModule, example_inputs: Sequence[Any], patches: dict[str, Any]) -> Callable:
+    """AOTAutograd without Inductor: our rewrite, then the joint graph run op by op (for bisecting)."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    return aot_eager(gm, list(example_inputs))
+
+
 def _seed_example(example_inputs: Sequence[Any]) -> torch.Tensor:
     example = torch.zeros((), dtype=torch.int64)
     fake_mode = torch._guards.detect_fake_mode(list(example_inputs))
@@ -106,8 +113,13 @@ def _notify(gm: fx.GraphModule, result: MatchResult, new: fx.GraphModule | None)
 
 
 def _compile(
-    gm: fx.GraphModule, example_inputs: Sequence[Any], config: PammConfig, mode: str | None
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    config: PammConfig,
+    mode: str | None,
+    inner: Callable[[fx.GraphModule, Sequence[Any], dict[str, Any]], Callable] = _inductor,
 ) -> Callable:
+    _inductor = inner
     patches = torch._inductor.list_mode_options(mode) if mode else {}
     counters["graphs"] += 1
     mine = _compile_counters()
@@ -186,3 +198,14 @@ def pamm_backend(
 ) -> Callable:
     """Entry point for ``torch.compile(model, backend="pamm", mode=..., options={...})``."""
     return _compile(gm, example_inputs, PammConfig.from_options(options), mode)
+
+
+def pamm_aot_eager_backend(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: dict[str, Any] | None = None
+) -> Callable:
+    """``backend="pamm_aot_eager"``: the same plan and rewrite, then ``aot_eager`` instead of Inductor.
+
+    For bisecting: if a model is wrong with ``pamm`` but right here, the fault is in Inductor's lowering
+    of the rewritten graph; if it is wrong here too, it is in our rewrite or ops.
+    """
+    return _compile(gm, example_inputs, PammConfig.from_options(options), None, _aot_eager)

@@ -91,10 +91,16 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return value
 
 
-def num_generators(b: Any, ratio_num: int, ratio_den: int, min_generators: int) -> Any:
-    """k = min(b, max(min_generators, ceil(ratio * b))); b may be an int or a SymInt (then k is symbolic)."""
+def num_generators(b: Any, ratio_num: int, ratio_den: int, min_generators: int, min_tokens: int = 1) -> Any:
+    """k for b rows: b (exact) when b < min_tokens, else min(b, max(min_generators, ceil(ratio * b))).
+
+    b may be an int or a SymInt. The "stay exact below min_tokens" branch is integer arithmetic
+    (``b // min_tokens`` is 0 exactly when b < min_tokens), so on a SymInt it is part of the symbolic
+    k rather than a guard: a graph compiled for dynamic sizes takes the decision again on every call.
+    """
     k = (ratio_num * b + ratio_den - 1) // ratio_den
-    return torch.sym_min(b, torch.sym_max(min_generators, k))
+    below = b - b * torch.sym_min(1, b // min_tokens)  # b if b < min_tokens else 0
+    return torch.sym_min(b, torch.sym_max(torch.sym_max(min_generators, k), below))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,4 +180,4 @@ class PammConfig:
     def num_generators(self, b: int, site: str | None = None) -> int:
         """k for b rows at ``site``'s ratio (the formula the graph evaluates on SymInts)."""
         frac = (self.site_ratio(site) if site is not None else None) or self.ratio_fraction
-        return num_generators(b, frac.numerator, frac.denominator, self.min_generators)
+        return num_generators(b, frac.numerator, frac.denominator, self.min_generators, self.min_tokens)

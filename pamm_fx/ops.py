@@ -54,6 +54,7 @@ def compress(
     ratio_num: int,
     ratio_den: int,
     min_generators: int,
+    min_tokens: int,
     eps: float,
     salt: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -64,7 +65,7 @@ def compress(
     """
     rows = _rows(x)
     b = rows.shape[0]
-    k = num_generators(b, ratio_num, ratio_den, min_generators)
+    k = num_generators(b, ratio_num, ratio_den, min_generators, min_tokens)
     if k == b:
         f = torch.arange(b, dtype=torch.int32, device=x.device)
         return rows.clone(), f, torch.ones(b, dtype=torch.float32, device=x.device)
@@ -75,10 +76,10 @@ def compress(
 
 
 @compress.register_fake
-def _(x, seed, ratio_num, ratio_den, min_generators, eps, salt):
+def _(x, seed, ratio_num, ratio_den, min_generators, min_tokens, eps, salt):
     n = x.shape[-1]
     b = x.numel() // n if n != 0 else math.prod(x.shape[:-1])
-    k = num_generators(b, ratio_num, ratio_den, min_generators)
+    k = num_generators(b, ratio_num, ratio_den, min_generators, min_tokens)
     return (
         x.new_empty(k, n),
         x.new_empty(b, dtype=torch.int32),
@@ -92,7 +93,7 @@ def _compress_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
 
 def _compress_backward(ctx: Any, *grads: Tensor) -> tuple:
     """Unreachable in practice: C, f and alpha are non-differentiable by construction."""
-    return (None,) * 7
+    return (None,) * 8
 
 
 compress.register_autograd(_compress_backward, setup_context=_compress_setup_context)

@@ -95,7 +95,7 @@ def _describe(record: RewriteRecord) -> str:
     if record.rewritten is not None:
         for node in record.rewritten.graph.nodes:
             if node.target is torch.ops.pamm.compress.default:
-                x, _, num, den, min_gen, eps, _ = node.args
+                x, _, num, den, min_gen, _, eps, _ = node.args
                 lines.append(
                     f"compress({_arg(x.args[0])}, ratio={num}/{den}, min_generators={min_gen}, eps={eps})"
                     f" -> {fmt_value(_val(node))}"

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pamm_fx.llama import Llama, LlamaConfig
+from pamm_fx.demo.llama import Llama, LlamaConfig
 from pamm_fx.testing import capture_rewrites
 
 CFG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=32)

@@ -17,8 +17,8 @@ import torch
 
 import pamm_fx
 from pamm_fx import kernels
-from pamm_fx.llama import Llama, LlamaConfig
-from pamm_fx.measure import saved_for_backward
+from pamm_fx.demo.llama import Llama, LlamaConfig
+from pamm_fx.demo.measure import saved_for_backward
 from pamm_fx.testing import capture_rewrites
 
 BATCH, SEQ = 3, 40  # b = 120 rows: no activation shares a shape with a parameter
@@ -162,7 +162,7 @@ def test_dynamic_sequence_length_does_not_recompile():
 SEEDED_RUN = textwrap.dedent(
     """
     import hashlib, torch
-    from pamm_fx.llama import Llama, LlamaConfig
+    from pamm_fx.demo.llama import Llama, LlamaConfig
     torch.set_num_threads(1)  # Inductor's CPU embedding backward adds atomically across threads
     torch.manual_seed(0)
     model = Llama(LlamaConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64))

@@ -13,7 +13,7 @@ from pamm_fx.cli import main, parse_options
 FACTORY = textwrap.dedent(
     """
     import torch
-    from pamm_fx.llama import Llama, LlamaConfig
+    from pamm_fx.demo.llama import Llama, LlamaConfig
 
     def tiny(frozen=False):
         torch.manual_seed(0)
@@ -96,7 +96,7 @@ def test_json_output(factory: str, capsys: pytest.CaptureFixture[str]) -> None:
     [
         (["explain", "no_colon"], "expected MODULE:FACTORY"),
         (["explain", "pamm_fx.does_not_exist:f"], "cannot import 'pamm_fx.does_not_exist'"),
-        (["explain", "pamm_fx.llama:nope"], "has no attribute 'nope'"),
+        (["explain", "pamm_fx.demo.llama:nope"], "has no attribute 'nope'"),
         (["explain", "{factory}:broken"], "RuntimeError: factory exploded"),
         (["explain", "{factory}:not_a_pair"], "must return (model, example_inputs), got int"),
         (["explain", "{factory}:tiny", "--options", "ratio"], "key=value pairs"),

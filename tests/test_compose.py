@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 import pamm_fx
 from pamm_fx import kernels
-from pamm_fx.measure import saved_for_backward
+from pamm_fx.demo.measure import saved_for_backward
 from pamm_fx.testing import capture_rewrites
 
 D, HEADS = 16, 2
@@ -159,7 +159,7 @@ def test_nan_and_inf_propagate_like_a_plain_linear():
 
 def test_fp16_large_magnitudes_do_not_overflow_the_compression():
     x = torch.randn(64, D, dtype=torch.float16) * 3e4
-    c, f, alpha = torch.ops.pamm.compress(x, torch.tensor(0), 1, 8, 1, math.inf, 0)
+    c, f, alpha = torch.ops.pamm.compress(x, torch.tensor(0), 1, 8, 1, 1, math.inf, 0)
     assert torch.isfinite(alpha).all() and c.dtype == torch.float16 and alpha.dtype == torch.float32
 
 
@@ -171,7 +171,7 @@ def test_double_backward_raises_a_clear_error():
     with pytest.raises(RuntimeError, match="create_graph"):
         torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
     w = torch.randn(4, D, requires_grad=True)
-    c, f, alpha = torch.ops.pamm.compress(x.detach(), torch.tensor(0), 1, 2, 1, math.inf, 0)
+    c, f, alpha = torch.ops.pamm.compress(x.detach(), torch.tensor(0), 1, 2, 1, 1, math.inf, 0)
     (y,) = torch.ops.pamm.linear_group(x, [w], [], [False], c, f, alpha)
     with pytest.raises(pamm_fx.ops.DoubleBackwardError, match="weight gradient is an approximation"):
         torch.autograd.grad(y.pow(2).sum(), [x, w], create_graph=True)
@@ -180,7 +180,7 @@ def test_double_backward_raises_a_clear_error():
 def test_forward_mode_ad_raises_a_clear_error():
     x = torch.randn(20, 8)
     w = torch.randn(4, 8)
-    c, f, alpha = torch.ops.pamm.compress(x, torch.tensor(0), 1, 2, 1, math.inf, 0)
+    c, f, alpha = torch.ops.pamm.compress(x, torch.tensor(0), 1, 2, 1, 1, math.inf, 0)
     import torch.autograd.forward_ad as fwAD
 
     with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):

@@ -39,8 +39,11 @@ def test_bad_options(options, match):
 
 
 def test_num_generators_follows_formula():
-    cfg = PammConfig(ratio=1 / 64, min_generators=4)
+    cfg = PammConfig(ratio=1 / 64, min_generators=4, min_tokens=1)
     assert [cfg.num_generators(b) for b in (0, 1, 3, 100, 4096, 4097)] == [0, 1, 3, 4, 64, 65]
+    # below min_tokens every row is kept (exact), decided per size, so also on SymInts at run time
+    cfg = PammConfig(ratio=1 / 64, min_generators=4, min_tokens=200)
+    assert [cfg.num_generators(b) for b in (0, 100, 199, 200, 4096)] == [0, 100, 199, 4, 64]
 
 
 def test_backend_factory_validates_eagerly():

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from expecttest import TestCase
 from torch import nn
 
-from pamm_fx.llama import Llama, LlamaConfig
-from pamm_fx.measure import saved_for_backward
+from pamm_fx.demo.llama import Llama, LlamaConfig
+from pamm_fx.demo.measure import saved_for_backward
 from pamm_fx.testing import capture_rewrites, describe_rewrites
 
 D, HEADS, HEAD_DIM = 32, 4, 8

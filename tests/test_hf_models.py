@@ -9,7 +9,7 @@ import pytest
 import torch
 from expecttest import TestCase
 
-from pamm_fx.measure import saved_for_backward
+from pamm_fx.demo.measure import saved_for_backward
 from pamm_fx.testing import capture_rewrites, describe_rewrites
 
 transformers = pytest.importorskip("transformers")

@@ -15,7 +15,7 @@ SHAPES = [(3, 37, 24), (1, 5, 24), (130, 16), (0, 24)]
 
 
 def _compress(x, seed=7, ratio=(1, 8), min_gen=1, eps=INF, salt=0):
-    return torch.ops.pamm.compress(x, torch.tensor(seed), ratio[0], ratio[1], min_gen, eps, salt)
+    return torch.ops.pamm.compress(x, torch.tensor(seed), ratio[0], ratio[1], min_gen, 1, eps, salt)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -24,7 +24,7 @@ def test_opcheck_compress(shape, dtype):
     x = torch.randn(shape, dtype=dtype)
     if x.numel():
         x.view(-1, shape[-1])[::4] = 0  # padding rows
-    for args in [(1, 8, 1, INF, 0), (1, 1, 1, INF, 3), (1, 64, 2, 0.5, 1)]:
+    for args in [(1, 8, 1, 1, INF, 0), (1, 1, 1, 1, INF, 3), (1, 64, 2, 1, 0.5, 1), (1, 8, 1, 64, INF, 0)]:
         opcheck(torch.ops.pamm.compress.default, (x, torch.tensor(11), *args))
         opcheck(torch.ops.pamm.compress.default, (x.clone().requires_grad_(dtype.is_floating_point), torch.tensor(11), *args))
 

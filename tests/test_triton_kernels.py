@@ -241,7 +241,7 @@ def test_contract_triton_traces_into_the_kernel() -> None:
 def test_backward_picks_the_contraction_by_device() -> None:
     """CUDA: the traceable contract_triton (kernel in the graph); CPU: the opaque pamm::contract, as before."""
     x = _data(2, 37, 24, dtype=torch.float32).to(DEVICE)
-    c, f, alpha = torch.ops.pamm.compress(x, torch.tensor(3), 1, 4, 1, math.inf, 0)
+    c, f, alpha = torch.ops.pamm.compress(x, torch.tensor(3), 1, 4, 1, 1, math.inf, 0)
     weights = [_data(16, 24, dtype=torch.float32, seed=s).to(DEVICE).requires_grad_() for s in (1, 2)]
     backend, graphs = _recording_backend()
 

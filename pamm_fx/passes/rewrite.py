@@ -110,7 +110,8 @@ def rewrite_groups(
         with graph.inserting_after(detached):
             comp = graph.call_function(
                 torch.ops.pamm.compress.default,
-                (detached, seed, frac.numerator, frac.denominator, config.min_generators, config.eps, salt_base + salt),
+                (detached, seed, frac.numerator, frac.denominator, config.min_generators, config.min_tokens, config.eps,
+                 salt_base + salt),
             )
         with graph.inserting_after(comp):
             c = graph.call_function(operator.getitem, (comp, 0))

@@ -19,9 +19,9 @@ from fractions import Fraction
 import torch
 
 from pamm_fx.config import PammConfig
-from pamm_fx.data import batches, byte_dataset
-from pamm_fx.llama import Llama, LlamaConfig
-from pamm_fx.measure import saved_for_backward
+from pamm_fx.demo.data import batches, byte_dataset
+from pamm_fx.demo.llama import Llama, LlamaConfig
+from pamm_fx.demo.measure import saved_for_backward
 
 __all__ = ["main"]
 
