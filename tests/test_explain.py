@@ -17,8 +17,8 @@ from torch import nn
 
 import pamm_fx
 from pamm_fx import compiler, logs
-from pamm_fx.explain import ExplainReport, check_plan, diff_plans
 from pamm_fx.demo.llama import Llama, LlamaConfig
+from pamm_fx.explain import ExplainReport, check_plan, diff_plans
 from pamm_fx.testing import assert_plan_snapshot, assert_rewrites
 
 TINY = LlamaConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64)
