@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
 import operator
 import os
 from collections.abc import Iterable, Sequence
@@ -30,11 +29,12 @@ from typing import Any
 import torch
 from torch import fx
 
-from pamm_fx.config import PammConfig
+from pamm_fx import _compat
+from pamm_fx.config import PammConfig, resolve
 from pamm_fx.names import fmt_value, param_name
-from pamm_fx.passes.match import Group, MatchResult, Rejection, find_groups, hint
-from pamm_fx.passes.normalize import normalize_linears
-from pamm_fx.passes.rewrite import rewrite_groups
+from pamm_fx.passes.fxutil import is_linear, val
+from pamm_fx.passes.match import Group, Rejection
+from pamm_fx.plan import Plan, apply, plan
 
 __all__ = [
     "ACCEPT_ENV",
@@ -54,10 +54,8 @@ __all__ = [
 #: Setting this (or expecttest's ``EXPECTTEST_ACCEPT``) to 1 rewrites expected plans instead of failing.
 ACCEPT_ENV = "PAMM_ACCEPT"
 _FORMAT_VERSION = 1
-_LINEAR = torch._C._nn.linear
 
-# Skip categories, from the matcher's reason text. The matcher has no category
-# field yet; these prefixes are the reasons it writes today.
+
 def accept_enabled() -> bool:
     """Whether expected files should be rewritten (``PAMM_ACCEPT=1`` or ``EXPECTTEST_ACCEPT=1``)."""
     return any(os.environ.get(name, "") not in ("", "0") for name in (ACCEPT_ENV, "EXPECTTEST_ACCEPT"))
@@ -274,15 +272,6 @@ def _side_by_side(before: str, after: str, width: int = 70) -> str:
 # --- building a report from one captured graph -------------------------------------------
 
 
-def _val(node: Any) -> Any:
-    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
-
-
-def _weight_name(linear: fx.Node) -> str:
-    w = linear.args[1] if len(linear.args) > 1 else None
-    return param_name(w) if isinstance(w, fx.Node) else linear.name
-
-
 def _outputs(gm: fx.GraphModule) -> set[fx.Node]:
     out = next(iter(gm.graph.find_nodes(op="output")))
     return set(out.all_input_nodes) | {n for a in out.all_input_nodes for n in a.all_input_nodes
@@ -297,37 +286,28 @@ def _skip(gm: fx.GraphModule, rej: Rejection) -> SkipInfo:
         category = "graph_break"
         reason = ("a graph break splits its group: X is an output of this graph, so the projections of X after "
                   "the break are in another graph and this one does not reach attention here")
-    return SkipInfo(_weight_name(rej.node), category, reason)
+    return SkipInfo(rej.weight_name, category, reason)
 
 
-def _group(g: Group, config: PammConfig) -> GroupInfo:
-    xv = _val(g.x)
-    shape = [hint(s) for s in xv.shape]
-    n = shape[-1]
-    b = math.prod(shape[:-1]) if len(shape) > 1 else 1
-    k = config.num_generators(b, g.site)
-    m = sum(p.out_features for p in g.projections)
-    frac = config.site_ratio(g.site) or config.ratio_fraction
-    item = (g.dtype or xv.dtype).itemsize  # under autocast X is saved in the compute dtype either way
-    # Saved for backward: X (b x n) before; C (k x n, X's dtype), f (b, int32), alpha (b, fp32) after.
-    # Weight-grad GEMM: dW = dY^T X, 2*b*n*m before; B~ = P^T dY (one pass over dY) then B~^T C after.
+def _group(p: Plan, g: Group) -> GroupInfo:
+    est = p.estimate(g)
     info = GroupInfo(
         x=g.x.name,
-        x_type=fmt_value(xv),
-        b=b,
-        n=n,
-        projections=[
-            ProjectionInfo(param_name(p.weight), param_name(p.bias) if p.bias is not None else None, p.out_features)
-            for p in g.projections
-        ],
-        ratio=f"{frac.numerator}/{frac.denominator}",
-        k=k,
-        k_formula=f"k = min(b, max({config.min_generators}, ceil(b*{frac}))) = {k}",
-        saved_bytes_before=b * n * item,
-        saved_bytes_after=k * n * item + b * 4 + b * 4,
-        wgrad_flops_before=2 * b * n * m,
-        wgrad_flops_after=2 * k * n * m + 2 * b * m,
+        x_type=fmt_value(val(g.x)),
+        b=est.b,
+        n=est.n,
+        projections=[ProjectionInfo(q.weight_name, q.bias_name, q.out_features) for q in g.projections],
+        ratio=f"{g.ratio.numerator}/{g.ratio.denominator}",
+        k=est.k,
+        k_formula=f"{est.k_formula} = {est.k}",
+        saved_bytes_before=est.saved_bytes_before,
+        saved_bytes_after=est.saved_bytes_after,
+        wgrad_flops_before=est.wgrad_flops_before,
+        wgrad_flops_after=est.wgrad_flops_after,
     )
+    if est.dynamic:
+        info.notes.append(f"b = {est.b_expr} changes from call to call: k is decided on every call by the op "
+                          f"(numbers here are for b = {est.b})")
     if g.x.op == "placeholder":
         info.notes.append("X is an input of this graph (made before a graph break?): if an earlier graph keeps X "
                           "alive for backward, compressing it here saves nothing")
@@ -362,11 +342,12 @@ def _dot(graph_index: int, groups: Sequence[Group], radius: int = 2) -> str:
             label = node.name
             if node.op == "placeholder":
                 label = param_name(node)
-            elif node.op == "call_function" and node.target is _LINEAR:
-                label = f"linear {_weight_name(node)}"
-            val = _val(node)
-            if isinstance(val, torch.Tensor):
-                label += f"\n{fmt_value(val)}"
+            elif is_linear(node):
+                w = node.args[1]
+                label = f"linear {param_name(w) if isinstance(w, fx.Node) else node.name}"
+            v = val(node)
+            if isinstance(v, torch.Tensor):
+                label += f"\n{fmt_value(v)}"
             style = ""
             if name == g.x.name:
                 style = ', style=filled, fillcolor="#ffd27f"'
@@ -385,44 +366,38 @@ def _code(gm: fx.GraphModule) -> str:
 
 
 class _Collector:
-    """A Dynamo backend: our passes on each graph, a :class:`GraphReport`, then run the graph as is."""
+    """A Dynamo backend: the backend's own :func:`plan` and :func:`apply` on each graph, a
+    :class:`GraphReport` of them, then the graph runs as captured (no Inductor, no backward)."""
 
     def __init__(self, config: PammConfig) -> None:
         self.config = config
         self.graphs: list[GraphReport] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
-        # Names come from Dynamo's placeholder metadata, which it drops after compiling: read them now.
-        ctx = torch._guards.CompileContext.try_get()
-        compile_id = str(ctx.compile_id) if ctx is not None and ctx.compile_id is not None else "?"
-        before = _code(gm)
-        normalize_linears(gm)
-        result = find_groups(gm, self.config)
-        self.graphs.append(self._report(gm, result, compile_id, before))
-        return gm.forward
-
-    def _report(self, gm: fx.GraphModule, result: MatchResult, compile_id: str, before: str) -> GraphReport:
+        # Names come from Dynamo's placeholder metadata, which it drops after compiling: plan now.
+        p = plan(gm, example_inputs, self.config)
         report = GraphReport(
             index=len(self.graphs),
-            compile_id=compile_id,
-            groups=[_group(g, self.config) for g in result.groups],
-            skipped=[],
-            before=before,
+            compile_id=_compat.compile_id_text() or "?",
+            groups=[_group(p, g) for g in p.groups],
+            skipped=[_skip(p.graph, r) for r in p.rejections],
+            before=_code(gm),
+            error=p.error or "",
         )
-        report.skipped = [_skip(gm, r) for r in result.rejections]
-        if result.groups:
-            report.dot = _dot(report.index, result.groups)
+        if p.groups:
+            report.dot = _dot(report.index, p.groups)
             try:
-                report.after = _code(rewrite_groups(gm, result.groups, self.config, salt_base=report.index << 16))
-            except Exception as exc:  # the backend compiles the original graph then: so no group is rewritten
+                report.after = _code(apply(p))
+            except Exception as exc:  # the backend compiles the captured graph then: no group is rewritten
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 report.error = f"{type(exc).__name__}: {first}"
                 report.skipped[:0] = [
-                    SkipInfo(p.weight, "rewrite_failed", f"the rewrite of its group failed ({report.error})")
-                    for g in report.groups for p in g.projections
+                    SkipInfo(q.weight, "rewrite_failed", f"the rewrite of its group failed ({report.error})")
+                    for g in report.groups for q in g.projections
                 ]
                 report.groups = []
-        return report
+        self.graphs.append(report)
+        return gm.forward
 
 
 def _location(reason: Any) -> str:
@@ -441,21 +416,20 @@ def _graph_break(reason: Any) -> GraphBreak:
 def explain(model: Any, *example_inputs: Any, **options: Any) -> ExplainReport:
     """Capture ``model(*example_inputs)`` with Dynamo and report the pamm rewrite plan; no training, no Inductor.
 
-    Dynamo's caches are reset before and after, so the report reflects a fresh compile
-    (as the first ``torch.compile`` step would see it) and does not leave graphs behind.
+    The plan is made by the same :func:`pamm_fx.plan.plan` the backend runs. Dynamo's caches are left
+    alone: graphs the user already compiled stay compiled (explain's own capture is a separate cache
+    entry, guarded on its backend), so calling this between training steps recompiles nothing.
+    ``model`` may be the module or what ``torch.compile`` returned for it.
     """
     from torch._dynamo.backends.debugging import ExplainWithBackend
 
-    config = PammConfig.from_options(options)
+    config = resolve(options)
     collector = _Collector(config)
     wrapped = ExplainWithBackend(collector)
-    torch._dynamo.reset()
-    try:
-        with torch.enable_grad():
-            torch.compile(model, backend=wrapped)(*example_inputs)
-        breaks = [_graph_break(r) for r in wrapped.break_reasons]
-    finally:
-        torch._dynamo.reset()
+    model = getattr(model, "_orig_mod", model)  # an OptimizedModule: capture the module it wraps
+    with torch.enable_grad():
+        torch.compile(model, backend=wrapped)(*example_inputs)
+    breaks = [_graph_break(r) for r in wrapped.break_reasons]
     for graph in collector.graphs:
         if not breaks:
             for s in graph.skipped:

@@ -1,4 +1,4 @@
-"""Our logs inside torch's logging system; the one module that touches ``torch._logging`` internals.
+"""Our logs inside torch's logging system (the ``torch._logging`` internals it needs are in ``_compat``).
 
 What torch allows (checked on torch 2.13):
 
@@ -28,6 +28,8 @@ import torch
 import torch._logging
 from torch import fx
 
+from pamm_fx import _compat
+
 __all__ = ["ALIAS", "ARTIFACT", "ENV_VAR", "configure_from_env", "log_graphs"]
 
 ALIAS = "pamm"
@@ -38,12 +40,7 @@ log = logging.getLogger(__name__)
 
 
 def _register() -> logging.Logger:
-    from torch._logging import _internal
-
-    if not _internal.log_registry.is_log(ALIAS):
-        _internal.register_log(ALIAS, ["pamm_fx"])
-    if not _internal.log_registry.is_artifact(ARTIFACT):
-        _internal.register_artifact(ARTIFACT, "pamm-fx graphs before and after the QKV rewrite")
+    _compat.register_log_alias(ALIAS, ["pamm_fx"], ARTIFACT, "pamm-fx graphs before and after the rewrite")
     return torch._logging.getArtifactLogger("pamm_fx", ARTIFACT)
 
 
@@ -52,27 +49,9 @@ graph_log = _register()
 
 def configure_from_env() -> None:
     """Apply ``PAMM_LOGS`` as if its names had been appended to ``TORCH_LOGS``."""
-    from torch._logging import _internal
-
     settings = os.environ.get(ENV_VAR, "").strip()
-    if not settings:
-        return
-    torch_settings = os.environ.get(_internal.LOG_ENV_VAR)
-    merged = f"{torch_settings},{settings}" if torch_settings else settings
-    try:
-        _internal._parse_log_settings(merged)
-    except ValueError:
+    if settings and not _compat.init_logs_with(settings):
         log.warning("%s=%r is not valid; use e.g. %s='+%s' or '%s'", ENV_VAR, settings, ENV_VAR, ALIAS, ARTIFACT)
-        return
-    # _init_logs reads its settings from TORCH_LOGS only; show it the merged string for this one call.
-    os.environ[_internal.LOG_ENV_VAR] = merged
-    try:
-        _internal._init_logs()
-    finally:
-        if torch_settings is None:
-            del os.environ[_internal.LOG_ENV_VAR]
-        else:
-            os.environ[_internal.LOG_ENV_VAR] = torch_settings
 
 
 def log_graphs(before: fx.GraphModule, after: fx.GraphModule | None) -> None:

@@ -26,7 +26,8 @@ from torch import fx
 
 from pamm_fx import compiler as _backend
 from pamm_fx.names import fmt_value, param_name
-from pamm_fx.passes.match import MatchResult
+from pamm_fx.passes.fxutil import val
+from pamm_fx.plan import Plan, apply, plan
 
 if TYPE_CHECKING:
     from pamm_fx.explain import ExplainReport
@@ -46,14 +47,23 @@ __all__ = [
 
 @dataclasses.dataclass
 class RewriteRecord:
-    """One graph the backend saw: the graph as captured, the match, and the rewritten copy (or None)."""
+    """One graph the backend saw: its :class:`~pamm_fx.plan.Plan` and the rewritten copy (or None)."""
 
-    original: fx.GraphModule
-    result: MatchResult
+    plan: Plan
     rewritten: fx.GraphModule | None
     #: :func:`describe` text, taken when the graph was seen: Dynamo drops the
     #: placeholders' source metadata (parameter names) once compilation is over.
     summary: str = ""
+
+    @property
+    def original(self) -> fx.GraphModule:
+        """The graph as Dynamo captured it."""
+        return self.plan.original
+
+    @property
+    def result(self) -> Plan:
+        """The plan (``.groups``, ``.rejections``), under the name earlier versions used."""
+        return self.plan
 
 
 @contextlib.contextmanager
@@ -61,8 +71,8 @@ def capture_rewrites() -> Iterator[list[RewriteRecord]]:
     """Collect a :class:`RewriteRecord` for every graph compiled by the backend inside the block."""
     records: list[RewriteRecord] = []
 
-    def observe(gm: fx.GraphModule, result: MatchResult, new: fx.GraphModule | None) -> None:
-        record = RewriteRecord(gm, result, new)
+    def observe(p: Plan, new: fx.GraphModule | None) -> None:
+        record = RewriteRecord(p, new)
         record.summary = _describe(record)
         records.append(record)
 
@@ -73,15 +83,11 @@ def capture_rewrites() -> Iterator[list[RewriteRecord]]:
         _backend.remove_observer(observe)
 
 
-def _val(node: Any) -> Any:
-    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else node
-
-
 def _arg(node: Any) -> str:
     if isinstance(node, fx.Node):
         if node.op in ("placeholder", "get_attr"):
-            return f"{param_name(node)}: {fmt_value(_val(node))}"
-        return f"{node.name}: {fmt_value(_val(node))}"
+            return f"{param_name(node)}: {fmt_value(val(node))}"
+        return f"{node.name}: {fmt_value(val(node))}"
     return repr(node)
 
 
@@ -98,7 +104,7 @@ def _describe(record: RewriteRecord) -> str:
                 x, _, num, den, min_gen, _, eps, _ = node.args
                 lines.append(
                     f"compress({_arg(x.args[0])}, ratio={num}/{den}, min_generators={min_gen}, eps={eps})"
-                    f" -> {fmt_value(_val(node))}"
+                    f" -> {fmt_value(val(node))}"
                 )
             elif node.target is torch.ops.pamm.linear_group.default:
                 x, weights, biases, has_bias, *_ = node.args
@@ -110,41 +116,30 @@ def _describe(record: RewriteRecord) -> str:
                 for w, hb, out in zip(weights, has_bias, outs):
                     bias = f" + {param_name(next(bias_iter))}" if hb else ""
                     users = ", ".join(sorted(u.name for u in out.users))
-                    lines.append(f"  {param_name(w)}{bias} -> {fmt_value(_val(out))} -> {users}")
-    for rej in record.result.rejections:
-        w = rej.node.args[1] if len(rej.node.args) > 1 else None
-        name = param_name(w) if isinstance(w, fx.Node) else rej.node.name
-        lines.append(f"untouched {name}: {rej.reason}")
+                    lines.append(f"  {param_name(w)}{bias} -> {fmt_value(val(out))} -> {users}")
+    for rej in record.plan.rejections:
+        lines.append(f"untouched {rej.weight_name}: {rej.reason}")
     return "\n".join(lines)
 
 
 def describe_rewrites(model: Any, *inputs: Any, **options: Any) -> str:
     """:func:`describe` text of every graph Dynamo captures from ``model(*inputs)``, joined by ``---``.
 
-    Runs the backend's passes (normalize, match, rewrite) but neither Inductor nor the
-    rewritten graph, so a golden test of a layout costs one Dynamo trace.
+    Runs the backend's :func:`~pamm_fx.plan.plan` and :func:`~pamm_fx.plan.apply` but neither
+    Inductor nor the rewritten graph, so a golden test of a layout costs one Dynamo trace.
     """
     from pamm_fx.config import PammConfig
-    from pamm_fx.passes.match import find_groups
-    from pamm_fx.passes.normalize import normalize_linears
-    from pamm_fx.passes.rewrite import rewrite_groups
 
     config = PammConfig.from_options(options)
     texts: list[str] = []
 
     def backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
-        normalize_linears(gm)
-        result = find_groups(gm, config)
-        new = rewrite_groups(gm, result.groups, config) if result.groups else None
-        texts.append(_describe(RewriteRecord(gm, result, new)))
+        p = plan(gm, example_inputs, config)
+        texts.append(_describe(RewriteRecord(p, apply(p))))
         return gm.forward
 
-    torch._dynamo.reset()
-    try:
-        with torch.enable_grad():
-            torch.compile(model, backend=backend)(*inputs)
-    finally:
-        torch._dynamo.reset()
+    with torch.enable_grad():
+        torch.compile(getattr(model, "_orig_mod", model), backend=backend)(*inputs)
     return "\n---\n".join(texts)
 
 

@@ -28,6 +28,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(autouse=True)
+def _no_option_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's exported ``PAMM_RATIO`` etc. must not change what the suite checks."""
+    from pamm_fx.config import OPTIONS
+
+    for name in OPTIONS:
+        monkeypatch.delenv(f"PAMM_{name.upper()}", raising=False)
+
+
+@pytest.fixture(autouse=True)
 def _fresh_dynamo() -> None:
     """Each test compiles from scratch, so counters and captured graphs belong to it alone."""
     torch._dynamo.reset()

@@ -220,12 +220,12 @@ untouched w_o: output does not feed attention (targets='qkv')""")
 
     def test_cross_attention_two_groups(self) -> None:
         self.assertExpectedInline(plan(Cross(), x_in(), x_in(seq=7)), """\
-compress(x: f32[2, 10, 32], ratio=1/4, min_generators=1, eps=inf) -> (f32[5, 32], i32[20], f32[20])
-linear_group(x: f32[2, 10, 32])
-  q.weight + q.bias -> f32[2, 10, 32] -> view
 compress(memory: f32[2, 7, 32], ratio=1/4, min_generators=1, eps=inf) -> (f32[4, 32], i32[14], f32[14])
 linear_group(memory: f32[2, 7, 32])
   kv.weight + kv.bias -> f32[2, 7, 64] -> chunk
+compress(x: f32[2, 10, 32], ratio=1/4, min_generators=1, eps=inf) -> (f32[5, 32], i32[20], f32[20])
+linear_group(x: f32[2, 10, 32])
+  q.weight + q.bias -> f32[2, 10, 32] -> view
 untouched o.weight: output does not feed attention (targets='qkv')""")
 
     def test_lora_adapters(self) -> None:

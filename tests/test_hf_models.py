@@ -157,10 +157,6 @@ linear_group(hidden_states_2: f32[2, 12, 32])
   model.encoder.layers.0.self_attn.q_proj.weight + model.encoder.layers.0.self_attn.q_proj.bias -> f32[2, 12, 32] -> view
   model.encoder.layers.0.self_attn.k_proj.weight + model.encoder.layers.0.self_attn.k_proj.bias -> f32[2, 12, 32] -> view_1
   model.encoder.layers.0.self_attn.v_proj.weight + model.encoder.layers.0.self_attn.v_proj.bias -> f32[2, 12, 32] -> view_2
-compress(hidden_states_11: f32[2, 12, 32], ratio=1/4, min_generators=1, eps=inf) -> (f32[6, 32], i32[24], f32[24])
-linear_group(hidden_states_11: f32[2, 12, 32])
-  model.decoder.layers.0.encoder_attn.k_proj.weight + model.decoder.layers.0.encoder_attn.k_proj.bias -> f32[2, 12, 32] -> view_7
-  model.decoder.layers.0.encoder_attn.v_proj.weight + model.decoder.layers.0.encoder_attn.v_proj.bias -> f32[2, 12, 32] -> view_8
 compress(hidden_states_14: f32[2, 7, 32], ratio=1/4, min_generators=1, eps=inf) -> (f32[4, 32], i32[14], f32[14])
 linear_group(hidden_states_14: f32[2, 7, 32])
   model.decoder.layers.0.self_attn.q_proj.weight + model.decoder.layers.0.self_attn.q_proj.bias -> f32[2, 7, 32] -> view_3
@@ -169,6 +165,10 @@ linear_group(hidden_states_14: f32[2, 7, 32])
 compress(hidden_states_17: f32[2, 7, 32], ratio=1/4, min_generators=1, eps=inf) -> (f32[4, 32], i32[14], f32[14])
 linear_group(hidden_states_17: f32[2, 7, 32])
   model.decoder.layers.0.encoder_attn.q_proj.weight + model.decoder.layers.0.encoder_attn.q_proj.bias -> f32[2, 7, 32] -> view_6
+compress(hidden_states_11: f32[2, 12, 32], ratio=1/4, min_generators=1, eps=inf) -> (f32[6, 32], i32[24], f32[24])
+linear_group(hidden_states_11: f32[2, 12, 32])
+  model.decoder.layers.0.encoder_attn.k_proj.weight + model.decoder.layers.0.encoder_attn.k_proj.bias -> f32[2, 12, 32] -> view_7
+  model.decoder.layers.0.encoder_attn.v_proj.weight + model.decoder.layers.0.encoder_attn.v_proj.bias -> f32[2, 12, 32] -> view_8
 untouched model.encoder.layers.0.self_attn.out_proj.weight: output does not feed attention (targets='qkv')
 untouched model.encoder.layers.0.fc1.weight: output does not feed attention (targets='qkv')
 untouched model.encoder.layers.0.fc2.weight: output does not feed attention (targets='qkv')
@@ -185,10 +185,6 @@ linear_group(normed_hidden_states: f32[2, 12, 32])
   encoder.block.0.layer.0.SelfAttention.q.weight -> f32[2, 12, 32] -> view
   encoder.block.0.layer.0.SelfAttention.k.weight -> f32[2, 12, 32] -> view_1
   encoder.block.0.layer.0.SelfAttention.v.weight -> f32[2, 12, 32] -> view_2
-compress(hidden_states_10: f32[2, 12, 32], ratio=1/4, min_generators=1, eps=inf) -> (f32[6, 32], i32[24], f32[24])
-linear_group(hidden_states_10: f32[2, 12, 32])
-  decoder.block.0.layer.1.EncDecAttention.k.weight -> f32[2, 12, 32] -> view_8
-  decoder.block.0.layer.1.EncDecAttention.v.weight -> f32[2, 12, 32] -> view_9
 compress(normed_hidden_states_1: f32[2, 7, 32], ratio=1/4, min_generators=1, eps=inf) -> (f32[4, 32], i32[14], f32[14])
 linear_group(normed_hidden_states_1: f32[2, 7, 32])
   decoder.block.0.layer.0.SelfAttention.q.weight -> f32[2, 7, 32] -> view_3
@@ -197,6 +193,10 @@ linear_group(normed_hidden_states_1: f32[2, 7, 32])
 compress(normed_hidden_states_2: f32[2, 7, 32], ratio=1/4, min_generators=1, eps=inf) -> (f32[4, 32], i32[14], f32[14])
 linear_group(normed_hidden_states_2: f32[2, 7, 32])
   decoder.block.0.layer.1.EncDecAttention.q.weight -> f32[2, 7, 32] -> view_7
+compress(hidden_states_10: f32[2, 12, 32], ratio=1/4, min_generators=1, eps=inf) -> (f32[6, 32], i32[24], f32[24])
+linear_group(hidden_states_10: f32[2, 12, 32])
+  decoder.block.0.layer.1.EncDecAttention.k.weight -> f32[2, 12, 32] -> view_8
+  decoder.block.0.layer.1.EncDecAttention.v.weight -> f32[2, 12, 32] -> view_9
 untouched encoder.block.0.layer.0.SelfAttention.o.weight: output does not feed attention (targets='qkv')
 untouched encoder.block.0.layer.1.DenseReluDense.wi.weight: output does not feed attention (targets='qkv')
 untouched encoder.block.0.layer.1.DenseReluDense.wo.weight: output does not feed attention (targets='qkv')

@@ -8,6 +8,11 @@
                                                            ├─ [1] ── ...
                                                            └─ [2] ── ...
 
+The new nodes go right before the group's first projection, never merely after the latest
+input: that keeps them in the projections' grad-mode and autocast region (Dynamo records
+``with torch.no_grad()`` as ``_set_grad_enabled`` calls in the graph, so a node placed after
+X but inside a no-grad block would lose every gradient of the group).
+
 Under autocast (``Group.dtype`` set) X, the weights and the biases are first cast
 explicitly to the dtype the linears computed in (``.to(dtype)``), because custom ops
 do not follow autocast: C is then stored in that dtype, alpha stays float32, and the
@@ -16,8 +21,8 @@ autocast's own casts do.
 
 The rewrite works on a copy of the graph, so the caller can still compile the
 untouched original if anything goes wrong. One extra placeholder, ``pamm_seed``
-(an int64 scalar tensor), is appended after the graph's own inputs; the backend
-feeds a fresh value every call so each step samples different generator rows.
+(an int64 scalar tensor on X's device), is appended after the graph's own inputs; the
+backend feeds a fresh value every call so each step samples different generator rows.
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ import torch
 from torch import fx
 
 from pamm_fx.config import PammConfig
+from pamm_fx.passes.fxutil import val
 from pamm_fx.passes.match import Group
 
-__all__ = ["copy_graph_module", "rewrite_groups", "SEED_PLACEHOLDER"]
+__all__ = ["RewriteError", "SEED_PLACEHOLDER", "copy_graph_module", "rewrite_groups", "seed_example"]
 
 log = logging.getLogger(__name__)
 
@@ -56,36 +62,62 @@ def copy_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node,
 
 def _fake_mode(graph: fx.Graph) -> Any:
     for node in graph.find_nodes(op="placeholder"):
-        val = node.meta.get("example_value")
-        if isinstance(val, torch._subclasses.FakeTensor):
-            return val.fake_mode
+        v = val(node)
+        if isinstance(v, torch._subclasses.FakeTensor):
+            return v.fake_mode
     return None
 
 
-def _insertion_point(graph: fx.Graph, group: Group, env: dict[fx.Node, fx.Node], seed: fx.Node) -> fx.Node:
-    """The latest definition among the group's inputs (and the seed placeholder, which follows the
-    graph's own inputs); it must precede every use of the group's outputs."""
+def _movable(node: fx.Node) -> bool:
+    """A node with no inputs computed in the graph body (a get_attr, or a view/cast of a graph input
+    or attribute) may move earlier without changing what it computes."""
+    if node.op in ("get_attr", "placeholder"):
+        return True
+    return node.op == "call_method" and node.target in ("t", "to") and all(
+        a.op in ("get_attr", "placeholder") for a in node.all_input_nodes
+    )
+
+
+def _anchor(graph: fx.Graph, group: Group, env: dict[fx.Node, fx.Node]) -> fx.Node:
+    """The group's earliest projection: the fused op goes right before it, so it runs in the same
+    grad-mode and autocast region as the projections it replaces. Weights or biases defined later
+    (a get_attr emitted at its first use) move up in front of it."""
     order = {n: i for i, n in enumerate(graph.nodes)}
-    inputs = [seed, env[group.x]] + [env[p.weight] for p in group.projections]
+    first = min((env[p.node] for p in group.projections), key=order.__getitem__)
+    inputs = [env[group.x]] + [env[p.weight] for p in group.projections]
     inputs += [env[p.bias] for p in group.projections if p.bias is not None]
-    last = max(inputs, key=order.__getitem__)
-    first_use = min(order[u] for p in group.projections for u in env[p.node].users)
-    if order[last] >= first_use:
-        raise RewriteError(f"an input of the group is defined after a projection's output is used ({last.name})")
-    return last
+    for node in sorted({n for n in inputs if order[n] > order[first]}, key=order.__getitem__):
+        if not _movable(node):
+            raise RewriteError(f"an input of the group is computed after its first projection ({node.name})")
+        for inp in node.all_input_nodes:
+            if order[inp] > order[first]:
+                first.prepend(inp)
+        first.prepend(node)
+    return first
 
 
-def _add_seed(graph: fx.Graph, fake_mode: Any) -> fx.Node:
+def seed_example(fake_mode: Any, device: torch.device) -> torch.Tensor:
+    """The seed input's example value: an int64 scalar on ``device`` (fake when the graph is)."""
+    if fake_mode is None:
+        return torch.zeros((), dtype=torch.int64, device=device)
+    with fake_mode:
+        return torch.zeros((), dtype=torch.int64, device=device)
+
+
+def _add_seed(graph: fx.Graph, fake_mode: Any, device: torch.device) -> fx.Node:
     placeholders = list(graph.find_nodes(op="placeholder"))
     with graph.inserting_after(placeholders[-1]):
         seed = graph.placeholder(SEED_PLACEHOLDER)
-    example = torch.zeros((), dtype=torch.int64)
-    seed.meta["example_value"] = fake_mode.from_tensor(example) if fake_mode is not None else example
+    seed.meta["example_value"] = seed_example(fake_mode, device)
     return seed
 
 
 def rewrite_groups(
-    gm: fx.GraphModule, groups: list[Group], config: PammConfig, salt_base: int = 0
+    gm: fx.GraphModule,
+    groups: list[Group],
+    config: PammConfig,
+    salt_base: int = 0,
+    seed_device: torch.device | None = None,
 ) -> fx.GraphModule:
     """Return a rewritten copy of ``gm``; ``gm`` itself is not modified.
 
@@ -94,45 +126,35 @@ def rewrite_groups(
     new, env = copy_graph_module(gm)
     graph = new.graph
     fake_mode = _fake_mode(graph)
-    seed = _add_seed(graph, fake_mode)
+    seed = _add_seed(graph, fake_mode, seed_device or torch.device("cpu"))
     for salt, group in enumerate(groups):
-        frac = config.site_ratio(group.site) or config.ratio_fraction
-        where = _insertion_point(graph, group, env, seed)
+        frac = group.ratio
+        first = _anchor(graph, group, env)
         x = env[group.x]
         projs = [env[p.node] for p in group.projections]
         weights = [env[p.weight] for p in group.projections]
         biases = [env[p.bias] for p in group.projections if p.bias is not None]
         has_bias = [p.bias is not None for p in group.projections]
-        if group.dtype is not None:
-            where, (x, *weights), biases = _cast(graph, where, group.dtype, [x, *weights], biases, fake_mode)
-        with graph.inserting_after(where):
+        with graph.inserting_before(first):
+            if group.dtype is not None:
+                (x, *weights), biases = _cast(graph, group.dtype, [x, *weights], biases, fake_mode)
             detached = graph.call_method("detach", (x,))
-        with graph.inserting_after(detached):
             comp = graph.call_function(
                 torch.ops.pamm.compress.default,
-                (detached, seed, frac.numerator, frac.denominator, config.min_generators, config.min_tokens, config.eps,
-                 salt_base + salt),
+                (detached, seed, frac.numerator, frac.denominator, config.min_generators, config.min_tokens,
+                 config.eps, salt_base + salt),
             )
-        with graph.inserting_after(comp):
-            c = graph.call_function(operator.getitem, (comp, 0))
-        with graph.inserting_after(c):
-            f = graph.call_function(operator.getitem, (comp, 1))
-        with graph.inserting_after(f):
-            alpha = graph.call_function(operator.getitem, (comp, 2))
-        with graph.inserting_after(alpha):
+            c, f, alpha = (graph.call_function(operator.getitem, (comp, i)) for i in range(3))
             fused = graph.call_function(
                 torch.ops.pamm.linear_group.default, (x, weights, biases, has_bias, c, f, alpha)
             )
-        outs = []
-        anchor = fused
-        for i, (proj, old) in enumerate(zip(group.projections, projs)):
-            with graph.inserting_after(anchor):
+            outs = []
+            for i, (proj, old) in enumerate(zip(group.projections, projs)):
                 out = graph.call_function(operator.getitem, (fused, i))
-            out.meta = dict(old.meta)
-            old.replace_all_uses_with(out)
-            env[proj.node] = out  # a later group may read it as X (LoRA's B reads A's output)
-            outs.append(out)
-            anchor = out
+                out.meta = dict(old.meta)
+                old.replace_all_uses_with(out)
+                env[proj.node] = out  # a later group may read it as X (LoRA's B reads A's output)
+                outs.append(out)
         _set_meta(x, detached, comp, (c, f, alpha), fused, outs, fake_mode)
         for old in projs:
             graph.erase_node(old)
@@ -143,20 +165,18 @@ def rewrite_groups(
 
 
 def _cast(
-    graph: fx.Graph, where: fx.Node, dtype: torch.dtype, tensors: list[fx.Node], biases: list[fx.Node], fake_mode: Any
-) -> tuple[fx.Node, list[fx.Node], list[fx.Node]]:
-    """``t.to(dtype)`` for each tensor and bias, inserted after ``where``; returns the new anchor and nodes."""
+    graph: fx.Graph, dtype: torch.dtype, tensors: list[fx.Node], biases: list[fx.Node], fake_mode: Any
+) -> tuple[list[fx.Node], list[fx.Node]]:
+    """``t.to(dtype)`` for each tensor and bias, at the graph's current insertion point."""
     out: list[fx.Node] = []
     for node in [*tensors, *biases]:
-        with graph.inserting_after(where):
-            cast = graph.call_method("to", (node, dtype))
-        val = node.meta.get("example_value")
-        if fake_mode is not None and isinstance(val, torch.Tensor):
+        cast = graph.call_method("to", (node, dtype))
+        v = val(node)
+        if fake_mode is not None and isinstance(v, torch.Tensor):
             with fake_mode:
-                cast.meta["example_value"] = val.to(dtype)
+                cast.meta["example_value"] = v.to(dtype)
         out.append(cast)
-        where = cast
-    return where, out[: len(tensors)], out[len(tensors) :]
+    return out[: len(tensors)], out[len(tensors) :]
 
 
 def _set_meta(
@@ -169,7 +189,7 @@ def _set_meta(
     fake_mode: Any,
 ) -> None:
     """Give the new nodes example values so later passes and inspection see shapes."""
-    xv = x.meta.get("example_value")
+    xv = val(x)
     if fake_mode is None or xv is None:
         return
     with fake_mode, torch.no_grad():
@@ -178,6 +198,6 @@ def _set_meta(
         args = [a.meta["example_value"] if isinstance(a, fx.Node) else a for a in comp.args]
         vals = torch.ops.pamm.compress.default(*args)
     comp.meta["example_value"] = vals
-    for node, val in zip(parts, vals):
-        node.meta["example_value"] = val
+    for node, v in zip(parts, vals):
+        node.meta["example_value"] = v
     fused.meta["example_value"] = [o.meta.get("example_value") for o in outs]

@@ -1,0 +1,244 @@
+"""The semantic checks, as a table: each named check either passes a candidate or says why not.
+
+Structure (:mod:`pamm_fx.passes.structure`) finds candidates; these checks decide which may be
+compressed. A check's name is the stable ``category`` that logs, ``explain()`` and tools see,
+and its reason is the sentence for people. The rules they enforce:
+
+- only a *parameter*'s weight gradient may be approximated: a weight that is an activation
+  (a graph input after a graph break, a computed tensor) is left exact;
+- a projection computed without grad (``torch.no_grad``) is never a member, and a group never
+  spans a grad-mode or autocast boundary (candidates are grouped per region);
+- size decisions must hold for every call the graph serves: the size checks apply only where
+  the size is static (the graph is guarded on it); a dynamic size is decided inside the op on
+  every call (``k`` is symbolic, and ``k == b`` is the exact branch).
+
+:data:`PROJECTION_CHECKS` run on each candidate in order; :data:`GROUP_CHECKS` on each would-be
+group (the candidates that passed, keyed by X, compute dtype, region and ratio).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from fractions import Fraction
+
+import torch
+from torch import fx
+
+from pamm_fx.config import PammConfig, num_generators
+from pamm_fx.passes.fxutil import hint, is_linear, is_static, rows, val
+from pamm_fx.passes.structure import Candidate
+
+__all__ = [
+    "AUTOCAST_DTYPES",
+    "GROUP_CHECKS",
+    "INDEX_BYTES_PER_ROW",
+    "PROJECTION_CHECKS",
+    "Check",
+    "GroupDraft",
+    "compute_dtype",
+    "is_parameter",
+]
+
+#: Dtypes autocast computes linears in; anything else differing from X's dtype is not autocast.
+AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
+#: Bytes PAMM keeps per row of X whatever the ratio: f (int32) and alpha (float32).
+INDEX_BYTES_PER_ROW = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupDraft:
+    """The candidates that passed every projection check and read the same X in one region."""
+
+    gm: fx.GraphModule
+    x: fx.Node
+    members: tuple[Candidate, ...]
+    dtype: torch.dtype | None
+    ratio: Fraction
+    #: Linears of the graph that stay exact and still make autograd save X (for their own dW).
+    exact_readers: tuple[Candidate, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """A named rule: ``fn`` returns None to pass, else the reason the projection stays exact."""
+
+    name: str
+    fn: Callable[..., str | None]
+    doc: str
+
+
+def _base_weight(node: object) -> object:
+    """W for ``W.t()`` (a (in, out) weight that normalize transposed), else the node itself."""
+    if isinstance(node, fx.Node) and node.op == "call_method" and node.target == "t" and node.args:
+        return node.args[0]
+    return node
+
+
+def is_parameter(gm: fx.GraphModule, node: object) -> bool:
+    """Whether a weight node is a parameter of the model: a get_attr of an ``nn.Parameter``, or a graph
+    input Dynamo lifted from one (its fake value carries ``_is_param``, its grapharg the real tensor)."""
+    node = _base_weight(node)
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "get_attr":
+        attr = gm
+        for part in str(node.target).split("."):
+            attr = getattr(attr, part, None)
+        return isinstance(attr, torch.nn.Parameter)
+    if node.op != "placeholder":
+        return False
+    example = getattr(node.meta.get("grapharg"), "example", None)
+    return isinstance(example, torch.nn.Parameter) or bool(getattr(val(node), "_is_param", False))
+
+
+def requires_grad(gm: fx.GraphModule, node: object) -> bool:
+    node = _base_weight(node)
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        attr = gm
+        for part in str(node.target).split("."):
+            attr = getattr(attr, part, None)
+        return isinstance(attr, torch.Tensor) and attr.requires_grad
+    v = val(node)
+    return isinstance(v, torch.Tensor) and v.requires_grad
+
+
+def compute_dtype(c: Candidate) -> torch.dtype | None:
+    """The dtype the linear computes in when it is not X's (autocast), else None."""
+    xv, out = val(c.x), val(c.node)
+    if isinstance(xv, torch.Tensor) and isinstance(out, torch.Tensor) and out.dtype != xv.dtype:
+        return out.dtype
+    return None
+
+
+# --- projection checks: (candidate, graph, config) -> reason or None ---------------------------
+
+
+def _checkpointed(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | None:
+    if c.checkpoint is None:
+        return None
+    return (f"inside an activation-checkpoint region ({c.checkpoint}): autograd recomputes X in the backward "
+            "instead of saving it, so compressing X would save no memory; left exact")
+
+
+def _graph_value(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | None:
+    if isinstance(c.x, fx.Node) and isinstance(c.weight, fx.Node):
+        return None
+    return "input or weight is not a graph value"
+
+
+def _shape(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | None:
+    xv, wv = val(c.x), val(c.weight)
+    if isinstance(xv, torch.Tensor) and isinstance(wv, torch.Tensor) and xv.dim() >= 1 and wv.dim() == 2:
+        return None
+    return "unknown shapes or a weight that is not 2-D"
+
+
+def _dtype(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | None:
+    xv = val(c.x)
+    return None if xv.is_floating_point() else f"input dtype {xv.dtype} is not floating point"
+
+
+def _parameter(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | None:
+    if is_parameter(gm, c.weight):
+        return None
+    return ("weight is not a parameter (an activation or a plain tensor input, e.g. after a graph break): "
+            "only parameters' weight gradients may be approximated")
+
+
+def _trainable(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | None:
+    if requires_grad(gm, c.weight):
+        return None
+    return "frozen weight: no weight gradient, so X is not saved for it"
+
+
+def _grad_mode(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | None:
+    if c.region.grad_enabled:
+        return None
+    return "computed without grad (a torch.no_grad region): no weight gradient to approximate"
+
+
+def _autocast(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | None:
+    dtype = compute_dtype(c)
+    if dtype is None or dtype in AUTOCAST_DTYPES:
+        return None
+    return f"computes in {dtype}, not X's {val(c.x).dtype}, and not as autocast would (bf16/f16)"
+
+
+def _attention(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | None:
+    if config.targets != "qkv" or c.site == "qkv":
+        return None
+    return "output does not feed attention (targets='qkv')"
+
+
+def _target(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | None:
+    if config.site_ratio(c.site) is not None:
+        return None
+    return f"site '{c.site}' is not in targets={config.targets!r}"
+
+
+PROJECTION_CHECKS: tuple[Check, ...] = (
+    Check("checkpointed", _checkpointed, "inside a torch.utils.checkpoint region: X is not saved there"),
+    Check("not_graph_value", _graph_value, "X and the weight are graph values"),
+    Check("shape", _shape, "known shapes, a 2-D weight"),
+    Check("dtype", _dtype, "a floating-point X"),
+    Check("not_parameter", _parameter, "the weight is a parameter of the model"),
+    Check("frozen", _trainable, "the weight requires grad"),
+    Check("no_grad", _grad_mode, "the projection runs with grad enabled"),
+    Check("autocast", _autocast, "it computes in X's dtype or in autocast's bf16/f16"),
+    Check("no_attention", _attention, "under targets='qkv', its output feeds attention"),
+    Check("not_target", _target, "its site (qkv, mlp, other) is one of the targets"),
+)
+
+
+# --- group checks: (draft, config) -> reason or None --------------------------------------------
+
+
+def _min_tokens(d: GroupDraft, config: PammConfig) -> str | None:
+    b = rows(val(d.x))
+    if not is_static(b) or hint(b) >= config.min_tokens:
+        return None  # a dynamic b is decided per call inside the op
+    return f"X has {hint(b)} rows, below min_tokens={config.min_tokens}"
+
+
+def _row_bytes(d: GroupDraft, config: PammConfig) -> str | None:
+    xv = val(d.x)
+    row_bytes = hint(xv.shape[-1]) * (d.dtype or xv.dtype).itemsize
+    if row_bytes > INDEX_BYTES_PER_ROW:
+        return None
+    return f"a row of X is {row_bytes} bytes, no more than the {INDEX_BYTES_PER_ROW} PAMM keeps per row"
+
+
+def _all_rows_kept(d: GroupDraft, config: PammConfig) -> str | None:
+    b = rows(val(d.x))
+    if d.ratio == 1 or not is_static(b):
+        return None
+    b = hint(b)
+    if num_generators(b, d.ratio.numerator, d.ratio.denominator, config.min_generators, config.min_tokens) < b:
+        return None
+    return f"X has {b} rows, not more than min_generators={config.min_generators}: every row would be kept"
+
+
+def _saved_anyway(d: GroupDraft, config: PammConfig) -> str | None:
+    if not d.exact_readers:
+        return None
+    names = ", ".join(sorted({c.weight_name for c in d.exact_readers}))
+    return (f"X is saved for backward anyway, for the weight gradient of {names} (left exact), so compressing "
+            "it would add memory instead of saving it")
+
+
+def _in_place(d: GroupDraft, config: PammConfig) -> str | None:
+    for user in d.x.users:
+        name = user.target if user.op == "call_method" else getattr(user.target, "__name__", "")
+        if isinstance(name, str) and name.endswith("_") and not name.endswith("__") and not is_linear(user):
+            return f"X is modified in place ({user.name}) in this graph; fusing its projections could reorder reads"
+    return None
+
+
+GROUP_CHECKS: tuple[Check, ...] = (
+    Check("in_place", _in_place, "X is not modified in place"),
+    Check("min_tokens", _min_tokens, "a static X has at least min_tokens rows (dynamic: decided per call)"),
+    Check("no_saving", _row_bytes, "a row of X is larger than f and alpha together"),
+    Check("no_saving", _all_rows_kept, "a static X has more rows than k (dynamic: decided per call)"),
+    Check("no_saving", _saved_anyway, "no exact trainable linear keeps X saved anyway"),
+)

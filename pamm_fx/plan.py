@@ -1,0 +1,155 @@
+"""One plan per graph, read by everyone: the backend, ``explain()``, the test helpers and the CLI.
+
+::
+
+    Dynamo graph ──plan()──> Plan ──apply()──> rewritten graph ──> Inductor (or aot_eager)
+                              │
+                              └──> explain() report, capture_rewrites() records, CLI, logs
+
+:func:`plan` copies the captured graph, normalizes the copy, finds candidates, runs the check
+table and fixes everything the rewrite will do (groups, salts, k as a formula, estimated bytes
+and FLOPs). :func:`apply` carries it out on another copy. Nothing else matches or rewrites,
+so what ``explain()`` prints is what the backend does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+from pamm_fx import _compat
+from pamm_fx.config import PammConfig
+from pamm_fx.names import fmt_value
+from pamm_fx.passes.fxutil import hint, is_static, rows, val
+from pamm_fx.passes.match import Group, Rejection, find_groups
+from pamm_fx.passes.normalize import normalize_linears
+from pamm_fx.passes.rewrite import copy_graph_module, rewrite_groups
+
+__all__ = ["Estimate", "Plan", "apply", "plan", "salt_base"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """What a group changes, at the example sizes (``dynamic``: b differs from call to call).
+
+    Saved for backward: X (b x n) before; C (k x n), f (b, int32), alpha (b, fp32) after.
+    Weight-gradient FLOPs: dW = dY^T X, 2*b*n*m before; B~ = P^T dY (b*m adds) then B~^T C after.
+    """
+
+    b: int
+    n: int
+    m: int
+    k: int
+    dynamic: bool
+    b_expr: str
+    k_formula: str
+    saved_bytes_before: int
+    saved_bytes_after: int
+    wgrad_flops_before: int
+    wgrad_flops_after: int
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything the rewrite of one graph will do, and why each other linear stays exact.
+
+    graph: the normalized copy of ``original`` that groups and rejections refer to;
+    salt_base: group i draws its rows with salt ``salt_base + i``;
+    error: why matching failed (then there are no groups and the graph compiles as captured).
+    """
+
+    original: fx.GraphModule
+    graph: fx.GraphModule
+    config: PammConfig
+    groups: list[Group]
+    rejections: list[Rejection]
+    salt_base: int
+    compile_id: str | None
+    error: str | None = None
+
+    @property
+    def seed_device(self) -> torch.device:
+        """Where the per-call seed lives: the device of the first group's X (no host round trip)."""
+        for g in self.groups:
+            xv = val(g.x)
+            if isinstance(xv, torch.Tensor):
+                return xv.device
+        return torch.device("cpu")
+
+    def estimate(self, group: Group) -> Estimate:
+        xv = val(group.x)
+        b_sym, n = rows(xv), hint(xv.shape[-1])
+        b = hint(b_sym)
+        k = _k(self.config, group, b)
+        m = sum(p.out_features for p in group.projections)
+        item = (group.dtype or xv.dtype).itemsize  # under autocast X is saved in the compute dtype either way
+        frac, cfg = group.ratio, self.config
+        formula = f"k = min(b, max({cfg.min_generators}, ceil(b*{frac})))"
+        if cfg.min_tokens > 1:
+            formula += f", b if b < {cfg.min_tokens}"
+        return Estimate(
+            b=b, n=n, m=m, k=k,
+            dynamic=not is_static(b_sym),
+            b_expr=str(b_sym),
+            k_formula=formula,
+            saved_bytes_before=b * n * item,
+            saved_bytes_after=k * n * item + 8 * b,
+            wgrad_flops_before=2 * b * n * m,
+            wgrad_flops_after=2 * k * n * m + 2 * b * m,
+        )
+
+
+def _k(config: PammConfig, group: Group, b: int) -> int:
+    from pamm_fx.config import num_generators
+
+    r = group.ratio
+    return num_generators(b, r.numerator, r.denominator, config.min_generators, config.min_tokens)
+
+
+def salt_base() -> int:
+    """Tell apart the graphs of one program (graph breaks, recompiles) so that, with a fixed ``seed``,
+    their groups still sample different rows; Dynamo's compile id is stable across processes."""
+    cid = _compat.compile_id()
+    if cid is None:
+        return 0
+    return (cid[0] << 24 | cid[1] << 16) & ((1 << 62) - 1)
+
+
+def plan(gm: fx.GraphModule, example_inputs: Sequence[Any], config: PammConfig) -> Plan:
+    """Decide the rewrite of ``gm`` (a Dynamo graph); ``gm`` itself is never modified.
+
+    The graph's starting grad mode is the current one (Dynamo guards on it); ``example_inputs`` are
+    accepted for the backend signature and future use of their fake mode.
+    """
+    del example_inputs  # shapes come from the nodes' example values
+    work, _ = copy_graph_module(gm)
+    result = Plan(gm, work, config, [], [], salt_base(), _compat.compile_id_text())
+    try:
+        normalize_linears(work)
+        match = find_groups(work, config, grad_enabled=torch.is_grad_enabled())
+    except Exception:  # never fail a user's compile because of us
+        log.warning("pamm: matching failed; this graph compiles as captured", exc_info=True)
+        result.error = traceback.format_exc(limit=3).strip().splitlines()[-1]
+        return result
+    result.groups, result.rejections = match.groups, match.rejections
+    for g in result.groups:
+        est = result.estimate(g)
+        if est.dynamic:
+            log.info("pamm: X=%s %s has a dynamic row count b=%s: k is decided on every call (%s)",
+                     g.x.name, fmt_value(val(g.x)), est.b_expr, est.k_formula)
+    return result
+
+
+def apply(p: Plan) -> fx.GraphModule | None:
+    """The rewritten copy of the planned graph, or None when the plan has no group."""
+    if not p.groups:
+        return None
+    return rewrite_groups(p.graph, p.groups, p.config, salt_base=p.salt_base, seed_device=p.seed_device)
