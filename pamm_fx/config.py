@@ -1,22 +1,29 @@
-"""Validated options of the ``pamm`` backend.
+"""Validated options of the ``pamm`` backend, and where they come from.
 
 ``torch.compile(model, backend="pamm", options={...})`` hands us a plain dict; this
 module turns it into a frozen :class:`PammConfig` or raises one ``ValueError`` that
 names the bad key or value and what would be valid. Validation happens when the
 backend is created, so a typo fails at ``torch.compile`` time, not mid-training.
+
+Trainers such as torchtitan take a backend name only, so options can also come from
+``PAMM_<OPTION>`` environment variables and from :data:`defaults`, a process-wide object
+in the manner of ``torch._inductor.config``; :func:`resolve` merges them (docs/options.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Iterator, Mapping
 from fractions import Fraction
 from typing import Any
 
 import torch
 
-__all__ = ["num_generators", "PammConfig", "SITES", "TARGETS"]
+__all__ = ["num_generators", "PammConfig", "SITES", "TARGETS", "OPTIONS", "defaults", "resolve"]
 
 #: Valid values of the ``targets`` option (also the keys of its dict form): ``"qkv"`` the inputs of
 #: attention's Q/K/V projections, ``"mlp"`` the inputs of an MLP's up/gate and down projections,
@@ -164,20 +171,155 @@ class PammConfig:
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> PammConfig:
-        """Build a config from a ``torch.compile(options=...)`` dict."""
-        if options is None:
-            return cls()
+        """Build a config from a ``torch.compile(options=...)`` dict alone (no environment, no
+        :data:`defaults`; :func:`resolve` adds those)."""
         if isinstance(options, PammConfig):
             return options
-        if not isinstance(options, Mapping):
-            raise ValueError(f"pamm options must be a dict, got {type(options).__name__}")
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(options) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown pamm option(s) {unknown}; valid options are {valid}")
-        return cls(**options)
+        return cls(**_checked_names(options))
 
     def num_generators(self, b: int, site: str | None = None) -> int:
         """k for b rows at ``site``'s ratio (the formula the graph evaluates on SymInts)."""
         frac = (self.site_ratio(site) if site is not None else None) or self.ratio_fraction
         return num_generators(b, frac.numerator, frac.denominator, self.min_generators, self.min_tokens)
+
+
+#: The option names, in PammConfig field order; ``PAMM_<NAME.upper()>`` sets each from the environment.
+OPTIONS = tuple(f.name for f in dataclasses.fields(PammConfig))
+
+
+def _checked_names(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``options`` as a dict, once it is known to be a mapping of option names."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise ValueError(f"pamm options must be a dict, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown pamm option(s) {unknown}; valid options are {list(OPTIONS)}")
+    return dict(options)
+
+
+def _validated(name: str, value: Any) -> Any:
+    """``value`` as PammConfig stores it, checked by PammConfig itself so every source fails alike."""
+    return getattr(PammConfig(**{name: value}), name)
+
+
+def _targets_from_env(text: str) -> Any:
+    """``all``, ``qkv,mlp``, or JSON such as ``{"qkv": "1/256", "mlp": "1/32"}``."""
+    if text[0] in "{[":
+        return json.loads(text)
+    return [site.strip() for site in text.split(",")] if "," in text else text
+
+
+# How each PAMM_<OPTION> string is read. A string that does not convert is handed to PammConfig as
+# it is, so that the error says what would be valid (ratio strings such as "1/128" it reads itself).
+_FROM_ENV: dict[str, Callable[[str], Any]] = {
+    "ratio": str,
+    "seed": int,
+    "eps": float,
+    "min_tokens": int,
+    "min_generators": int,
+    "targets": _targets_from_env,
+}
+assert set(_FROM_ENV) == set(OPTIONS)
+
+
+def _env_options() -> dict[str, Any]:
+    """The options set by ``PAMM_<OPTION>`` variables now, validated; an empty variable counts as unset.
+
+    Other ``PAMM_*`` variables (``PAMM_LOGS``, ...) are not options and are left alone.
+    """
+    found: dict[str, Any] = {}
+    for name, convert in _FROM_ENV.items():
+        var = f"PAMM_{name.upper()}"
+        text = os.environ.get(var, "").strip()
+        if not text:
+            continue
+        try:
+            value = convert(text)
+        except ValueError:
+            value = text
+        try:
+            found[name] = _validated(name, value)
+        except ValueError as err:
+            raise ValueError(f"environment variable {var}={text!r}: {err}") from None
+    return found
+
+
+_UNSET = object()
+
+
+def _check_option(name: str) -> None:
+    if name not in OPTIONS:
+        raise AttributeError(f"pamm_fx.config.defaults has no option {name!r}; valid options are {list(OPTIONS)}")
+
+
+class _Defaults:
+    """Process-wide option values for every compile that does not pass them, like ``torch._inductor.config``.
+
+    Reading an option gives what :func:`resolve` would use without explicit options: a value set
+    here, else its ``PAMM_<OPTION>`` variable, else PammConfig's default. Setting one validates
+    it at once; ``del`` returns it to the environment/default. Unlike Inductor's config the
+    values are process-wide, not thread-local: they are meant for trainers configured once.
+    """
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_set", {})
+
+    def _values(self) -> dict[str, Any]:
+        return {**_env_options(), **self._set}
+
+    def __getattr__(self, name: str) -> Any:
+        _check_option(name)
+        value = self._values().get(name, _UNSET)
+        return getattr(PammConfig, name) if value is _UNSET else value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        _check_option(name)
+        self._set[name] = _validated(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        _check_option(name)
+        self._set.pop(name, None)
+
+    def __dir__(self) -> list[str]:
+        return [*OPTIONS, "patch"]
+
+    def __repr__(self) -> str:
+        return "pamm_fx.config.defaults(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in OPTIONS) + ")"
+
+    @contextlib.contextmanager
+    def patch(self, changes: Mapping[str, Any] | None = None, /, **kwargs: Any) -> Iterator[None]:
+        """Set options for a ``with`` block or each call of a decorated function, then restore them.
+
+        All names and values are checked before any is applied, so a bad patch changes nothing.
+        """
+        updates = {**(changes or {}), **kwargs}
+        for name in updates:
+            _check_option(name)
+        updates = {name: _validated(name, value) for name, value in updates.items()}
+        prior = {name: self._set.get(name, _UNSET) for name in updates}
+        self._set.update(updates)
+        try:
+            yield
+        finally:
+            for name, value in prior.items():
+                if value is _UNSET:
+                    self._set.pop(name, None)
+                else:
+                    self._set[name] = value
+
+
+#: ``pamm_fx.config.defaults.ratio = 1/128``, ``with pamm_fx.config.defaults.patch(targets="all"): ...``
+defaults = _Defaults()
+
+
+def resolve(options: Mapping[str, Any] | PammConfig | None = None) -> PammConfig:
+    """The config a compile uses: PammConfig defaults < ``PAMM_<OPTION>`` < :data:`defaults` < ``options``.
+
+    Environment and :data:`defaults` are read now, so call this where the backend takes its options
+    (``backend="pamm"`` resolves per compiled graph). A PammConfig names every option, so it is used as is.
+    """
+    if isinstance(options, PammConfig):
+        return options
+    return PammConfig(**{**defaults._values(), **_checked_names(options)})

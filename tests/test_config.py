@@ -1,10 +1,22 @@
+import dataclasses
 import math
+import re
 
 import pytest
 import torch
 
 import pamm_fx
-from pamm_fx.config import PammConfig
+from pamm_fx.config import OPTIONS, PammConfig, defaults, resolve
+
+
+@pytest.fixture(autouse=True)
+def _no_outside_options(monkeypatch: pytest.MonkeyPatch):
+    """Each test starts from PammConfig's defaults, whatever PAMM_* the shell exports, and leaves none set."""
+    for name in OPTIONS:
+        monkeypatch.delenv(f"PAMM_{name.upper()}", raising=False)
+    yield
+    for name in OPTIONS:
+        delattr(defaults, name)
 
 
 def test_defaults_and_fraction():
@@ -56,3 +68,125 @@ def test_bad_options_fail_at_first_compile():
     fn = torch.compile(lambda x: x + 1, backend="pamm", options={"ratio": 2})
     with pytest.raises(Exception, match=r"ratio.*\(0, 1\]"):
         fn(torch.ones(2))
+
+
+# --- options without code: PAMM_<OPTION>, pamm_fx.config.defaults, resolve ----------------------
+
+
+@pytest.mark.parametrize(
+    "var, text, name, value",
+    [
+        ("PAMM_RATIO", "1/128", "ratio", 1 / 128),
+        ("PAMM_RATIO", " 0.25 ", "ratio", 0.25),
+        ("PAMM_SEED", "0", "seed", 0),
+        ("PAMM_EPS", "inf", "eps", math.inf),
+        ("PAMM_EPS", "0.1", "eps", 0.1),
+        ("PAMM_MIN_TOKENS", "64", "min_tokens", 64),
+        ("PAMM_MIN_GENERATORS", "16", "min_generators", 16),
+        ("PAMM_TARGETS", "all", "targets", "all"),
+        ("PAMM_TARGETS", "qkv, mlp", "targets", (("mlp", None), ("qkv", None))),
+        ("PAMM_TARGETS", '["qkv", "mlp"]', "targets", (("mlp", None), ("qkv", None))),
+        ("PAMM_TARGETS", '{"qkv": "1/256", "mlp": "1/32"}', "targets", (("mlp", 1 / 32), ("qkv", 1 / 256))),
+    ],
+)
+def test_env_sets_each_option(monkeypatch, var, text, name, value):
+    monkeypatch.setenv(var, text)
+    assert resolve(None) == dataclasses.replace(PammConfig(), **{name: value})
+    assert getattr(defaults, name) == value
+
+
+@pytest.mark.parametrize(
+    "var, text, valid",
+    [
+        ("PAMM_RATIO", "2", r"\(0, 1\]"),
+        ("PAMM_RATIO", "half", r"\(0, 1\] such as 0.015625 or '1/64'"),
+        ("PAMM_SEED", "-1", r"'seed' must be an int >= 0"),
+        ("PAMM_SEED", "random", r"'seed' must be an int >= 0"),
+        ("PAMM_EPS", "nan", r"'eps' must be a float >= 0"),
+        ("PAMM_MIN_TOKENS", "1.5", r"'min_tokens' must be an int >= 1"),
+        ("PAMM_MIN_GENERATORS", "0", r"'min_generators' must be an int >= 1"),
+        ("PAMM_TARGETS", "everything", r"'targets' must be one of \['qkv', 'mlp', 'all'\]"),
+        ("PAMM_TARGETS", "qkv,mpl", r"unknown site 'mpl'; valid sites are \['qkv', 'mlp', 'all'\]"),
+        ("PAMM_TARGETS", '{"qkv": 2}', r"ratio of targets\['qkv'\] must be in \(0, 1\]"),
+        ("PAMM_TARGETS", "{qkv: 1/256}", r"'targets' must be one of"),
+    ],
+)
+def test_bad_env_value_names_variable_value_and_valid_values(monkeypatch, var, text, valid):
+    monkeypatch.setenv(var, text)
+    with pytest.raises(ValueError, match=rf"^environment variable {var}='{re.escape(text)}': pamm .*{valid}"):
+        resolve(None)
+
+
+def test_other_and_empty_pamm_variables_are_ignored(monkeypatch):
+    monkeypatch.setenv("PAMM_LOGS", "+pamm")
+    monkeypatch.setenv("PAMM_ACCEPT", "1")
+    monkeypatch.setenv("PAMM_RATION", "2")
+    monkeypatch.setenv("PAMM_RATIO", "")
+    assert resolve(None) == PammConfig()
+
+
+def test_precedence_defaults_env_code_explicit(monkeypatch):
+    monkeypatch.setenv("PAMM_RATIO", "1/128")
+    monkeypatch.setenv("PAMM_SEED", "7")
+    defaults.ratio = "1/32"
+    cfg = resolve({"min_tokens": 16})
+    assert (cfg.ratio, cfg.seed, cfg.min_tokens, cfg.targets) == (1 / 32, 7, 16, "qkv")
+    assert resolve({"ratio": 0.5, "seed": 1}).ratio == 0.5 and resolve({"seed": 1}).seed == 1
+    del defaults.ratio  # back to the environment
+    assert resolve(None).ratio == 1 / 128 and defaults.ratio == 1 / 128
+
+
+def test_explicit_config_is_used_as_is(monkeypatch):
+    monkeypatch.setenv("PAMM_TARGETS", "all")
+    defaults.ratio = 0.5
+    cfg = PammConfig(ratio=1 / 16)
+    assert resolve(cfg) is cfg
+    assert PammConfig.from_options({"seed": 3}) == PammConfig(seed=3)  # from_options stays explicit-only
+
+
+def test_explicit_options_are_checked_as_before():
+    with pytest.raises(ValueError, match=r"unknown pamm option\(s\) \['ration'\]; valid options are \['ratio'"):
+        resolve({"ration": 0.5})
+    with pytest.raises(ValueError, match=r"'min_tokens' must be an int >= 1"):
+        resolve({"min_tokens": 0})
+
+
+def test_setting_a_default_validates_at_once():
+    with pytest.raises(ValueError, match=r"'ratio' must be in \(0, 1\]"):
+        defaults.ratio = 2
+    assert defaults.ratio == 1 / 64
+    with pytest.raises(AttributeError, match=r"no option 'ration'; valid options are \['ratio'"):
+        defaults.ration = 0.5
+    assert not hasattr(defaults, "ration")
+    defaults.targets = ["mlp", "qkv"]
+    assert defaults.targets == (("mlp", None), ("qkv", None)) == resolve(None).targets
+
+
+def test_patch_restores_after_with_block_and_errors():
+    defaults.seed = 1
+    with defaults.patch({"seed": 2}, ratio="1/8"):
+        assert (resolve(None).seed, resolve(None).ratio) == (2, 1 / 8)
+        with defaults.patch(seed=3):
+            assert defaults.seed == 3
+        assert defaults.seed == 2
+    assert (defaults.seed, defaults.ratio) == (1, 1 / 64)
+    with pytest.raises(RuntimeError), defaults.patch(eps=0.5):
+        raise RuntimeError
+    assert math.isinf(defaults.eps)
+
+
+def test_bad_patch_changes_nothing():
+    with pytest.raises(ValueError, match="'eps' must be a float >= 0"), defaults.patch(seed=5, eps=-1):
+        pass
+    with pytest.raises(AttributeError, match="no option 'rate'"), defaults.patch(rate=0.5):
+        pass
+    assert defaults.seed is None
+
+
+def test_patch_as_decorator():
+    @defaults.patch(targets="all")
+    def targets():
+        return resolve(None).targets
+
+    assert targets() == "all" and targets() == "all"
+    assert defaults.targets == "qkv"
