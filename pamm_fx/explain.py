@@ -318,27 +318,24 @@ def _dot_id(graph_index: int, node: fx.Node) -> str:
     return json.dumps(f"g{graph_index}.{node.name}")
 
 
+def _neighbourhood(centre: set[fx.Node], radius: int) -> set[fx.Node]:
+    """Nodes within ``radius`` data-flow hops of ``centre``, in either direction."""
+    keep, frontier = set(centre), set(centre)
+    for _ in range(radius):
+        frontier = {n for node in frontier for n in (*node.all_input_nodes, *node.users)} - keep
+        keep |= frontier
+    return keep
+
+
 def _dot(graph_index: int, groups: Sequence[Group], radius: int = 2) -> str:
     """DOT clusters of each group's neighbourhood (``radius`` hops around X and the projections)."""
-    import networkx as nx
-
-    full = nx.DiGraph()
-    nodes = {}
-    for node in groups[0].x.graph.nodes if groups else ():
-        nodes[node.name] = node
-        for inp in node.all_input_nodes:
-            full.add_edge(inp.name, node.name)
-    undirected = full.to_undirected(as_view=True)
     lines = []
     for gi, g in enumerate(groups):
-        centre = {g.x.name, *(p.node.name for p in g.projections)}
-        keep = set()
-        for c in centre:
-            keep |= set(nx.single_source_shortest_path_length(undirected, c, cutoff=radius))
-        proj = {p.node.name for p in g.projections}
+        proj = {p.node for p in g.projections}
+        keep = _neighbourhood({g.x, *proj}, radius)
         lines.append(f"  subgraph cluster_g{graph_index}_{gi} {{\n    label=\"graph {graph_index} group {gi}\";\n")
-        for name in sorted(keep, key=list(nodes).index):
-            node = nodes[name]
+        ordered = [n for n in g.x.graph.nodes if n in keep]
+        for node in ordered:
             label = node.name
             if node.op == "placeholder":
                 label = param_name(node)
@@ -349,14 +346,15 @@ def _dot(graph_index: int, groups: Sequence[Group], radius: int = 2) -> str:
             if isinstance(v, torch.Tensor):
                 label += f"\n{fmt_value(v)}"
             style = ""
-            if name == g.x.name:
+            if node is g.x:
                 style = ', style=filled, fillcolor="#ffd27f"'
-            elif name in proj:
+            elif node in proj:
                 style = ', style=filled, fillcolor="#9fd3ff"'
-            lines.append(f"    {_dot_id(graph_index, node)} [label={json.dumps(label)}"
-                         f"{style}];\n")
-        for u, v in full.subgraph(keep).edges:
-            lines.append(f"    {_dot_id(graph_index, nodes[u])} -> {_dot_id(graph_index, nodes[v])};\n")
+            lines.append(f"    {_dot_id(graph_index, node)} [label={json.dumps(label)}{style}];\n")
+        for node in ordered:
+            for inp in node.all_input_nodes:
+                if inp in keep:
+                    lines.append(f"    {_dot_id(graph_index, inp)} -> {_dot_id(graph_index, node)};\n")
         lines.append("  }\n")
     return "".join(lines)
 

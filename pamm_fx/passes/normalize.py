@@ -28,12 +28,13 @@ from typing import Any
 import torch
 from torch import fx
 
+from pamm_fx.passes.fxutil import LINEAR, val
+
 __all__ = ["LINEAR_TARGETS", "normalize_linears"]
 
 log = logging.getLogger(__name__)
 
-LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
-_LINEAR = torch._C._nn.linear
+LINEAR_TARGETS = (LINEAR, torch.nn.functional.linear)
 _MATMUL_FN = (torch.matmul, operator.matmul, torch.mm)
 _MATMUL_METHODS = ("matmul", "__matmul__", "mm")
 _ADDMM = (torch.addmm,)
@@ -48,19 +49,15 @@ def _positional(node: fx.Node) -> tuple:
     return tuple(values[:3])
 
 
-def _val(node: Any) -> Any:
-    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
-
-
 def _is_weight(node: Any) -> bool:
     """A 2-D floating graph input or attribute: what a parameter looks like in Dynamo's graph."""
-    val = _val(node)
+    v = val(node)
     return (
         isinstance(node, fx.Node)
         and node.op in ("placeholder", "get_attr")
-        and isinstance(val, torch.Tensor)
-        and val.dim() == 2
-        and val.is_floating_point()
+        and isinstance(v, torch.Tensor)
+        and v.dim() == 2
+        and v.is_floating_point()
     )
 
 
@@ -104,7 +101,7 @@ def _addmm(node: fx.Node) -> tuple[Any, Any, Any] | None:
     if any(node.kwargs.get(k, 1) != 1 for k in ("beta", "alpha")) or set(node.kwargs) - {"beta", "alpha"}:
         return None
     bias, x, w = node.args
-    bv = _val(bias)
+    bv = val(bias)
     if not isinstance(bv, torch.Tensor) or bv.dim() != 1:
         return None
     return bias, x, w
@@ -112,7 +109,7 @@ def _addmm(node: fx.Node) -> tuple[Any, Any, Any] | None:
 
 def _x_fits(x: Any, n: Any) -> bool:
     """X is a floating (..., n) activation; sizes compared as text so a symbolic size adds no guard."""
-    xv = _val(x)
+    xv = val(x)
     return isinstance(xv, torch.Tensor) and xv.dim() >= 2 and xv.is_floating_point() and str(xv.shape[-1]) == str(n)
 
 
@@ -128,12 +125,13 @@ def _linear_args(node: fx.Node) -> tuple[Any, Any, Any, bool] | None:
         (x, w), bias = product, None
     base = _transposed_weight(w)
     if base is not None:
-        weight, needs_t, n = base, False, _val(base).shape[1]
+        weight, needs_t, n = base, False, val(base).shape[1]
     elif _is_weight(w):
-        weight, needs_t, n = w, True, _val(w).shape[0]
+        weight, needs_t, n = w, True, val(w).shape[0]
     else:
         return None
     if not _x_fits(x, n):
+        log.debug("not a projection: %s (its weight operand fits, X %s does not)", node.format_node(), x)
         return None
     return x, weight, bias, needs_t
 
@@ -149,9 +147,9 @@ def _transpose_node(graph: fx.Graph, weight: fx.Node, cache: dict[fx.Node, fx.No
         where = weight
     with graph.inserting_after(where):
         t = graph.call_method("t", (weight,))
-    val = _val(weight)
-    if val is not None:
-        t.meta["example_value"] = val.t()
+    wv = val(weight)
+    if wv is not None:
+        t.meta["example_value"] = wv.t()
     cache[weight] = t
     return t
 
@@ -165,19 +163,22 @@ def normalize_linears(gm: fx.GraphModule) -> int:
         if node.op == "call_module":
             mod = gm.get_submodule(node.target)
             if type(mod) is not torch.nn.Linear or len(node.args) != 1 or node.kwargs:
+                if isinstance(mod, torch.nn.Linear):
+                    log.debug("left as call_module: %s (%s, not a plain nn.Linear(x) call)", node.target,
+                              type(mod).__name__)
                 continue
             with graph.inserting_before(node):
                 w = graph.get_attr(f"{node.target}.weight")
                 b = graph.get_attr(f"{node.target}.bias") if mod.bias is not None else None
-                new = graph.call_function(_LINEAR, (node.args[0], w, b))
+                new = graph.call_function(LINEAR, (node.args[0], w, b))
             new.meta = dict(node.meta)
             node.replace_all_uses_with(new)
             graph.erase_node(node)
             changed += 1
         elif node.op == "call_function" and node.target in LINEAR_TARGETS:
             args = _positional(node)
-            if node.target is not _LINEAR or node.kwargs or len(node.args) != 3:
-                node.target = _LINEAR
+            if node.target is not LINEAR or node.kwargs or len(node.args) != 3:
+                node.target = LINEAR
                 node.args = args
                 node.kwargs = {}
                 changed += 1
@@ -189,7 +190,7 @@ def normalize_linears(gm: fx.GraphModule) -> int:
             w = _transpose_node(graph, weight, transposes) if needs_t else weight
             log.debug("normalized %s to linear (weight %s, transposed=%s)", node.format_node(), weight.name, needs_t)
             old_w = node.args[1] if len(node.args) == 2 else node.args[2]
-            node.op, node.target, node.args, node.kwargs = "call_function", _LINEAR, (x, w, bias), {}
+            node.op, node.target, node.args, node.kwargs = "call_function", LINEAR, (x, w, bias), {}
             if old_w is not weight and isinstance(old_w, fx.Node) and not old_w.users:
                 graph.erase_node(old_w)
             changed += 1

@@ -1,0 +1,49 @@
+"""Every private torch API we use, called on the installed torch (an upgrade that moves one fails here)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from pamm_fx import _compat
+
+
+def test_compile_context_and_fake_mode_inside_a_backend() -> None:
+    seen = {}
+
+    def backend(gm, example_inputs):
+        seen["id"] = _compat.compile_id()
+        seen["text"] = _compat.compile_id_text()
+        seen["fake"] = _compat.detect_fake_mode(example_inputs)
+        return gm.forward
+
+    torch.compile(lambda x: x.sin() + 1, backend=backend)(torch.randn(3))
+    assert seen["id"] == (0, 0) and seen["text"] == "0/0"
+    assert isinstance(seen["fake"], torch._subclasses.FakeTensorMode)
+    assert _compat.compile_id() is None and _compat.compile_id_text() is None  # outside a compile
+
+
+def test_inductor_mode_options() -> None:
+    assert _compat.inductor_mode_options("max-autotune-no-cudagraphs")["max_autotune"] is True
+    assert _compat.inductor_mode_options("reduce-overhead")["triton.cudagraphs"] is True
+
+
+def test_forward_ad_level() -> None:
+    import torch.autograd.forward_ad as fwAD
+
+    assert not _compat.forward_ad_active()
+    with fwAD.dual_level():
+        assert _compat.forward_ad_active()
+    seen = []
+    torch.func.jvp(lambda x: seen.append(_compat.forward_ad_active()) or x * 2, (torch.ones(2),), (torch.ones(2),))
+    assert seen == [True]  # torch.func.jvp opens a level too: the ops' forward-AD guard sees it
+
+
+def test_logging_registration_and_settings() -> None:
+    _compat.register_log_alias("pamm_compat_test", ["pamm_fx.compat_test"], "pamm_compat_test_graphs", "test")
+    _compat.register_log_alias("pamm_compat_test", ["pamm_fx.compat_test"], "pamm_compat_test_graphs", "test")
+    assert _compat.init_logs_with("+pamm_compat_test")
+    assert logging.getLogger("pamm_fx.compat_test").getEffectiveLevel() == logging.DEBUG
+    assert not _compat.init_logs_with("no_such_log_name_xyz")
+    torch._logging.set_logs()  # back to torch's defaults
