@@ -26,7 +26,7 @@ import torch
 from torch import fx
 
 from pamm_fx.config import PammConfig, num_generators
-from pamm_fx.passes.fxutil import hint, is_linear, is_static, rows, val
+from pamm_fx.passes.fxutil import hint, is_static, op_name, rows, val
 from pamm_fx.passes.structure import Candidate
 
 __all__ = [
@@ -229,8 +229,8 @@ def _saved_anyway(d: GroupDraft, config: PammConfig) -> str | None:
 
 def _in_place(d: GroupDraft, config: PammConfig) -> str | None:
     for user in d.x.users:
-        name = user.target if user.op == "call_method" else getattr(user.target, "__name__", "")
-        if isinstance(name, str) and name.endswith("_") and not name.endswith("__") and not is_linear(user):
+        name = op_name(user)
+        if name.endswith("_") and not name.endswith("__"):
             return f"X is modified in place ({user.name}) in this graph; fusing its projections could reorder reads"
     return None
 
