@@ -18,6 +18,8 @@ from torch.utils.checkpoint import checkpoint
 import pamm_fx
 from pamm_fx.demo.llama import Llama, LlamaConfig
 from pamm_fx.passes import checks
+from pamm_fx.passes.fxutil import val
+from pamm_fx.plan import apply, plan
 from pamm_fx.testing import capture_rewrites
 
 TINY = LlamaConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64)
@@ -172,3 +174,23 @@ def test_rewritten_projection_outputs_follow_group_order() -> None:
     assert len(fused) == TINY.n_layers
     outs = [u for u in fused[0].users if u.target is operator.getitem]
     assert sorted(u.args[1] for u in outs) == list(range(len(record.plan.groups[0].projections)))
+
+
+def test_rewritten_graph_takes_no_cpu_input_when_x_is_elsewhere() -> None:
+    """The per-call seed lives on X's device (here "meta", standing in for a GPU without one), so a
+    CUDA step has no host-to-device input and CUDA graphs can capture it."""
+    placeholders = []
+
+    def capture(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        p = plan(gm, example_inputs, pamm_fx.PammConfig(**OPTIONS))
+        assert p.groups and p.seed_device.type == "meta"
+        placeholders.extend(val(n) for n in apply(p).graph.find_nodes(op="placeholder"))
+        return gm.forward
+
+    with torch.device("meta"):
+        model = Llama(TINY)
+        tokens = torch.zeros(2, 16, dtype=torch.long)
+    torch.compile(model, backend=capture)(tokens, tokens)
+    assert placeholders and all(v.device.type == "meta" for v in placeholders)
+    seed = pamm_fx.compiler._SeedSource(None, torch.device("meta"))()
+    assert seed.device.type == "meta" and seed.dtype == torch.int64
