@@ -28,9 +28,6 @@ import pamm_fx.ops  # noqa: F401  (registers the pamm:: ops)
 from pamm_fx import kernels
 from pamm_fx.kernels import reference
 
-#: Device-to-device copy bandwidth measured on an H100 in this project (bytes/s).
-HBM_ROOFLINE = 3.0e12
-
 CPU_SHAPES = [(8192, 512, 128), (8192, 512, 16), (8192, 1024, 128), (8192, 1024, 16), (8192, 512, 2048)]
 ROW_CHUNKS = [512, 1024, 2048, 4096, 8192]
 GEN_CHUNKS = [256, 1024, 4096]
@@ -114,22 +111,31 @@ def _cuda_median_s(fn: Callable[[], object], runs: int) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / 1e3
 
 
-def bench_gpu(runs: int) -> None:
+def copy_bandwidth(runs: int = 20, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth of this GPU in bytes/s (read + write counted), measured now."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * nbytes / _cuda_median_s(lambda: dst.copy_(src), runs)
+
+
+def bench_gpu(runs: int) -> list[dict[str, object]]:
     """Bandwidth of assign/contract (Triton) and the plain-torch path on CUDA, LLaMA-1B-like shapes, bf16."""
     b, n = 16384, 2048
     m3 = 3 * n
+    roofline = copy_bandwidth()
     print(f"\n## GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, median of {runs}")
-    print(f"roofline {HBM_ROOFLINE / 1e12:.1f} TB/s; b={b}, n={n}, dY width 3n={m3}")
+    print(f"roofline: device-to-device copy {roofline / 1e12:.2f} TB/s (measured now); b={b}, n={n}, dY width 3n={m3}")
     print("| op | r | k | impl | us | GB moved | TB/s | % roofline |")
     print("|---|---|---|---|---|---|---|---|")
     x = torch.randn(b, n, device="cuda", dtype=torch.bfloat16)
     dys = [torch.randn(b, n, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
-    seed = torch.tensor(0)
+    seed = torch.tensor(0, device="cuda")
+    rows: list[dict[str, object]] = []
     for den in (512, 64):
         k = b // den
         c = x[torch.randperm(b, device="cuda")[:k].sort().values]
         f, alpha = kernels.assign(x, c)
-        compress = partial(torch.ops.pamm.compress, x, seed, 1, den, 1, math.inf, 0)
+        compress = partial(torch.ops.pamm.compress, x, seed, 1, den, 1, 1, math.inf, 0)
         cases = [
             ("assign", "triton", partial(kernels.assign, x, c), 2 * (b * n + k * n) + 8 * b),
             ("assign", "torch", partial(reference.assign, x, c), 2 * (b * n + k * n) + 8 * b),
@@ -142,10 +148,13 @@ def bench_gpu(runs: int) -> None:
             bw = nbytes / s
             print(
                 f"| {op} | 1/{den} | {k} | {impl} | {s * 1e6:.0f} | {nbytes / 1e9:.3f} | {bw / 1e12:.2f} "
-                f"| {100 * bw / HBM_ROOFLINE:.0f}% |"
+                f"| {100 * bw / roofline:.0f}% |"
             )
+            rows.append({"op": op, "ratio": f"1/{den}", "k": k, "impl": impl, "us": s * 1e6,
+                         "tb_s": bw / 1e12, "pct_copy": 100 * bw / roofline})
         same = torch.equal(kernels.contract(dys, f, alpha, k), kernels.contract(dys, f, alpha, k))
         print(f"contract bitwise deterministic over 2 runs (k={k}): {same}")
+    return rows
 
 
 def main() -> None:

@@ -20,6 +20,9 @@ __all__ = [
     "forward_ad_active",
     "inductor_mode_options",
     "init_logs_with",
+    "outside_tracing",
+    "register_inductor_decomposition",
+    "tag_must_save",
     "register_log_alias",
 ]
 
@@ -90,3 +93,33 @@ def init_logs_with(settings: str) -> bool:
         else:
             os.environ[_internal.LOG_ENV_VAR] = torch_settings
     return True
+
+
+def outside_tracing() -> Any:
+    """A context without the active dispatch modes (fake tensors, proxies), to run a real kernel while
+    torch.compile traces (``torch.utils._python_dispatch._disable_current_modes``)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    return _disable_current_modes()
+
+
+def tag_must_save(*tensors: Any) -> None:
+    """Tag the traced nodes producing ``tensors`` MUST_SAVE for the min-cut partitioner; outside a
+    make_fx trace this does nothing (``torch.fx.experimental.proxy_tensor`` internals)."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    mode = get_proxy_mode()
+    if mode is None:
+        return
+    for t in tensors:
+        slot = get_proxy_slot(t, mode.tracer, None)
+        if slot is not None:
+            slot.proxy.node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+
+
+def register_inductor_decomposition(op: Any, fn: Any) -> None:
+    """Make Inductor (only) trace ``fn`` in place of ``op`` (``torch._inductor.decomposition``)."""
+    from torch._inductor.decomposition import register_decomposition
+
+    register_decomposition(op)(fn)

@@ -137,7 +137,8 @@ def _compile(
         _bump(mine, "fallbacks")
     _bump(mine, "linears_skipped", len(p.rejections))
     if not p.groups:
-        log.info("pamm: no projection group in this graph; handing it over unchanged")
+        log.info("pamm: no projection group in this graph; handing it to %s unchanged",
+                 "Inductor" if inner is _inductor else "aot_eager")
         _notify(p, None)
         return inner(gm, example_inputs, patches)
     try:

@@ -14,37 +14,116 @@ Two ops replace a group of projections that read the same X:
 The real work is in :mod:`pamm_fx.kernels`; the fake (meta) kernels give shapes
 only, with k = min(b, max(min_generators, ceil(p * b / q))) evaluated on SymInts
 so that dynamic batch/sequence sizes never force a recompile.
+
+GPU-first rules for ``compress``:
+
+* The rows are drawn on X's device from the int64 ``seed`` tensor by a counter-based
+  hash (:func:`sample_generators`): no host synchronisation, no CPU RNG, and the
+  draw is a pure function of (seed, salt, b, k), so a recomputation draws the same
+  rows and seeded runs are bitwise reproducible across processes.
+* Inductor sees the compression: a decomposition registered in Inductor's table
+  turns the op into aten ops (CPU: the similarity GEMM and an argmax, measured
+  faster than the chunked eager kernel) or into the traceable Triton assignment
+  (CUDA). ``aot_eager`` and eager mode run the custom op as it is.
+* The partitioner never recomputes it: the decomposition tags the nodes producing
+  C, f and alpha ``MUST_SAVE``, so under any ``activation_memory_budget`` the small
+  compressed tensors are saved rather than X plus a second compression.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
-from pamm_fx import kernels
+from pamm_fx import _compat, kernels
 from pamm_fx.config import num_generators
 
-__all__ = ["DoubleBackwardError", "compress", "linear_group", "num_generators", "sample_generators"]
+__all__ = [
+    "DoubleBackwardError",
+    "compress",
+    "linear_group",
+    "num_generators",
+    "record_compressions",
+    "sample_generators",
+]
 
-_MASK63 = (1 << 63) - 1
+log = logging.getLogger(__name__)
+
+_M32 = (1 << 32) - 1
+#: Odd 27-bit multiplier of a 32-bit integer hash (x ^= x >> 16; x *= H; ...): a 32-bit value times it
+#: stays below 2^59, so int64 arithmetic never overflows on any device or compiler.
+_HASH_MUL = 0x45D9F3B
 
 
-def sample_generators(b: int, k: int, seed: int, salt: int) -> Tensor:
-    """k distinct row indices in [0, b), sorted, drawn from a generator keyed on (seed, salt).
+def _mix32(x: Tensor | int) -> Any:
+    """A 32-bit integer hash on int64 values in [0, 2^32) (tensors or Python ints alike)."""
+    x = x ^ (x >> 16)
+    x = (x * _HASH_MUL) & _M32
+    x = x ^ (x >> 16)
+    x = (x * _HASH_MUL) & _M32
+    return x ^ (x >> 16)
 
-    Sorting keeps C in token order, so k == b gives C = X and f = identity.
+
+def sample_generators(b: Any, k: Any, seed: Tensor, salt: int) -> Tensor:
+    """k distinct row indices in [0, b), ascending, drawn on ``seed``'s device from (seed, salt).
+
+    Counter-based: row i gets the key hash(seed, salt, i) (31 random bits above i, so keys are
+    distinct and no tie is ever broken by an implementation), and the k smallest keys win: a
+    uniform draw without replacement, with no host synchronisation and no RNG state. Sorting keeps
+    C in token order, so k == b gives C = X and f = identity. ``seed`` is an int64 scalar tensor.
     """
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(((seed & _MASK63) * 0x9E3779B97F4A7C15 + salt) & _MASK63)
-    return torch.randperm(b, generator=gen)[:k].sort().values
+    s = seed.to(torch.int64)
+    lo = _mix32((s & _M32) ^ _mix32(salt & _M32))
+    key = _mix32(((s >> 32) & _M32) ^ _mix32(lo ^ ((salt >> 32) & _M32)))
+    rows = torch.arange(b, dtype=torch.int64, device=seed.device)
+    keys = ((_mix32(_mix32(rows & _M32) ^ key) >> 1) << 32) | rows
+    return (keys.topk(k, largest=False, sorted=False).values & _M32).sort().values
 
 
 def _rows(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1])
+
+
+_recorders: list[list[tuple[Tensor, Tensor, Tensor, Tensor]]] = []
+
+
+@contextlib.contextmanager
+def record_compressions() -> Iterator[list[tuple[Tensor, Tensor, Tensor, Tensor]]]:
+    """Collect ``(x_rows, C, f, alpha)`` (clones) of every compression the eager kernel computes.
+
+    A test hook for eager calls and ``backend="pamm_aot_eager"``, where every ``pamm::compress`` runs
+    its eager kernel. Under ``backend="pamm"`` Inductor compiles the op's decomposition instead
+    (Inductor refuses an op that has both), so nothing is recorded there: read the saved C, f, alpha.
+    """
+    seen: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+    _recorders.append(seen)
+    try:
+        yield seen
+    finally:
+        _recorders.remove(seen)
+
+
+def _compress_rows(
+    rows: Tensor, seed: Tensor, k: Any, eps: float, salt: int, assign: Callable[[Tensor, Tensor, float], Any]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """C, f, alpha of (b, n) rows with k generators; k == b is the exact branch (C = X, f = identity).
+
+    Shared by the eager op and the decomposition Inductor compiles, which differ only in ``assign``.
+    """
+    b = rows.shape[0]
+    if k == b:
+        f = torch.arange(b, dtype=torch.int32, device=rows.device)
+        return rows.clone(), f, torch.ones(b, dtype=torch.float32, device=rows.device)
+    c = rows.index_select(0, sample_generators(b, k, seed.to(rows.device), salt))
+    f, alpha = assign(rows, c, eps)
+    return c, f, alpha
 
 
 @torch.library.custom_op("pamm::compress", mutates_args=())
@@ -60,18 +139,14 @@ def compress(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Compress X (..., n) into C (k, n, X's dtype), f (b,) int32, alpha (b,) float32.
 
-    seed: an int64 scalar tensor (fresh every step); salt tells apart the groups of
-    one graph so that they draw different rows from the same seed.
+    seed: an int64 scalar tensor (fresh every step, ideally on X's device); salt tells apart the
+    groups of one graph so that they draw different rows from the same seed.
     """
     rows = _rows(x)
-    b = rows.shape[0]
-    k = num_generators(b, ratio_num, ratio_den, min_generators, min_tokens)
-    if k == b:
-        f = torch.arange(b, dtype=torch.int32, device=x.device)
-        return rows.clone(), f, torch.ones(b, dtype=torch.float32, device=x.device)
-    idx = sample_generators(b, k, int(seed.item()), salt).to(x.device)
-    c = rows.index_select(0, idx)
-    f, alpha = kernels.assign(rows, c, eps)
+    c, f, alpha = _compress_rows(rows, seed, num_generators(rows.shape[0], ratio_num, ratio_den, min_generators,
+                                                            min_tokens), eps, salt, kernels.assign)
+    for seen in _recorders:
+        seen.append((rows.clone(), c.clone(), f.clone(), alpha.clone()))
     return c, f, alpha
 
 
@@ -97,6 +172,56 @@ def _compress_backward(ctx: Any, *grads: Tensor) -> tuple:
 
 
 compress.register_autograd(_compress_backward, setup_context=_compress_setup_context)
+
+
+def _assign_aten(rows: Tensor, c: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """:func:`pamm_fx.kernels.reference.assign` in whole-tensor aten ops, for Inductor to fuse.
+
+    The b x k float32 similarity exists transiently (Inductor fuses |.|, the argmax and the gather
+    into one pass over it); the chunked eager kernel avoids it but measured slower on CPU.
+    """
+    b = rows.shape[0]
+    cf = c.float()
+    norms = torch.linalg.vector_norm(cf, dim=1)
+    inv = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+    xf = rows.float()
+    sim = xf @ (cf * inv[:, None]).t()
+    arg = sim.abs().argmax(dim=1)
+    signed = sim.gather(1, arg[:, None]).squeeze(1)
+    alpha = signed * inv[arg]
+    if math.isfinite(eps):
+        row_sq = (xf * xf).sum(dim=1)
+        keep = (row_sq - signed * signed).clamp_min(0) <= (eps * eps) * row_sq
+        alpha = torch.where(keep, alpha, torch.zeros_like(alpha))
+        dropped = (~keep).sum()
+        beta = torch.where((dropped > 0) & (dropped < b), b / (b - dropped).double(), 1.0)
+        alpha = alpha * beta.float()
+    return arg.to(torch.int32), alpha
+
+
+def _traceable_assign(rows: Tensor, c: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The assignment Inductor can see: the Triton op on CUDA, whole-tensor aten ops elsewhere."""
+    if kernels.use_triton(rows, rows.dtype):
+        from pamm_fx.kernels import triton_assign
+
+        return triton_assign.assign_triton(rows, c, eps)
+    return _assign_aten(rows, c, eps)
+
+
+def _compress_decomposition(*args: Any) -> Any:
+    """What Inductor compiles for ``pamm::compress`` (same arguments): the draw, the gather and the
+    assignment in traceable ops (aten, or the Triton kernel on CUDA), with C, f, alpha tagged MUST_SAVE."""
+    x, seed, ratio_num, ratio_den, min_generators, min_tokens, eps, salt = args
+    rows = _rows(x)
+    k = num_generators(rows.shape[0], ratio_num, ratio_den, min_generators, min_tokens)
+    c, f, alpha = _compress_rows(rows, seed, k, eps, salt, _traceable_assign)
+    # Without MUST_SAVE the partitioner prices the compression by its tiny outputs and, under an
+    # activation_memory_budget, keeps X and compresses again in the backward.
+    _compat.tag_must_save(c, f, alpha)
+    return c, f, alpha
+
+
+_compat.register_inductor_decomposition(torch.ops.pamm.compress.default, _compress_decomposition)
 
 
 @torch.library.custom_op("pamm::contract", mutates_args=())
@@ -126,7 +251,7 @@ def linear_group(
     biases holds only the projections that have one, in order; has_bias says which.
     (A list of optional tensors would lose per-element ``needs_input_grad``.)
     """
-    if torch.autograd.forward_ad._current_level >= 0:
+    if _compat.forward_ad_active():
         # Custom ops drop tangents silently; refuse rather than return a wrong jvp.
         raise NotImplementedError(
             "pamm: forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) through a PAMM-compressed "
@@ -151,6 +276,33 @@ class DoubleBackwardError(RuntimeError):
     """Differentiating PAMM's backward would differentiate an approximation as if it were exact."""
 
 
+def _weight_grads(grads: list[Tensor], c: Tensor, f: Tensor, alpha: Tensor, weights: list[Tensor],
+                  needs_w: Sequence[bool]) -> list[Tensor | None]:
+    """dW_j = B~_j^T C per projection that needs it, in C's dtype (float32 accumulation in the GEMM).
+
+    Only the projections that need a gradient are contracted, each dY is read as it is, and
+    neither C nor a (sum m) x n product is ever copied to float32.
+    """
+    wanted = [g for g, need in zip(grads, needs_w) if need]
+    if all(kernels.use_triton(f, g.dtype) for g in wanted):
+        # Traceable twin: AOTAutograd decomposes it, so Inductor sees the Triton kernel.
+        from pamm_fx.kernels import triton_contract
+
+        bt = triton_contract.contract_triton(wanted, f, alpha, c.shape[0])
+    else:
+        bt = torch.ops.pamm.contract(wanted, f, alpha, c.shape[0])
+    out: list[Tensor | None] = []
+    offset = 0
+    for w, need in zip(weights, needs_w):
+        if not need:
+            out.append(None)
+            continue
+        m = w.shape[0]
+        out.append(bt[:, offset : offset + m].t().to(c.dtype).mm(c).to(w.dtype))
+        offset += m
+    return out
+
+
 def _backward(ctx: Any, grads: list[Tensor]) -> tuple:
     if torch.is_grad_enabled() and any(g.requires_grad for g in grads):
         raise DoubleBackwardError(
@@ -167,22 +319,35 @@ def _backward(ctx: Any, grads: list[Tensor]) -> tuple:
             dx = dx + g.matmul(w)
     dweights: list[Tensor | None] = [None] * len(weights)
     if any(needs_w):
-        if f.is_cuda and kernels.has_triton():
-            # Traceable twin: AOTAutograd decomposes it, so Inductor sees the Triton kernel.
-            from pamm_fx.kernels import triton_contract
-
-            bt = triton_contract.contract_triton(grads, f, alpha, c.shape[0])
-        else:
-            bt = torch.ops.pamm.contract(grads, f, alpha, c.shape[0])
-        dw_all = bt.t().mm(c.float())
-        offset = 0
-        for j, w in enumerate(weights):
-            if needs_w[j]:
-                dweights[j] = dw_all[offset : offset + w.shape[0]].to(w.dtype)
-            offset += w.shape[0]
+        dweights = _weight_grads(grads, c, f, alpha, weights, needs_w)
     with_bias = [g for g, hb in zip(grads, ctx.has_bias) if hb]
     dbiases = [_rows(g).sum(0) if need else None for g, need in zip(with_bias, needs_b)]
     return dx, dweights, dbiases, None, None, None, None
 
 
 linear_group.register_autograd(_backward, setup_context=_setup_context)
+
+
+# Flop formulas, so that FlopCounterMode (and with it the partitioner's runtime estimator under an
+# activation_memory_budget) prices the pamm ops instead of counting them as free.
+@register_flop_formula(torch.ops.pamm.compress)
+def _compress_flops(x_shape: Sequence[int], *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """The similarity GEMM: 2 * b * n * k."""
+    n = x_shape[-1]
+    k = out_shape[0][0]
+    b = math.prod(x_shape[:-1])
+    return 2 * b * n * k
+
+
+@register_flop_formula(torch.ops.pamm.linear_group)
+def _linear_group_flops(x_shape: Sequence[int], w_shapes: Sequence[Sequence[int]], *args: Any,
+                        **kwargs: Any) -> int:
+    """One GEMM per projection: 2 * b * n * m_j."""
+    b = math.prod(x_shape[:-1])
+    return sum(2 * b * w[0] * w[1] for w in w_shapes)
+
+
+@register_flop_formula(torch.ops.pamm.contract)
+def _contract_flops(g_shapes: Sequence[Sequence[int]], *args: Any, **kwargs: Any) -> int:
+    """A scale and an add per element of every dY."""
+    return sum(2 * math.prod(s) for s in g_shapes)

@@ -136,7 +136,7 @@ def plan(gm: fx.GraphModule, example_inputs: Sequence[Any], config: PammConfig) 
         normalize_linears(work)
         match = find_groups(work, config, grad_enabled=torch.is_grad_enabled())
     except Exception:  # never fail a user's compile because of us
-        log.warning("pamm: matching failed; this graph compiles as captured", exc_info=True)
+        log.warning("pamm: matching failed; compiling the captured graph untouched", exc_info=True)
         result.error = traceback.format_exc(limit=3).strip().splitlines()[-1]
         return result
     result.groups, result.rejections = match.groups, match.rejections

@@ -47,3 +47,25 @@ def test_logging_registration_and_settings() -> None:
     assert logging.getLogger("pamm_fx.compat_test").getEffectiveLevel() == logging.DEBUG
     assert not _compat.init_logs_with("no_such_log_name_xyz")
     torch._logging.set_logs()  # back to torch's defaults
+
+
+def test_outside_tracing_runs_real_tensors_under_fake_mode() -> None:
+    with torch._subclasses.FakeTensorMode():
+        with _compat.outside_tracing():
+            real = torch.ones(2) + 1
+    assert not isinstance(real, torch._subclasses.FakeTensor) and real.tolist() == [2.0, 2.0]
+
+
+def test_must_save_tag_reaches_the_traced_node() -> None:
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        y = x.sin()
+        _compat.tag_must_save(y)
+        return y.cos()
+
+    gm = make_fx(f)(torch.randn(3))
+    (sin,) = [n for n in gm.graph.nodes if n.target is torch.ops.aten.sin.default]
+    assert sin.meta["recompute"] == CheckpointPolicy.MUST_SAVE
+    _compat.tag_must_save(torch.ones(1))  # outside a trace: nothing to tag, no error

@@ -6,12 +6,14 @@ import pytest
 import torch
 from torch.library import opcheck
 
-import pamm_fx  # noqa: F401  (registers the ops)
+import pamm_fx.ops  # registers the ops
 from pamm_fx.kernels import reference
 from pamm_fx.ops import num_generators, sample_generators
 
 INF = math.inf
 SHAPES = [(3, 37, 24), (1, 5, 24), (130, 16), (0, 24)]
+#: sample_generators(100, 5, seed 12345, salt 7): the hash draw must never change silently.
+PINNED_DRAW = [2, 9, 23, 74, 75]
 
 
 def _compress(x, seed=7, ratio=(1, 8), min_gen=1, eps=INF, salt=0):
@@ -122,11 +124,32 @@ def test_chunking_does_not_change_results(monkeypatch):
 
 
 def test_sampling_is_reproducible_and_varies_with_seed_and_salt():
-    a = sample_generators(1000, 16, 1, 0)
-    assert torch.equal(a, sample_generators(1000, 16, 1, 0))
+    draw = lambda seed, salt, b=1000, k=16: sample_generators(b, k, torch.tensor(seed), salt)  # noqa: E731
+    a = draw(1, 0)
+    assert a.dtype == torch.int64 and torch.equal(a, draw(1, 0))
     assert torch.equal(a, a.sort().values) and a.unique().numel() == 16
-    assert not torch.equal(a, sample_generators(1000, 16, 2, 0))
-    assert not torch.equal(a, sample_generators(1000, 16, 1, 1))
+    assert ((a >= 0) & (a < 1000)).all()
+    assert not torch.equal(a, draw(2, 0))
+    assert not torch.equal(a, draw(1, 1))
+    assert not torch.equal(a, draw(1, 1 << 40))  # the salt's high bits count too
+    assert not torch.equal(a, draw(1 << 40, 0))  # and the seed's
+    assert torch.equal(draw(5, 3, b=64, k=64), torch.arange(64))
+
+
+def test_sampling_is_a_fixed_function_of_seed_salt_b_k():
+    """Bitwise the same rows in any process and on any device: pinned values of the hash draw."""
+    assert sample_generators(100, 5, torch.tensor(12345), 7).tolist() == PINNED_DRAW
+
+
+def test_sampling_is_uniform():
+    """Every row is drawn about equally often over many seeds (chi-square within 5 sigma)."""
+    b, k, seeds = 64, 8, 4000
+    counts = torch.zeros(b)
+    for s in range(seeds):
+        counts[sample_generators(b, k, torch.tensor(s), 0)] += 1
+    expected = seeds * k / b
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert abs(chi2 - (b - 1)) < 5 * math.sqrt(2 * (b - 1))
 
 
 def test_backward_math_against_explicit_formulas():
@@ -153,3 +176,101 @@ def test_contract_is_bitwise_deterministic():
     grads = [torch.randn(500, 32)]
     first = torch.ops.pamm.contract(grads, f, alpha, c.shape[0])
     assert torch.equal(first, torch.ops.pamm.contract(grads, f, alpha, c.shape[0]))
+
+
+def test_inductor_decomposition_matches_the_eager_op():
+    """backend="inductor" compiles compress from its aten decomposition: same rows, same f, alpha to rounding."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 37, 24)
+    x[0, ::5] = 0
+
+    def both(x, seed):
+        return (torch.ops.pamm.compress(x, seed, 1, 8, 1, 1, INF, 3), torch.ops.pamm.compress(x, seed, 1, 4, 1, 1, 0.9, 4),
+                torch.ops.pamm.compress(x, seed, 1, 1, 1, 1, INF, 5))
+
+    seed = torch.tensor(11)
+    compiled = torch.compile(both, backend="inductor", fullgraph=True)(x, seed)
+    for (c, f, alpha), (c_e, f_e, alpha_e) in zip(compiled, both(x, seed)):
+        assert torch.equal(c, c_e) and torch.equal(f, f_e) and f.dtype == torch.int32
+        torch.testing.assert_close(alpha, alpha_e)
+    assert (compiled[1][2] == 0).any()  # eps dropped rows in the compiled graph too
+
+
+def test_record_compressions_sees_every_eager_compression():
+    x = torch.randn(40, 8)
+    with pamm_fx.ops.record_compressions() as seen:
+        c, f, alpha = _compress(x, ratio=(1, 4))
+        _compress(x, ratio=(1, 1))
+    _compress(x)
+    assert len(seen) == 2
+    rows, c_seen, f_seen, alpha_seen = seen[0]
+    assert torch.equal(rows, x) and torch.equal(c_seen, c) and torch.equal(f_seen, f) and torch.equal(alpha_seen, alpha)
+
+
+def test_flop_formulas_price_the_pamm_ops():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    b, n, m1, m2 = 60, 12, 8, 4
+    x = torch.randn(b, n, requires_grad=True)
+    weights = [torch.randn(m1, n, requires_grad=True), torch.randn(m2, n, requires_grad=True)]
+    with FlopCounterMode(display=False) as counter:
+        c, f, alpha = _compress(x.detach(), ratio=(1, 6))
+        ys = torch.ops.pamm.linear_group(x, weights, [], [False, False], c, f, alpha)
+        sum(y.sum() for y in ys).backward()
+    flops = {str(op): v for op, v in counter.get_flop_counts()["Global"].items()}
+    k = c.shape[0]
+    assert flops["pamm.compress"] == 2 * b * n * k
+    assert flops["pamm.linear_group"] == 2 * b * n * (m1 + m2)
+    assert flops["pamm.contract"] == 2 * b * (m1 + m2)
+
+
+def test_bf16_backward_keeps_no_float32_copy_of_c_or_of_the_weight_gradients():
+    """dW_j = B~_j^T C in bf16 GEMMs: no float32 (k, n) copy of C and no float32 (sum m) x n product."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.outs: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (list, tuple)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.outs.append((str(func), tuple(t.shape), t.dtype))
+            return out
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 48, 16, dtype=torch.bfloat16, requires_grad=True)
+    weights = [torch.randn(m, 16, dtype=torch.bfloat16, requires_grad=True) for m in (8, 6)]
+    c, f, alpha = _compress(x.detach(), ratio=(1, 8))
+    ys = torch.ops.pamm.linear_group(x, weights, [], [False, False], c, f, alpha)
+    grads = [torch.randn_like(y) for y in ys]
+    with Log() as log:
+        torch.autograd.backward(ys, grads)
+    fp32_outs = [o for o in log.outs if o[2] == torch.float32]
+    assert not [o for o in fp32_outs if o[1] in [tuple(c.shape), (14, 16), (8, 16), (6, 16)]], fp32_outs
+    assert all(w.grad.dtype == torch.bfloat16 for w in weights)
+    x_tilde = alpha[:, None] * c[f.long()].float()
+    for w, g in zip(weights, grads):
+        expected = g.reshape(-1, w.shape[0]).float().T @ x_tilde
+        torch.testing.assert_close(w.grad.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+def test_frozen_projection_is_not_contracted():
+    x = torch.randn(30, 12)
+    c, f, alpha = _compress(x, ratio=(1, 6))
+    w_frozen, w_train = torch.randn(8, 12), torch.randn(4, 12, requires_grad=True)
+    ys = torch.ops.pamm.linear_group(x, [w_frozen, w_train], [], [False, False], c, f, alpha)
+    g = [torch.randn_like(y) for y in ys]
+    torch.autograd.backward(ys, g)
+    torch.testing.assert_close(w_train.grad, g[1].T @ (alpha[:, None] * c[f.long()]))
+
+
+def test_reference_contract_upcasts_low_precision_grads_by_row_chunk(monkeypatch):
+    x = torch.randn(300, 12)
+    c, f, alpha = _compress(x, ratio=(1, 10))
+    grads = [torch.randn(300, 5).bfloat16(), torch.randn(300, 3).bfloat16()]
+    whole = reference.contract([g.float() for g in grads], f, alpha, c.shape[0])
+    monkeypatch.setattr(reference, "ROW_CHUNK", 64)
+    torch.testing.assert_close(reference.contract(grads, f, alpha, c.shape[0]), whole)

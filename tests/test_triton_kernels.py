@@ -192,11 +192,11 @@ class _TraceableInterpreted(JITFunction):
 
 @pytest.fixture
 def traceable_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On CPU, let pamm::contract_triton's body wrap a traceable kernel (on a GPU it already does)."""
+    """On CPU, let the triton_ops' bodies wrap traceable kernels (on a GPU they already do)."""
     if _INTERPRETED:
-        monkeypatch.setattr(
-            triton_contract, "_contract_kernel", _TraceableInterpreted(triton_contract._contract_kernel)
-        )
+        for module, name in [(triton_contract, "_partial_kernel"), (triton_contract, "_reduce_kernel"),
+                             (triton_assign, "_assign_kernel")]:
+            monkeypatch.setattr(module, name, _TraceableInterpreted(getattr(module, name)))
 
 
 def _contract_args(b: int, widths: list[int], k: int, dtype: torch.dtype) -> tuple:
@@ -224,7 +224,7 @@ def _recording_backend() -> tuple[object, list[torch.fx.GraphModule]]:
 
 @pytest.mark.usefixtures("traceable_kernel")
 def test_contract_triton_traces_into_the_kernel() -> None:
-    """AOTAutograd decomposes the op: the graph holds the kernel wrapper (one per grad), not the op."""
+    """AOTAutograd decomposes the op: the graph holds the kernel wrappers (two per grad), not the op."""
     grads, f, alpha, k = _contract_args(75, [40, 130, 8], 5, torch.float32)
     backend, graphs = _recording_backend()
     compiled = torch.compile(
@@ -232,7 +232,7 @@ def test_contract_triton_traces_into_the_kernel() -> None:
     )
     out = compiled(grads, f, alpha)
     code = "\n".join(g.code for g in graphs)
-    assert code.count("triton_kernel_wrapper_functional(") == 3 and "pamm" not in code
+    assert code.count("triton_kernel_wrapper_functional(") == 6 and "pamm" not in code
     eager = torch.ops.pamm.contract_triton(grads, f, alpha, k)
     assert torch.equal(out, eager)
     torch.testing.assert_close(out.cpu(), reference.contract([g.cpu() for g in grads], f.cpu(), alpha.cpu(), k))
@@ -259,3 +259,88 @@ def test_backward_picks_the_contraction_by_device() -> None:
     bt = reference.contract([g.cpu() for g in grads], f.cpu(), alpha.cpu(), c.shape[0])
     expected = bt.t().mm(c.cpu().float())
     torch.testing.assert_close(torch.cat([w.grad for w in weights]).cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_contract_balances_a_skewed_segment() -> None:
+    """A padded batch puts most rows on one generator: its segment spans several programs and the
+    partial sums still add up (in a fixed order) to the reference."""
+    b, k = 3 * triton_contract.CHUNK + 77, 6
+    grads, f, alpha = _contract_inputs(b, [40, 9], k, torch.float32)
+    f[: b - 30] = 2
+    out = triton_contract.contract([g.to(DEVICE) for g in grads], f.to(DEVICE), alpha.to(DEVICE), k)
+    torch.testing.assert_close(out.cpu(), reference.contract(grads, f, alpha, k), rtol=1e-5, atol=1e-4)
+    again = triton_contract.contract([g.to(DEVICE) for g in grads], f.to(DEVICE), alpha.to(DEVICE), k)
+    assert torch.equal(out, again)
+
+
+def test_contract_skips_rows_with_zero_alpha() -> None:
+    """Rows with alpha = 0 (dropped, padding) are never read: a NaN there cannot poison B~."""
+    grads, f, alpha = _contract_inputs(90, [20], 4, torch.float32)
+    alpha[::3] = 0
+    poisoned = grads[0].clone()
+    poisoned[::3] = float("nan")
+    out = triton_contract.contract([poisoned.to(DEVICE)], f.to(DEVICE), alpha.to(DEVICE), 4)
+    torch.testing.assert_close(out.cpu(), reference.contract(grads, f, alpha, 4), rtol=1e-5, atol=1e-5)
+
+
+def test_assign_eps_rule_over_several_generator_tiles() -> None:
+    """The row norms are summed on the first generator tile only; k > BLOCK_K takes several tiles."""
+    x = _data(70, 40, dtype=torch.float32, seed=9)
+    c = _data(150, 40, dtype=torch.float32, seed=10)
+    f, alpha = triton_assign.assign(x.to(DEVICE), c.to(DEVICE), 0.9)
+    f_ref, alpha_ref = reference.assign(x, c, 0.9)
+    assert 0 < int((alpha_ref == 0).sum()) < 70
+    assert torch.equal(alpha.cpu() == 0, alpha_ref == 0)
+    _assert_assign(x, c, 0.9)
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_fp32_dot_precision_follows_torch_tf32_setting(allow: bool) -> None:
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    try:
+        assert triton_assign.dot_precision() == ("tf32" if allow else "ieee")
+        x = _data(60, 33, dtype=torch.float32, seed=11)
+        f, alpha = triton_assign.assign(x.to(DEVICE), x[[3, 17, 40]].to(DEVICE))
+        assert f.cpu()[[3, 17, 40]].tolist() == [0, 1, 2] and torch.isfinite(alpha).all()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_float64_is_left_to_the_exact_reference() -> None:
+    from pamm_fx import kernels
+
+    assert not kernels.triton_dtype(torch.float64) and kernels.triton_dtype(torch.bfloat16)
+    x = _data(10, 8, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        triton_assign.assign(x.to(DEVICE), x[:2].to(DEVICE))
+
+
+def test_has_triton_launches_a_kernel_and_falls_back_with_a_reason(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pamm_fx import kernels
+    from pamm_fx.kernels import triton_probe
+
+    kernels.has_triton.cache_clear()
+    try:
+        with torch._subclasses.fake_tensor.FakeTensorMode():  # asked while torch.compile traces
+            assert kernels.has_triton(DEVICE)
+        kernels.has_triton.cache_clear()
+
+        def broken(device: str) -> None:
+            raise RuntimeError("no ptxas")
+
+        monkeypatch.setattr(triton_probe, "probe", broken)
+        with caplog.at_level("WARNING", logger="pamm_fx.kernels"):
+            assert not kernels.has_triton(DEVICE)
+        assert "no ptxas" in caplog.text and "reference" in caplog.text
+    finally:
+        kernels.has_triton.cache_clear()
+
+
+@pytest.mark.usefixtures("traceable_kernel")
+def test_assign_triton_opcheck() -> None:
+    x = _data(75, 40, dtype=torch.float32).to(DEVICE)
+    torch.library.opcheck(torch.ops.pamm.assign_triton.default, (x, x[:6].contiguous(), math.inf))
+    torch.library.opcheck(torch.ops.pamm.assign_triton.default, (x, x[:6].contiguous(), 0.5))

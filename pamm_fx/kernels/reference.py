@@ -41,7 +41,7 @@ def assign(x: Tensor, c: Tensor, eps: float = math.inf) -> tuple[Tensor, Tensor]
     norms = torch.linalg.vector_norm(cf, dim=1)
     inv_norm = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
     cn = cf * inv_norm[:, None]
-    dropped = 0
+    dropped = torch.zeros((), dtype=torch.int64, device=x.device)
     for r0 in range(0, b, ROW_CHUNK):
         xc = x[r0 : r0 + ROW_CHUNK].float()
         best = torch.full((xc.shape[0],), -1.0, device=x.device)
@@ -60,12 +60,26 @@ def assign(x: Tensor, c: Tensor, eps: float = math.inf) -> tuple[Tensor, Tensor]
             err_sq = (row_sq - signed * signed).clamp_min(0)
             keep = err_sq <= (eps * eps) * row_sq
             a = torch.where(keep, a, torch.zeros_like(a))
-            dropped += int((~keep).sum())
+            dropped += (~keep).sum()
         f[r0 : r0 + ROW_CHUNK] = arg.to(torch.int32)
         alpha[r0 : r0 + ROW_CHUNK] = a
-    if dropped and dropped < b:
-        alpha *= b / (b - dropped)
+    if math.isfinite(eps):  # beta = b / (b - dropped), on the device: no host synchronisation
+        beta = torch.where((dropped > 0) & (dropped < b), b / (b - dropped).double(), 1.0)
+        alpha *= beta.float()
     return f, alpha
+
+
+def _csr_p_t(f: Tensor, alpha: Tensor, k: int) -> Tensor:
+    """P^T (k x b) as CSR: rows = generators, columns = tokens sorted by generator.
+
+    Row pointers come from a search in the sorted f rather than ``bincount``, which reads
+    max(f) on the host (a synchronisation on CUDA).
+    """
+    sorted_f, order = torch.sort(f, stable=True)
+    crow = torch.searchsorted(sorted_f, torch.arange(k + 1, dtype=sorted_f.dtype, device=f.device))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, order, alpha[order], (k, f.shape[0]), check_invariants=False)
 
 
 def contract(grads: list[Tensor], f: Tensor, alpha: Tensor, k: int) -> Tensor:
@@ -76,16 +90,19 @@ def contract(grads: list[Tensor], f: Tensor, alpha: Tensor, k: int) -> Tensor:
     columns = tokens sorted by generator), so each dY_j is read once by a sparse x
     dense product: no b x M concatenation, no scaled copy of dY, no atomics. Every
     output row is summed by one thread in a fixed order: bitwise deterministic.
+    A float32 dY is read as it is; other dtypes are upcast ROW_CHUNK rows at a time
+    (one CSR block per row chunk), so no full float32 copy of a dY ever exists.
     """
     flat = [g.reshape(-1, g.shape[-1]) for g in grads]
     device = f.device
     b = f.shape[0]
     if k == 0 or b == 0:
         return torch.zeros(k, sum(g.shape[1] for g in flat), dtype=torch.float32, device=device)
-    order = torch.argsort(f, stable=True)
-    crow = torch.zeros(k + 1, dtype=torch.int64, device=device)
-    crow[1:] = torch.bincount(f, minlength=k).cumsum(0)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        p_t = torch.sparse_csr_tensor(crow, order, alpha[order], (k, b), check_invariants=False)
-    return torch.cat([p_t @ g.float() for g in flat], dim=1)
+    if all(g.dtype == torch.float32 for g in flat):
+        p_t = _csr_p_t(f, alpha, k)
+        return torch.cat([p_t @ g for g in flat], dim=1)
+    out = torch.zeros(k, sum(g.shape[1] for g in flat), dtype=torch.float32, device=device)
+    for r0 in range(0, b, ROW_CHUNK):
+        p_t = _csr_p_t(f[r0 : r0 + ROW_CHUNK], alpha[r0 : r0 + ROW_CHUNK], k)
+        out += torch.cat([p_t @ g[r0 : r0 + ROW_CHUNK].float() for g in flat], dim=1)
+    return out

@@ -5,12 +5,19 @@ keeping a running (best score, index, dot) per row, so no b x k similarity matri
 exists anywhere. Dot products accumulate in float32. Semantics are those of
 :func:`pamm_fx.kernels.reference.assign` (ties to the smallest index, zero-norm
 generators score 0, all-zero rows get f = 0 and alpha = 0, the eps/beta rule).
+When k fits one tile (k <= BLOCK_K = 128) X is read exactly once, also with a
+finite eps (the row norms are summed during the first tile's pass). Pointer
+offsets are int64, so tensors past 2^31 elements (or a transposed X whose column
+stride is large) index correctly.
 
-Precision: for float32 inputs the dots run with ``input_precision="ieee"`` (no TF32),
-matching the reference; bf16/fp16 inputs go to the tensor cores as they are with a
-float32 accumulator (under the interpreter bf16 tiles are upcast to float32 first,
-which gives the same exact products). The score is ``|<X_i, C_j>| * (1 / ||C_j||)`` rather than the
-reference's ``|<X_i, C_j / ||C_j||>|``, so scores agree to float32 rounding, not bitwise.
+Precision: float32 inputs use TF32 tensor cores only when torch allows it for
+matmuls (``torch.backends.cuda.matmul.allow_tf32``), else ``input_precision="ieee"``,
+which matches the reference; bf16/fp16 inputs go to the tensor cores as they are
+with a float32 accumulator (under the interpreter bf16 tiles are upcast to float32
+first, which gives the same exact products). float64 never comes here
+(:func:`pamm_fx.kernels.triton_dtype`). The score is ``|<X_i, C_j>| * (1 / ||C_j||)``
+rather than the reference's ``|<X_i, C_j / ||C_j||>|``, so scores agree to float32
+rounding, not bitwise.
 """
 
 from __future__ import annotations
@@ -21,9 +28,12 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 from triton.runtime.interpreter import InterpretedFunction
 
-__all__ = ["assign"]
+from pamm_fx.kernels import triton_dtype
+
+__all__ = ["assign", "assign_triton", "dot_precision"]
 
 
 @triton.jit
@@ -44,26 +54,27 @@ def _assign_kernel(
     eps_sq,
     USE_EPS: tl.constexpr,
     UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    rows = pid.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < b
-    rows64 = rows.to(tl.int64)
     best = tl.full((BLOCK_B,), -1.0, tl.float32)
     arg = tl.zeros((BLOCK_B,), tl.int32)
     best_dot = tl.zeros((BLOCK_B,), tl.float32)
+    row_sq = tl.zeros((BLOCK_B,), tl.float32)
     for j0 in range(0, k, BLOCK_K):
         gens = j0 + tl.arange(0, BLOCK_K)
         gen_ok = gens < k
         acc = tl.zeros((BLOCK_B, BLOCK_K), tl.float32)
         for n0 in range(0, n, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
+            cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
             col_ok = cols < n
             xt = tl.load(
-                x_ptr + rows64[:, None] * stride_xb + cols[None, :] * stride_xn,
+                x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xn,
                 mask=row_ok[:, None] & col_ok[None, :],
                 other=0.0,
             )
@@ -72,8 +83,12 @@ def _assign_kernel(
                 mask=col_ok[:, None] & gen_ok[None, :],
                 other=0.0,
             )
+            if USE_EPS:
+                if j0 == 0:  # the row norms ride on the first tile's pass: X is read once per tile
+                    xf = xt.to(tl.float32)
+                    row_sq += tl.sum(xf * xf, axis=1)
             if UPCAST:
-                acc = tl.dot(xt.to(tl.float32), ct.to(tl.float32), acc, input_precision="ieee")
+                acc = tl.dot(xt.to(tl.float32), ct.to(tl.float32), acc, input_precision=PRECISION)
             else:
                 acc = tl.dot(xt, ct, acc)
         inv = tl.load(inv_ptr + gens, mask=gen_ok, other=0.0)
@@ -89,15 +104,6 @@ def _assign_kernel(
     sim = best_dot * inv_arg
     alpha = sim * inv_arg
     if USE_EPS:
-        row_sq = tl.zeros((BLOCK_B,), tl.float32)
-        for n0 in range(0, n, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            xt = tl.load(
-                x_ptr + rows64[:, None] * stride_xb + cols[None, :] * stride_xn,
-                mask=row_ok[:, None] & (cols < n)[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            row_sq += tl.sum(xt * xt, axis=1)
         err_sq = tl.maximum(row_sq - sim * sim, 0.0)
         keep = err_sq <= eps_sq * row_sq
         alpha = tl.where(keep, alpha, 0.0)
@@ -106,21 +112,33 @@ def _assign_kernel(
     tl.store(alpha_ptr + rows, alpha, mask=row_ok)
 
 
-def _interpreted() -> bool:
-    """True under TRITON_INTERPRET=1, whose tl.dot multiplies bf16 bit patterns as integers (numpy has no bf16)."""
-    return isinstance(_assign_kernel, InterpretedFunction)
+#: True under TRITON_INTERPRET=1 (read once, as ``@triton.jit`` does), whose tl.dot multiplies bf16 bit
+#: patterns as integers (numpy has no bf16).
+INTERPRETED = isinstance(_assign_kernel, InterpretedFunction)
 
 
-def _blocks(k: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_B, BLOCK_K, BLOCK_N, num_warps): the register tile BLOCK_B x BLOCK_K stays <= 16K fp32."""
-    block_k = min(128, max(16, triton.next_power_of_2(k)))
+def dot_precision() -> str:
+    """``tl.dot`` precision for float32 tiles: TF32 exactly when torch allows TF32 for CUDA matmuls."""
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _blocks(k: int | torch.SymInt, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_B, BLOCK_K, BLOCK_N, num_warps): the register tile BLOCK_B x BLOCK_K stays <= 16K fp32.
+
+    A symbolic k (dynamic shapes) takes the widest tile instead of guarding on its size.
+    """
+    block_k = 128 if isinstance(k, torch.SymInt) else min(128, max(16, triton.next_power_of_2(k)))
     block_b = 128 if block_k <= 64 else 64
     block_n = 32 if dtype == torch.float32 else 64
     return block_b, block_k, block_n, 8 if block_b * block_k >= 8192 else 4
 
 
-def assign(x: Tensor, c: Tensor, eps: float = math.inf) -> tuple[Tensor, Tensor]:
-    """Triton twin of :func:`pamm_fx.kernels.reference.assign` (same arguments, same results up to rounding)."""
+@torch.library.triton_op("pamm::assign_triton", mutates_args=())
+def assign_triton(x: Tensor, c: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The assignment as an op torch.compile traces into (torch ops plus the wrapped kernel), so
+    Inductor schedules the launch; the body reads no tensor value on the host."""
+    if not triton_dtype(x.dtype):
+        raise TypeError(f"pamm: the Triton assignment takes float32/bfloat16/float16, not {x.dtype}")
     b, n = x.shape
     k = c.shape[0]
     f = torch.zeros(b, dtype=torch.int32, device=x.device)
@@ -131,10 +149,10 @@ def assign(x: Tensor, c: Tensor, eps: float = math.inf) -> tuple[Tensor, Tensor]
     inv_norm = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
     c = c.to(x.dtype)
     block_b, block_k, block_n, num_warps = _blocks(k, x.dtype)
-    grid = (triton.cdiv(b, block_b),)
+    programs = triton.cdiv(b, block_b)
     use_eps = math.isfinite(eps)
-    dropped = torch.zeros(grid[0] if use_eps else 1, dtype=torch.int32, device=x.device)
-    _assign_kernel[grid](
+    dropped = torch.zeros(programs if use_eps else 1, dtype=torch.int32, device=x.device)
+    wrap_triton(_assign_kernel)[(programs,)](
         x,
         c,
         inv_norm,
@@ -150,7 +168,8 @@ def assign(x: Tensor, c: Tensor, eps: float = math.inf) -> tuple[Tensor, Tensor]
         c.stride(1),
         eps * eps if use_eps else 0.0,
         USE_EPS=use_eps,
-        UPCAST=x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _interpreted()),
+        UPCAST=x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and INTERPRETED),
+        PRECISION=dot_precision() if x.dtype == torch.float32 else "ieee",
         BLOCK_B=block_b,
         BLOCK_K=block_k,
         BLOCK_N=block_n,
@@ -159,5 +178,10 @@ def assign(x: Tensor, c: Tensor, eps: float = math.inf) -> tuple[Tensor, Tensor]
     if use_eps:
         total = dropped.sum()
         beta = torch.where((total > 0) & (total < b), b / (b - total).double(), 1.0)
-        alpha *= beta.float()
+        alpha = alpha * beta.float()
     return f, alpha
+
+
+def assign(x: Tensor, c: Tensor, eps: float = math.inf) -> tuple[Tensor, Tensor]:
+    """Triton twin of :func:`pamm_fx.kernels.reference.assign` (same arguments, same results up to rounding)."""
+    return assign_triton(x, c, eps)

@@ -1,18 +1,21 @@
-"""Triton kernel for the backward contraction B~_j = sum over rows i with f_i = j of alpha_i * dY_i.
+"""Triton kernels for the backward contraction B~_j = sum over rows i with f_i = j of alpha_i * dY_i.
 
-Algorithm: counting sort, then segmented sums. A stable sort of f gives every
-generator j a contiguous segment of row indices; one program per (j, column tile)
-walks its segment in BLOCK_R-row chunks, gathers those rows of dY, scales them by
-alpha and accumulates in a float32 register tile that is reduced once at the end.
-Every output element is written by exactly one program in a fixed order, so the
-result is bitwise deterministic without atomics, and dY is read exactly once
-(a memory-bound pass, as the cost model wants).
+Algorithm: counting sort, then balanced segmented sums. A stable sort of f gives
+every generator j a contiguous segment of row indices. Each segment is cut into
+chunks of at most CHUNK rows, and one program per (chunk, column tile) gathers its
+rows of dY in BLOCK_R-row steps, scales them by alpha and sums them in float32 into
+one row of a partial buffer. A second kernel adds the partial rows of each
+generator in chunk order. So a skewed f (a padded batch puts most rows on the
+generator of the padding) spreads over b / CHUNK programs instead of serialising
+on one, every output element is still summed in a fixed order (bitwise
+deterministic, no atomics), and dY is read exactly once (memory bound, as the cost
+model wants). Rows with alpha = 0 (dropped by eps, all-zero rows) are not read.
+The grid is sized from shapes only (cdiv(b, CHUNK) + k programs bound the number of
+chunks), so nothing is synchronised with the host. Offsets are int64 throughout.
 
 Why not a one-hot GEMM (P^T dY with P = one-hot(f) * alpha, tiled): it reads dY
 k / BLOCK_K times and spends 2 * b * k * m FLOPs, and the tensor cores would round
-alpha * dY to TF32/bf16, so it would not match the float32 reference. Its only
-advantage, balance when one generator owns most rows, is rare (sizes of segments
-average b / k).
+alpha * dY to TF32/bf16, so it would not match the float32 reference.
 """
 
 from __future__ import annotations
@@ -25,44 +28,73 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-__all__ = ["contract", "contract_triton"]
+__all__ = ["contract", "contract_triton", "CHUNK"]
 
 
 @triton.jit
-def _contract_kernel(
+def _partial_kernel(
     g_ptr,
     order_ptr,
     offsets_ptr,
+    chunk_gen_ptr,
+    chunk_ptr_ptr,
     alpha_ptr,
-    out_ptr,
+    part_ptr,
+    k,
     m,
     stride_gb,
     stride_gm,
-    stride_out,
-    col0,
+    stride_part,
+    CHUNK: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    j = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    p = tl.program_id(0).to(tl.int64)
+    j = tl.load(chunk_gen_ptr + p)
+    if j < k:
+        cols = (tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        col_ok = cols < m
+        start = tl.load(offsets_ptr + j) + (p - tl.load(chunk_ptr_ptr + j)) * CHUNK
+        end = tl.minimum(start + CHUNK, tl.load(offsets_ptr + j + 1))
+        acc = tl.zeros((BLOCK_R, BLOCK_M), tl.float32)
+        for r0 in range(0, CHUNK, BLOCK_R):
+            r = start + r0 + tl.arange(0, BLOCK_R)
+            row_ok = r < end
+            i = tl.load(order_ptr + r, mask=row_ok, other=0)
+            a = tl.load(alpha_ptr + i, mask=row_ok, other=0.0)
+            g = tl.load(
+                g_ptr + i[:, None] * stride_gb + cols[None, :] * stride_gm,
+                mask=(row_ok & (a != 0.0))[:, None] & col_ok[None, :],
+                other=0.0,
+            )
+            acc += g.to(tl.float32) * a[:, None]
+        tl.store(part_ptr + p * stride_part + cols, tl.sum(acc, axis=0), mask=col_ok)
+
+
+@triton.jit
+def _reduce_kernel(
+    part_ptr,
+    chunk_ptr_ptr,
+    out_ptr,
+    m,
+    stride_part,
+    stride_out,
+    col0,
+    BLOCK_M: tl.constexpr,
+):
+    j = tl.program_id(0).to(tl.int64)
+    cols = (tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     col_ok = cols < m
-    start = tl.load(offsets_ptr + j)
-    end = tl.load(offsets_ptr + j + 1)
-    acc = tl.zeros((BLOCK_R, BLOCK_M), tl.float32)
-    for r0 in range(start, end, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        row_ok = r < end
-        i = tl.load(order_ptr + r, mask=row_ok, other=0)
-        a = tl.load(alpha_ptr + i, mask=row_ok, other=0.0)
-        g = tl.load(
-            g_ptr + i[:, None] * stride_gb + cols[None, :] * stride_gm,
-            mask=row_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )
-        acc += g.to(tl.float32) * a[:, None]
-    tl.store(out_ptr + j.to(tl.int64) * stride_out + col0 + cols, tl.sum(acc, axis=0), mask=col_ok)
+    acc = tl.zeros((BLOCK_M,), tl.float32)
+    for c in range(tl.load(chunk_ptr_ptr + j), tl.load(chunk_ptr_ptr + j + 1)):
+        acc += tl.load(part_ptr + c * stride_part + cols, mask=col_ok, other=0.0)
+    tl.store(out_ptr + j * stride_out + col0 + cols, acc, mask=col_ok)
 
 
+#: Rows per program at most (a longer segment is split). 512 rows of a 128-column bf16 tile is
+#: 128 KiB of dY per program: enough to hide the launch, small enough that one generator owning
+#: every row still spreads over b / 512 programs.
+CHUNK = 512
 #: Rows gathered per step and columns per program. BLOCK_M = 128 keeps a row
 #: chunk of dY one 256-byte (bf16) or 512-byte (fp32) contiguous read.
 BLOCK_R = 32
@@ -72,36 +104,34 @@ BLOCK_M = 128
 @torch.library.triton_op("pamm::contract_triton", mutates_args=())
 def contract_triton(grads: Sequence[Tensor], f: Tensor, alpha: Tensor, k: int) -> Tensor:
     """The contraction as an op whose body torch.compile can trace: AOTAutograd decomposes it
-    into torch ops plus the wrapped kernel, so Inductor schedules around the launch instead of
-    treating it as an opaque call. Only shapes steer Python here (no .item(), no host syncs).
+    into torch ops plus the wrapped kernels, so Inductor schedules around the launches instead of
+    treating them as an opaque call. Only shapes steer Python here (no .item(), no host syncs).
     """
     flat = [g.reshape(-1, g.shape[-1]) for g in grads]
     width = sum(g.shape[1] for g in flat)
+    b = f.shape[0]
     out = torch.zeros(k, width, dtype=torch.float32, device=f.device)
-    if k == 0 or f.shape[0] == 0:
+    if k == 0 or b == 0:
         return out
     sorted_f, order = torch.sort(f, stable=True)
-    bounds = torch.arange(k + 1, dtype=sorted_f.dtype, device=f.device)
-    offsets = torch.searchsorted(sorted_f, bounds)
+    offsets = torch.searchsorted(sorted_f, torch.arange(k + 1, dtype=sorted_f.dtype, device=f.device))
+    chunks = (offsets[1:] - offsets[:-1] + (CHUNK - 1)) // CHUNK
+    chunk_ptr = torch.cat([chunks.new_zeros(1), chunks.cumsum(0)])
+    programs = (b + CHUNK - 1) // CHUNK + k  # bounds sum_j ceil(len_j / CHUNK); the rest exit at once
+    chunk_gen = torch.searchsorted(chunk_ptr, torch.arange(programs, device=f.device), right=True) - 1
     alpha = alpha.contiguous()
     col0 = 0
     for g in flat:
         m = g.shape[1]
         if m:
-            grid = (k, triton.cdiv(m, BLOCK_M))
-            wrap_triton(_contract_kernel)[grid](
-                g,
-                order,
-                offsets,
-                alpha,
-                out,
-                m,
-                g.stride(0),
-                g.stride(1),
-                out.stride(0),
-                col0,
-                BLOCK_R=BLOCK_R,
-                BLOCK_M=BLOCK_M,
+            part = torch.empty(programs, m, dtype=torch.float32, device=f.device)
+            tiles = triton.cdiv(m, BLOCK_M)
+            wrap_triton(_partial_kernel)[(programs, tiles)](
+                g, order, offsets, chunk_gen, chunk_ptr, alpha, part, k, m, g.stride(0), g.stride(1),
+                part.stride(0), CHUNK=CHUNK, BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M,
+            )
+            wrap_triton(_reduce_kernel)[(k, tiles)](
+                part, chunk_ptr, out, m, part.stride(0), out.stride(0), col0, BLOCK_M=BLOCK_M
             )
         col0 += m
     return out
@@ -111,6 +141,6 @@ def contract(grads: list[Tensor], f: Tensor, alpha: Tensor, k: int) -> Tensor:
     """Triton twin of :func:`pamm_fx.kernels.reference.contract`; bitwise reproducible run to run.
 
     It calls the op: on real tensors triton_op runs the body with the tracing wrapper
-    switched off, so the kernel launches directly, and the code exists once.
+    switched off, so the kernels launch directly, and the code exists once.
     """
     return contract_triton(grads, f, alpha, k)

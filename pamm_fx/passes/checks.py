@@ -68,6 +68,22 @@ class Check:
     doc: str
 
 
+#: Checks run on each candidate, in registration order: (candidate, graph, config) -> reason or None.
+PROJECTION_CHECKS: list[Check] = []
+#: Checks run on each would-be group, in registration order: (draft, config) -> reason or None.
+GROUP_CHECKS: list[Check] = []
+
+
+def _check(table: list[Check], name: str, doc: str) -> Callable[[Callable[..., str | None]], Callable[..., str | None]]:
+    """Register a function as the next row of ``table``, like Inductor's pattern registrations."""
+
+    def register(fn: Callable[..., str | None]) -> Callable[..., str | None]:
+        table.append(Check(name, fn, doc))
+        return fn
+
+    return register
+
+
 def _base_weight(node: object) -> object:
     """W for ``W.t()`` (a (in, out) weight that normalize transposed), else the node itself."""
     if isinstance(node, fx.Node) and node.op == "call_method" and node.target == "t" and node.args:
@@ -114,6 +130,7 @@ def compute_dtype(c: Candidate) -> torch.dtype | None:
 # --- projection checks: (candidate, graph, config) -> reason or None ---------------------------
 
 
+@_check(PROJECTION_CHECKS, "checkpointed", "inside a torch.utils.checkpoint region: X is not saved there")
 def _checkpointed(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | None:
     if c.checkpoint is None:
         return None
@@ -121,12 +138,14 @@ def _checkpointed(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str |
             "instead of saving it, so compressing X would save no memory; left exact")
 
 
+@_check(PROJECTION_CHECKS, "not_graph_value", "X and the weight are graph values")
 def _graph_value(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | None:
     if isinstance(c.x, fx.Node) and isinstance(c.weight, fx.Node):
         return None
     return "input or weight is not a graph value"
 
 
+@_check(PROJECTION_CHECKS, "shape", "known shapes, a 2-D weight")
 def _shape(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | None:
     xv, wv = val(c.x), val(c.weight)
     if isinstance(xv, torch.Tensor) and isinstance(wv, torch.Tensor) and xv.dim() >= 1 and wv.dim() == 2:
@@ -134,11 +153,13 @@ def _shape(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | None:
     return "unknown shapes or a weight that is not 2-D"
 
 
+@_check(PROJECTION_CHECKS, "dtype", "a floating-point X")
 def _dtype(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | None:
     xv = val(c.x)
     return None if xv.is_floating_point() else f"input dtype {xv.dtype} is not floating point"
 
 
+@_check(PROJECTION_CHECKS, "not_parameter", "the weight is a parameter of the model")
 def _parameter(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | None:
     if is_parameter(gm, c.weight):
         return None
@@ -146,18 +167,21 @@ def _parameter(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | No
             "only parameters' weight gradients may be approximated")
 
 
+@_check(PROJECTION_CHECKS, "frozen", "the weight requires grad")
 def _trainable(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | None:
     if requires_grad(gm, c.weight):
         return None
     return "frozen weight: no weight gradient, so X is not saved for it"
 
 
+@_check(PROJECTION_CHECKS, "no_grad", "the projection runs with grad enabled")
 def _grad_mode(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | None:
     if c.region.grad_enabled:
         return None
     return "computed without grad (a torch.no_grad region): no weight gradient to approximate"
 
 
+@_check(PROJECTION_CHECKS, "autocast", "it computes in X's dtype or in autocast's bf16/f16")
 def _autocast(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | None:
     dtype = compute_dtype(c)
     if dtype is None or dtype in AUTOCAST_DTYPES:
@@ -165,35 +189,26 @@ def _autocast(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | Non
     return f"computes in {dtype}, not X's {val(c.x).dtype}, and not as autocast would (bf16/f16)"
 
 
+@_check(PROJECTION_CHECKS, "no_attention", "under targets='qkv', its output feeds attention")
 def _attention(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | None:
     if config.targets != "qkv" or c.site == "qkv":
         return None
     return "output does not feed attention (targets='qkv')"
 
 
+@_check(PROJECTION_CHECKS, "not_target", "its site (qkv, mlp, other) is one of the targets")
 def _target(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | None:
     if config.site_ratio(c.site) is not None:
         return None
     return f"site '{c.site}' is not in targets={config.targets!r}"
 
 
-PROJECTION_CHECKS: tuple[Check, ...] = (
-    Check("checkpointed", _checkpointed, "inside a torch.utils.checkpoint region: X is not saved there"),
-    Check("not_graph_value", _graph_value, "X and the weight are graph values"),
-    Check("shape", _shape, "known shapes, a 2-D weight"),
-    Check("dtype", _dtype, "a floating-point X"),
-    Check("not_parameter", _parameter, "the weight is a parameter of the model"),
-    Check("frozen", _trainable, "the weight requires grad"),
-    Check("no_grad", _grad_mode, "the projection runs with grad enabled"),
-    Check("autocast", _autocast, "it computes in X's dtype or in autocast's bf16/f16"),
-    Check("no_attention", _attention, "under targets='qkv', its output feeds attention"),
-    Check("not_target", _target, "its site (qkv, mlp, other) is one of the targets"),
-)
 
 
 # --- group checks: (draft, config) -> reason or None --------------------------------------------
 
 
+@_check(GROUP_CHECKS, "min_tokens", "a static X has at least min_tokens rows (dynamic: decided per call)")
 def _min_tokens(d: GroupDraft, config: PammConfig) -> str | None:
     b = rows(val(d.x))
     if not is_static(b) or hint(b) >= config.min_tokens:
@@ -201,6 +216,7 @@ def _min_tokens(d: GroupDraft, config: PammConfig) -> str | None:
     return f"X has {hint(b)} rows, below min_tokens={config.min_tokens}"
 
 
+@_check(GROUP_CHECKS, "no_saving", "a row of X is larger than f and alpha together")
 def _row_bytes(d: GroupDraft, config: PammConfig) -> str | None:
     xv = val(d.x)
     row_bytes = hint(xv.shape[-1]) * (d.dtype or xv.dtype).itemsize
@@ -209,6 +225,7 @@ def _row_bytes(d: GroupDraft, config: PammConfig) -> str | None:
     return f"a row of X is {row_bytes} bytes, no more than the {INDEX_BYTES_PER_ROW} PAMM keeps per row"
 
 
+@_check(GROUP_CHECKS, "no_saving", "a static X has more rows than k (dynamic: decided per call)")
 def _all_rows_kept(d: GroupDraft, config: PammConfig) -> str | None:
     b = rows(val(d.x))
     if d.ratio == 1 or not is_static(b):
@@ -219,6 +236,7 @@ def _all_rows_kept(d: GroupDraft, config: PammConfig) -> str | None:
     return f"X has {b} rows, not more than min_generators={config.min_generators}: every row would be kept"
 
 
+@_check(GROUP_CHECKS, "no_saving", "no exact trainable linear keeps X saved anyway")
 def _saved_anyway(d: GroupDraft, config: PammConfig) -> str | None:
     if not d.exact_readers:
         return None
@@ -227,6 +245,7 @@ def _saved_anyway(d: GroupDraft, config: PammConfig) -> str | None:
             "it would add memory instead of saving it")
 
 
+@_check(GROUP_CHECKS, "in_place", "X is not modified in place")
 def _in_place(d: GroupDraft, config: PammConfig) -> str | None:
     for user in d.x.users:
         name = op_name(user)
@@ -235,10 +254,3 @@ def _in_place(d: GroupDraft, config: PammConfig) -> str | None:
     return None
 
 
-GROUP_CHECKS: tuple[Check, ...] = (
-    Check("in_place", _in_place, "X is not modified in place"),
-    Check("min_tokens", _min_tokens, "a static X has at least min_tokens rows (dynamic: decided per call)"),
-    Check("no_saving", _row_bytes, "a row of X is larger than f and alpha together"),
-    Check("no_saving", _all_rows_kept, "a static X has more rows than k (dynamic: decided per call)"),
-    Check("no_saving", _saved_anyway, "no exact trainable linear keeps X saved anyway"),
-)

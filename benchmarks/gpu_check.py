@@ -1,0 +1,310 @@
+"""One prepared GPU check of the CUDA path (issue 12): one command, under 8 minutes on one H100/H200.
+
+Sections, each timed and recorded even when it fails (the next one still runs):
+
+1. kernels: ``pytest tests/test_triton_kernels.py`` with the kernels compiled for real (no interpreter).
+2. end-to-end: a small LLaMA (``pamm_fx.demo.llama``) compiled with ``backend="pamm"`` and run forward +
+   backward in bf16, fp16 and fp32 with ``dynamic=True`` (two sequence lengths), and with
+   ``mode="reduce-overhead"`` (CUDA graphs; whether Inductor really used them is reported).
+3. past 2^31 elements: assign and contract on tensors with more than 2^31 elements, and on a transposed
+   X whose column stride times n passes 2^31, checked against the torch reference on a slice.
+4. bandwidth: the kernels of ``benchmarks/bench_kernels.py`` against the device-to-device copy
+   bandwidth measured on this device in this run.
+5. LLaMA-1B-shaped layer (dim 2048, 32 heads, 8 kv heads, hidden 8192, bf16, 8 x 2048 tokens): step time
+   and ``torch.cuda.max_memory_allocated`` of plain ``torch.compile`` and of pamm with targets "qkv",
+   "all", and "all" under ``activation_memory_budget=0.5``.
+
+Without CUDA it prints "no CUDA device" and exits 0 (with a note in the results if --out is given).
+
+    python benchmarks/gpu_check.py --out benchmarks/results/gpu_check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, markdown_table  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Wall-clock plan (seconds) per section; a section starting with less than its plan left is skipped.
+PLAN = {"kernels": 150, "end_to_end": 120, "past_2_31": 40, "bandwidth": 30, "llama_1b_layer": 150}
+DEADLINE_S = 7.5 * 60
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _cuda_median_ms(fn: Callable[[], object], runs: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def check_kernels() -> dict[str, Any]:
+    """The interpreter tests, compiled for real on this GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton_kernels.py"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=PLAN["kernels"] + 60,
+    )
+    tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]
+    _log(f"  pytest: {tail}")
+    if proc.returncode:
+        _log(proc.stdout[-4000:])
+    return {"ok": proc.returncode == 0, "summary": tail}
+
+
+def _small_llama(dtype: torch.dtype) -> torch.nn.Module:
+    from pamm_fx.demo.llama import Llama, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, dim=256, n_layers=2, n_heads=8, n_kv_heads=4, hidden_dim=688, max_seq_len=512)
+    return Llama(cfg).to(device="cuda", dtype=dtype)
+
+
+def _e2e_case(dtype: torch.dtype, mode: str | None, seqs: tuple[int, ...]) -> dict[str, Any]:
+    import pamm_fx
+
+    model = _small_llama(dtype)
+    backend = pamm_fx.backend(mode=mode, ratio=1 / 8, min_tokens=1, min_generators=16)
+    compiled = torch.compile(model, backend=backend, dynamic=mode is None)
+    torch._dynamo.utils.counters.clear()
+    losses, finite = [], True
+    t0 = time.perf_counter()
+    for seq in seqs:
+        for _ in range(3 if mode else 1):  # CUDA graphs record on a later call
+            tokens = torch.randint(0, 256, (4, seq), device="cuda")
+            loss = compiled(tokens, tokens.roll(-1, 1))
+            loss.backward()
+            finite &= all(torch.isfinite(p.grad).all().item() for p in model.parameters() if p.grad is not None)
+            model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            eager = model(tokens, tokens.roll(-1, 1)).item()
+        losses.append((loss.item(), eager))
+    counters = torch._dynamo.utils.counters
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "mode": mode or "default (dynamic=True)",
+        "seconds": round(time.perf_counter() - t0, 1),
+        "grads_finite": finite,
+        "loss_vs_eager": [f"{a:.4f}/{b:.4f}" for a, b in losses],
+        "loss_close": all(abs(a - b) <= 0.05 * max(1.0, abs(b)) for a, b in losses),
+        "graphs": int(counters["stats"]["unique_graphs"]),
+        "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"]),
+    }
+
+
+def check_end_to_end() -> dict[str, Any]:
+    rows = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        torch._dynamo.reset()
+        rows.append(_e2e_case(dtype, None, (64, 96)))
+        _log(f"  {rows[-1]}")
+    torch._dynamo.reset()
+    rows.append(_e2e_case(torch.bfloat16, "reduce-overhead", (64,)))
+    _log(f"  {rows[-1]}")
+    ok = all(r["grads_finite"] and r["loss_close"] for r in rows)
+    return {"ok": ok, "rows": rows}
+
+
+def check_past_2_31() -> dict[str, Any]:
+    """More than 2^31 elements (int32 offsets would wrap); the kernels against the reference on a slice."""
+    from pamm_fx.kernels import reference, triton_assign, triton_contract
+
+    results = []
+    n, k = 2048, 64
+    b = (1 << 31) // n + 4096  # b * n > 2^31
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(b, n, device="cuda", dtype=torch.bfloat16, generator=gen)
+    c = x[torch.randperm(b, device="cuda", generator=gen)[:k].sort().values]
+    f, alpha = triton_assign.assign(x, c)
+    tail = slice(b - 4096, b)
+    f_ref, alpha_ref = reference.assign(x[tail], c)
+    agree = (f[tail] == f_ref).float().mean().item()
+    results.append({"case": f"assign X {b}x{n} bf16 ({b * n / 2**31:.2f} x 2^31 elements)", "f_agree_last_4096": agree,
+                    "ok": agree > 0.99})
+    del x, c
+    xt = torch.randn(n, b, device="cuda", dtype=torch.bfloat16, generator=gen).T  # column stride b
+    ct = xt[:k].contiguous()
+    f_t, _ = triton_assign.assign(xt, ct)
+    f_t_ref, _ = reference.assign(xt[tail], ct)
+    agree_t = (f_t[tail] == f_t_ref).float().mean().item()
+    results.append({"case": f"assign transposed X (stride {xt.stride()})", "f_agree_last_4096": agree_t,
+                    "ok": agree_t > 0.99})
+    del xt, ct
+    g = torch.randn(b, n, device="cuda", dtype=torch.bfloat16, generator=gen)
+    bt = triton_contract.contract([g], f, alpha, k)
+    mask = torch.zeros(b, dtype=torch.bool, device="cuda")
+    mask[tail] = True
+    alpha_tail = torch.where(mask, alpha, torch.zeros_like(alpha))
+    bt_tail = triton_contract.contract([g], f, alpha_tail, k)
+    expected = reference.contract([g[tail]], f[tail], alpha[tail], k)
+    err = ((bt_tail - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+    results.append({"case": f"contract dY {b}x{n} bf16 (rows of the last 4096 only)", "rel_err": err,
+                    "finite": bool(torch.isfinite(bt).all().item()), "ok": err < 1e-4})
+    del g, f, alpha, bt
+    torch.cuda.empty_cache()
+    for r in results:
+        _log(f"  {r}")
+    return {"ok": all(r["ok"] for r in results), "rows": results}
+
+
+def check_bandwidth() -> dict[str, Any]:
+    import bench_kernels
+
+    rows = bench_kernels.bench_gpu(20)
+    return {"ok": True, "rows": rows}
+
+
+def _layer_step(variant: str) -> dict[str, Any]:
+    import pamm_fx
+    from pamm_fx.demo.llama import Llama, LlamaConfig
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, dim=2048, n_layers=1, n_heads=32, n_kv_heads=8, hidden_dim=8192,
+                      max_seq_len=2048)
+    model = Llama(cfg).to(device="cuda", dtype=torch.bfloat16)
+    tokens = torch.randint(0, 256, (8, 2048), device="cuda")
+    targets = tokens.roll(-1, 1)
+    budget = 0.5 if variant.endswith("budget 0.5") else 1.0
+    if variant == "plain torch.compile":
+        compiled = torch.compile(model)
+    else:
+        compiled = torch.compile(model, backend=pamm_fx.backend(targets="all" if "all" in variant else "qkv"))
+
+    def step() -> None:
+        compiled(tokens, targets).backward()
+        model.zero_grad(set_to_none=True)
+
+    with torch._functorch.config.patch(activation_memory_budget=budget):
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        compile_s = time.perf_counter() - t0
+        ms = _cuda_median_ms(step, runs=10)
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    return {"variant": variant, "step_ms": ms, "peak_gib": peak / 2**30, "compile_s": compile_s}
+
+
+def check_llama_1b_layer() -> dict[str, Any]:
+    rows = []
+    for variant in ("plain torch.compile", "pamm qkv", "pamm all", "pamm all + budget 0.5"):
+        rows.append(_layer_step(variant))
+        torch.cuda.empty_cache()  # the variant's model and compiled graphs are gone
+        base = rows[0]
+        r = rows[-1]
+        r["step_vs_plain"] = r["step_ms"] / base["step_ms"]
+        r["peak_vs_plain"] = r["peak_gib"] / base["peak_gib"]
+        _log(f"  {variant}: {r['step_ms']:.1f} ms ({r['step_vs_plain']:.3f}x), peak {r['peak_gib']:.2f} GiB "
+             f"({r['peak_vs_plain']:.3f}x), compile {r['compile_s']:.0f} s")
+    return {"ok": True, "rows": rows}
+
+
+SECTIONS: dict[str, Callable[[], dict[str, Any]]] = {
+    "kernels": check_kernels,
+    "end_to_end": check_end_to_end,
+    "past_2_31": check_past_2_31,
+    "bandwidth": check_bandwidth,
+    "llama_1b_layer": check_llama_1b_layer,
+}
+
+
+def _markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [f"# GPU check: {results.get('device', 'no CUDA device')}", "",
+             f"torch {m['torch']}, Python {m['python']}, {m['date']}; `{m['command']}`", ""]
+    for name, sec in results["sections"].items():
+        status = "skipped" if sec.get("skipped") else ("ok" if sec.get("ok") else "FAILED")
+        lines += [f"## {name}: {status} ({sec.get('seconds', 0):.0f} s)", ""]
+        if sec.get("error"):
+            lines += ["```", sec["error"][-2000:], "```", ""]
+        rows = sec.get("rows")
+        if rows:
+            header = list(rows[0])
+            lines += [markdown_table(header, [[_fmt(r.get(h)) for h in header] for r in rows]), ""]
+        elif sec.get("summary"):
+            lines += [sec["summary"], ""]
+    if results.get("note"):
+        lines += [results["note"], ""]
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _write(out: Path | None, results: dict[str, Any]) -> None:
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps(results, indent=1, default=str))
+    (out / "gpu_check.md").write_text(_markdown(results))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None, help="folder for gpu_check.json and gpu_check.md")
+    parser.add_argument("--only", nargs="*", choices=list(SECTIONS), help="run only these sections")
+    args = parser.parse_args()
+    results: dict[str, Any] = {"machine": machine(), "sections": {}}
+    if not torch.cuda.is_available():
+        _log("no CUDA device: nothing to check (exit 0)")
+        results["note"] = "no CUDA device: the GPU check did not run."
+        _write(args.out, results)
+        return 0
+    results["device"] = torch.cuda.get_device_name()
+    _log(f"# GPU check on {results['device']}, torch {torch.__version__}")
+    start = time.perf_counter()
+    for name, fn in SECTIONS.items():
+        if args.only and name not in args.only:
+            continue
+        left = DEADLINE_S - (time.perf_counter() - start)
+        if left < PLAN[name] / 2:
+            _log(f"[{name}] skipped: {left:.0f} s left of the {DEADLINE_S:.0f} s budget")
+            results["sections"][name] = {"skipped": True, "ok": False}
+            continue
+        _log(f"[{name}] ({time.perf_counter() - start:.0f} s elapsed)")
+        t0 = time.perf_counter()
+        try:
+            sec = fn()
+        except Exception:
+            sec = {"ok": False, "error": traceback.format_exc()}
+            _log(sec["error"])
+        sec["seconds"] = time.perf_counter() - t0
+        results["sections"][name] = sec
+        _write(args.out, results)  # a cut-off run keeps what it measured
+    _log(_markdown(results))
+    failed = [n for n, s in results["sections"].items() if not s.get("ok")]
+    _log(f"done in {time.perf_counter() - start:.0f} s; " + (f"FAILED: {failed}" if failed else "all sections ok"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
