@@ -1,0 +1,388 @@
+"""Seeded random small transformer-like models for the differential fuzzer (``tests/test_fuzz.py``).
+
+Not a test module. :func:`random_spec` turns a seed into a :class:`ModelSpec` (layouts, grad-mode
+and autocast islands, graph breaks, tied/frozen weights, a sequence of input shapes, the backend
+options), :func:`build` into an ``nn.Module``, :func:`make_inputs` into the inputs of each call.
+Every linear whose weight is a parameter goes through :class:`Proj`, which, inside
+:func:`recording`, logs the X it read and the gradient of its output (dY) in eager mode, so that
+the fuzzer can recompute a PAMM weight gradient from a recorded compression.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+DIM, HEADS, HEAD_DIM, VOCAB, MEM_SEQ = 16, 4, 4, 8, 6
+
+QKV_ROLES = frozenset({"q", "k", "v", "qkv", "kv"})
+MLP_ROLES = frozenset({"up", "down"})
+ALL_ROLES = QKV_ROLES | MLP_ROLES | {"o", "extra", "head", "enc"}
+#: How a projection is called: plainly, in ``no_grad``, in ``enable_grad`` nested in ``no_grad``,
+#: on a detached X, or in a bf16 autocast island.
+MODES = ("grad", "no_grad", "enable_grad", "detach", "autocast")
+
+
+def allowed_roles(targets: str | tuple[str, ...]) -> frozenset[str]:
+    """The projection roles a ``targets`` option lets the backend compress."""
+    names = {targets} if isinstance(targets, str) else set(targets)
+    if "all" in names:
+        return ALL_ROLES
+    return (QKV_ROLES if "qkv" in names else frozenset()) | (MLP_ROLES if "mlp" in names else frozenset())
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+    """One attention block. ``modes``: one entry of :data:`MODES` per Q/K/V projection module, in order."""
+
+    kv_heads: int  # 4: MHA, 2: GQA, 1: MQA
+    fused: bool  # one qkv projection (self-attention) or one kv projection (cross-attention)
+    kv_shared: bool  # one projection serves as both K and V (Q-K=V variant)
+    cross: bool  # K/V read the model's memory instead of the block's normed input
+    bias: bool
+    matmul: bool  # ``x @ W.T + b`` instead of ``F.linear``
+    modes: tuple[str, ...]
+    attention: str  # "sdpa", "sdpa_causal" or "manual" (softmax between two matmuls)
+    split: str  # how a fused qkv output is cut: "split" or "chunk"
+    autocast_block: bool  # projections and attention in one bf16 autocast region
+    extra: str  # another consumer of the normed X: "none", "linear" (trainable, no attention) or "residual"
+    parallel_mlp: bool  # GPT-J: the MLP's up projection reads the same normed X as Q/K/V
+    seq_mlp: bool  # a pre-norm MLP after the attention
+    graph_break: str  # "none", "after_norm" or "after_attention"
+    act_weight: str  # "none"; "param" or "arg": Q += F.linear(X, w) with w an activation requiring grad
+
+    def projections(self) -> tuple[str, ...]:
+        if self.fused:
+            return ("q", "kv") if self.cross else ("qkv",)
+        return ("q", "k") if self.kv_shared else ("q", "k", "v")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    seed: int
+    blocks: tuple[BlockSpec, ...]
+    repeat: int  # the block stack runs this many times (ALBERT-style weights shared across layers)
+    tie_qk: bool  # K's weight is Q's (separate MHA self-attention blocks)
+    frozen: tuple[str, ...]  # roles whose weights are frozen (requires_grad=False)
+    memory: str  # "none", "frozen" (a frozen encoder under no_grad makes it) or "trainable"
+    shapes: tuple[tuple[int, int], ...]  # (batch, seq) of each call, in order
+    dynamic: str  # "auto" (automatic dynamic shapes), "true" (dynamic=True) or "mark" (mark_dynamic)
+    ratio: float
+    min_tokens: int
+    min_generators: int
+    targets: str | tuple[str, ...]
+    backend: str  # the plain backend; pamm runs with its twin ("eager" / "pamm_aot_eager", "inductor" / "pamm")
+
+    @property
+    def weight_arg(self) -> bool:
+        return any(b.act_weight == "arg" for b in self.blocks)
+
+    @property
+    def varying_dim(self) -> int:
+        """The input dimension whose size changes from call to call (batch 0 or sequence 1)."""
+        return 0 if len({batch for batch, _ in self.shapes}) > 1 or len(set(self.shapes)) == 1 else 1
+
+    @property
+    def autocast(self) -> bool:
+        return any(b.autocast_block or "autocast" in b.modes for b in self.blocks)
+
+    @property
+    def options(self) -> dict[str, object]:
+        targets = self.targets if isinstance(self.targets, str) else list(self.targets)
+        return {"ratio": self.ratio, "min_tokens": self.min_tokens, "min_generators": self.min_generators,
+                "targets": targets, "seed": self.seed}
+
+    @property
+    def pamm_backend(self) -> str:
+        return "pamm" if self.backend == "inductor" else "pamm_aot_eager"
+
+    def describe(self) -> str:
+        """Everything that defines the case, one line per part: enough to rebuild it by hand."""
+        lines = [
+            f"fuzz case seed={self.seed}: backend {self.backend} vs {self.pamm_backend}, options {self.options}",
+            f"  calls (batch, seq): {list(self.shapes)}, dynamic={self.dynamic}",
+            f"  memory={self.memory}, repeat={self.repeat}, tie_qk={self.tie_qk}, frozen={list(self.frozen)}",
+        ]
+        for i, b in enumerate(self.blocks):
+            fields = ", ".join(f"{f.name}={getattr(b, f.name)!r}" for f in dataclasses.fields(b))
+            lines.append(f"  block {i} ({'/'.join(b.projections())}): {fields}")
+        return "\n".join(lines)
+
+
+def _random_block(rng: random.Random, memory: bool) -> BlockSpec:
+    cross = memory and rng.random() < 0.5
+    kv_heads = rng.choice([4, 4, 2, 1])
+    fused = rng.random() < 0.35
+    kv_shared = not fused and rng.random() < 0.15
+    n_proj = 2 if (fused and cross) or kv_shared else 1 if fused else 3
+    weights = [10, 2, 1, 2, 2]  # mostly plain calls
+    return BlockSpec(
+        kv_heads=kv_heads,
+        fused=fused,
+        kv_shared=kv_shared,
+        cross=cross,
+        bias=rng.random() < 0.5,
+        matmul=rng.random() < 0.2,
+        modes=tuple(rng.choices(MODES, weights, k=n_proj)),
+        attention=rng.choice(["sdpa", "sdpa_causal", "manual"]),
+        split=rng.choice(["split", "chunk"]) if kv_heads == HEADS else "split",
+        autocast_block=rng.random() < 0.1,
+        extra=rng.choice(["none", "none", "linear", "residual"]),
+        parallel_mlp=rng.random() < 0.3,
+        seq_mlp=rng.random() < 0.3,
+        graph_break=rng.choice(["none"] * 8 + ["after_norm", "after_attention"]),
+        act_weight=rng.choice(["none"] * 6 + ["param", "arg"]),
+    )
+
+
+def random_spec(seed: int) -> ModelSpec:
+    """The case of ``seed``: the same seed always gives the same model, inputs and options."""
+    rng = random.Random(seed)
+    memory = rng.choice(["none", "none", "frozen", "trainable"])
+    blocks = tuple(_random_block(rng, memory != "none") for _ in range(rng.choice([1, 1, 1, 2])))
+    inductor = seed % 25 == 5  # a few cases against Inductor (one graph, one shape); the rest on aot_eager
+    if inductor:
+        blocks = (dataclasses.replace(blocks[0], graph_break="none"),)
+    breaks = any(b.graph_break != "none" for b in blocks)
+    vary = rng.choice(["batch", "seq"])
+    full, shorts = ((4, 8), [(2, 8), (3, 8)]) if vary == "batch" else ((2, 16), [(2, 8), (2, 12)])
+    short = rng.choice(shorts)
+    orders = [(full,), (full, short), (short, full), (full, short, full)]
+    shapes = orders[0] if inductor else rng.choice(orders[1:] * 2 + orders[:1])
+    ratio = 1.0 if rng.random() < 0.35 else 0.25
+    # Row-count thresholds between the short and the full batch in some cases: decisions must follow b.
+    min_tokens, min_generators = rng.choice([(1, 1), (1, 1), (20, 1), (1, 12)])
+    return ModelSpec(
+        seed=seed,
+        blocks=blocks,
+        repeat=1 if inductor else rng.choice([1] * 5 + [2]),
+        tie_qk=rng.random() < 0.2,
+        frozen=rng.choice([(), (), (), ("k",), ("o",), ("up",), ("head",)]),
+        memory=memory,
+        shapes=shapes,
+        # mark_dynamic does not reach tensors made from the memory before a graph break: Dynamo refuses the mark.
+        dynamic=rng.choice(["auto"] * 3 + ["true"] + ([] if memory != "none" and breaks else ["mark"])),
+        ratio=ratio,
+        min_tokens=min_tokens,
+        min_generators=min_generators,
+        targets=rng.choice(["qkv", "qkv", "all", ("qkv", "mlp"), "mlp"]),
+        backend="inductor" if inductor else "eager",
+    )
+
+
+# --- eager recording of what each projection read and received ------------------------------------
+
+
+@dataclasses.dataclass
+class Site:
+    """One call of a :class:`Proj` in eager mode: X's rows in the dtype the linear computed in, and dY."""
+
+    proj: Proj
+    x: Tensor
+    dy: Tensor | None = None
+
+    def keep_grad(self, grad: Tensor) -> None:
+        self.dy = grad.reshape(-1, grad.shape[-1])
+
+
+_RECORDER: list[Site] | None = None
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Site]]:
+    """Log a :class:`Site` for every eager :class:`Proj` call inside the block (never under torch.compile)."""
+    global _RECORDER
+    _RECORDER = sites = []
+    try:
+        yield sites
+    finally:
+        _RECORDER = None
+
+
+class Proj(nn.Module):
+    """A linear layer with a role (``q``, ``up``, ``head``...) that the fuzzer's oracle reads."""
+
+    def __init__(self, n_in: int, n_out: int, bias: bool, role: str, matmul: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_out, n_in) / math.sqrt(n_in))
+        self.bias = nn.Parameter(torch.randn(n_out) * 0.1) if bias else None
+        self.role = role
+        self.matmul = matmul
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.matmul:
+            prod = x @ self.weight.T
+            y = prod + self.bias if self.bias is not None else prod  # under autocast: a bf16 product, a f32 sum
+        else:
+            y = prod = F.linear(x, self.weight, self.bias)
+        if _RECORDER is not None:
+            site = Site(self, x.detach().reshape(-1, x.shape[-1]).to(prod.dtype))
+            _RECORDER.append(site)
+            if y.requires_grad:
+                y.register_hook(site.keep_grad)
+        return y
+
+
+def _autocast(enabled: bool) -> contextlib.AbstractContextManager:
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+def _call(proj: Proj, x: Tensor, mode: str) -> Tensor:
+    if mode == "no_grad":
+        with torch.no_grad():
+            return proj(x)
+    if mode == "enable_grad":
+        with torch.no_grad(), torch.enable_grad():
+            return proj(x)
+    if mode == "detach":
+        return proj(x.detach())
+    if mode == "autocast":
+        with _autocast(True):
+            return proj(x).float()
+    return proj(x)
+
+
+class Block(nn.Module):
+    def __init__(self, spec: BlockSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        kvd = spec.kv_heads * HEAD_DIM
+
+        def proj(n_in: int, n_out: int, role: str) -> Proj:
+            return Proj(n_in, n_out, spec.bias, role, spec.matmul)
+
+        self.norm = nn.RMSNorm(DIM)
+        if spec.fused and not spec.cross:
+            self.qkv = proj(DIM, DIM + 2 * kvd, "qkv")
+        else:
+            self.q = proj(DIM, DIM, "q")
+            if spec.fused:
+                self.kv = proj(DIM, 2 * kvd, "kv")
+            else:
+                self.k = proj(DIM, kvd, "k")
+                if not spec.kv_shared:
+                    self.v = proj(DIM, kvd, "v")
+        self.o = proj(DIM, DIM, "o")
+        if spec.extra == "linear":
+            self.extra = proj(DIM, DIM, "extra")
+        if spec.parallel_mlp:
+            self.up, self.down = proj(DIM, 2 * DIM, "up"), proj(2 * DIM, DIM, "down")
+        if spec.seq_mlp:
+            self.norm2 = nn.LayerNorm(DIM)
+            self.up2, self.down2 = proj(DIM, 2 * DIM, "up"), proj(2 * DIM, DIM, "down")
+        if spec.act_weight == "param":
+            self.w_base = nn.Parameter(torch.randn(DIM, DIM) / DIM)
+            self.w_gate = nn.Parameter(torch.randn(DIM, DIM))
+
+    def _project(self, n: Tensor, memory: Tensor | None, w: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        s = self.spec
+        kvd = s.kv_heads * HEAD_DIM
+        src = memory if s.cross else n
+        modes = iter(s.modes)
+        if s.fused and not s.cross:
+            qkv = _call(self.qkv, n, next(modes))
+            q, k, v = qkv.chunk(3, dim=-1) if s.split == "chunk" else qkv.split([DIM, kvd, kvd], dim=-1)
+        else:
+            q = _call(self.q, n, next(modes))
+            if s.fused:
+                k, v = _call(self.kv, src, next(modes)).chunk(2, dim=-1)
+            elif s.kv_shared:
+                k = v = _call(self.k, src, next(modes))
+            else:
+                k, v = _call(self.k, src, next(modes)), _call(self.v, src, next(modes))
+        if w is not None:
+            q = q + F.linear(n, w)  # an activation used as a weight: its gradient must stay exact
+        return q, k, v
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        s = self.spec
+        bsz, seq, kv_seq = q.shape[0], q.shape[1], k.shape[1]
+        q = q.reshape(bsz, seq, HEADS, HEAD_DIM).transpose(1, 2)
+        k = k.reshape(bsz, kv_seq, s.kv_heads, HEAD_DIM).transpose(1, 2)
+        v = v.reshape(bsz, kv_seq, s.kv_heads, HEAD_DIM).transpose(1, 2)
+        if s.kv_heads != HEADS:
+            k, v = (t.repeat_interleave(HEADS // s.kv_heads, dim=1) for t in (k, v))
+        if s.attention == "manual":
+            out = torch.softmax(q @ k.transpose(-2, -1) * HEAD_DIM**-0.5, dim=-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=s.attention == "sdpa_causal" and not s.cross)
+        return out.transpose(1, 2).reshape(bsz, seq, DIM)
+
+    def forward(self, h: Tensor, memory: Tensor | None, w_arg: Tensor | None) -> Tensor:
+        s = self.spec
+        w = self.w_base * torch.sigmoid(self.w_gate) if s.act_weight == "param" else None
+        w = w_arg if s.act_weight == "arg" else w
+        n = self.norm(h)
+        if s.graph_break == "after_norm":
+            torch._dynamo.graph_break()
+        with _autocast(s.autocast_block):
+            attn = self._attend(*self._project(n, memory, w))
+        out = h + self.o(attn.float())
+        if s.extra == "linear":
+            out = out + self.extra(n)
+        elif s.extra == "residual":
+            out = out + n
+        if s.parallel_mlp:
+            out = out + self.down(F.gelu(self.up(n)))
+        if s.graph_break == "after_attention":
+            torch._dynamo.graph_break()
+        if s.seq_mlp:
+            out = out + self.down2(F.gelu(self.up2(self.norm2(out))))
+        return out
+
+
+class FuzzModel(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        torch.manual_seed(spec.seed)
+        self.spec = spec
+        self.blocks = nn.ModuleList(Block(b) for b in spec.blocks)
+        if spec.memory != "none":
+            self.enc, self.enc_norm = Proj(DIM, DIM, True, "enc"), nn.LayerNorm(DIM)
+        self.norm = nn.RMSNorm(DIM)
+        self.head = Proj(DIM, VOCAB, False, "head")
+        if spec.tie_qk:
+            for blk in self.blocks:
+                b = blk.spec
+                if not (b.fused or b.kv_shared or b.cross) and b.kv_heads == HEADS:
+                    blk.k.weight = blk.q.weight
+        for mod in self.modules():
+            if isinstance(mod, Proj) and (mod.role in spec.frozen or (mod.role == "enc" and spec.memory == "frozen")):
+                mod.requires_grad_(False)
+
+    def forward(self, x: Tensor, mem: Tensor | None = None, w: Tensor | None = None) -> Tensor:
+        memory = None
+        if self.spec.memory == "frozen":
+            with torch.no_grad():
+                memory = self.enc_norm(self.enc(mem))
+        elif self.spec.memory == "trainable":
+            memory = self.enc_norm(self.enc(mem))
+        h = x
+        for _ in range(self.spec.repeat):
+            for blk in self.blocks:
+                h = blk(h, memory, w)
+        return self.head(self.norm(h))
+
+
+def build(spec: ModelSpec) -> FuzzModel:
+    return FuzzModel(spec)
+
+
+def make_inputs(spec: ModelSpec, call: int) -> tuple[dict[str, Tensor], Tensor]:
+    """The inputs of call ``call`` (leaves that require grad) and the fixed projection its loss uses."""
+    gen = torch.Generator().manual_seed(spec.seed * 1000 + call)
+    batch, seq = spec.shapes[call]
+    inputs = {"x": torch.randn(batch, seq, DIM, generator=gen)}
+    if spec.memory != "none":
+        inputs["mem"] = torch.randn(batch, MEM_SEQ, DIM, generator=gen)
+    if spec.weight_arg:
+        inputs["w"] = torch.randn(DIM, DIM, generator=gen) / DIM
+    loss_proj = torch.randn(batch, seq, VOCAB, generator=gen)
+    return {k: v.requires_grad_(True) for k, v in inputs.items()}, loss_proj
