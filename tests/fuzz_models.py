@@ -147,7 +147,7 @@ def random_spec(seed: int) -> ModelSpec:
     rng = random.Random(seed)
     memory = rng.choice(["none", "none", "frozen", "trainable"])
     blocks = tuple(_random_block(rng, memory != "none") for _ in range(rng.choice([1, 1, 1, 2])))
-    inductor = seed % 25 == 5  # a few cases against Inductor (one graph, one shape); the rest on aot_eager
+    inductor = seed % 25 == 5  # a few cases against Inductor (one graph, one shape); the rest on eager
     if inductor:
         blocks = (dataclasses.replace(blocks[0], graph_break="none"),)
     breaks = any(b.graph_break != "none" for b in blocks)
@@ -159,7 +159,7 @@ def random_spec(seed: int) -> ModelSpec:
     ratio = 1.0 if rng.random() < 0.35 else 0.25
     # Row-count thresholds between the short and the full batch in some cases: decisions must follow b.
     min_tokens, min_generators = rng.choice([(1, 1), (1, 1), (20, 1), (1, 12)])
-    return ModelSpec(
+    spec = ModelSpec(
         seed=seed,
         blocks=blocks,
         repeat=1 if inductor else rng.choice([1] * 5 + [2]),
@@ -175,6 +175,11 @@ def random_spec(seed: int) -> ModelSpec:
         targets=rng.choice(["qkv", "qkv", "all", ("qkv", "mlp"), "mlp"]),
         backend="inductor" if inductor else "eager",
     )
+    if spec.dynamic == "mark" and not inductor:
+        # Dynamo's eager backend raises ConstraintViolationError on a marked dim after a graph break (torch 2.13),
+        # where aot_eager does not: a plain-side failure, not ours.
+        spec = dataclasses.replace(spec, backend="aot_eager")
+    return spec
 
 
 # --- eager recording of what each projection read and received ------------------------------------
