@@ -137,6 +137,11 @@ def _compile(
         _bump(mine, "fallbacks")
     _bump(mine, "linears_skipped", len(p.rejections))
     if not p.groups:
+        checkpointed = [r for r in p.rejections if r.category == "checkpointed"]
+        if checkpointed and len(checkpointed) == len(p.rejections):
+            log.info("pamm: all %d projections of this graph are inside activation-checkpoint regions and stay "
+                     "exact (X is recomputed, not saved); use activation_memory_budget to stack with PAMM "
+                     "(docs/checkpointing.md)", len(checkpointed))
         log.info("pamm: no projection group in this graph; handing it to %s unchanged",
                  "Inductor" if inner is _inductor else "aot_eager")
         _notify(p, None)

@@ -135,7 +135,9 @@ def _checkpointed(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str |
     if c.checkpoint is None:
         return None
     return (f"inside an activation-checkpoint region ({c.checkpoint}): autograd recomputes X in the backward "
-            "instead of saving it, so compressing X would save no memory; left exact")
+            "instead of saving it, so compressing X would save no memory (and measured no speed gain, "
+            "docs/checkpointing.md); left exact. To stack PAMM with activation savings use "
+            "torch._functorch.config.activation_memory_budget instead of checkpointing")
 
 
 @_check(PROJECTION_CHECKS, "not_graph_value", "X and the weight are graph values")
