@@ -21,6 +21,7 @@ __all__ = [
     "inductor_mode_options",
     "init_logs_with",
     "outside_tracing",
+    "shapes_as_first_compile",
     "register_inductor_decomposition",
     "tag_must_save",
     "register_log_alias",
@@ -123,3 +124,10 @@ def register_inductor_decomposition(op: Any, fn: Any) -> None:
     from torch._inductor.decomposition import register_decomposition
 
     register_decomposition(op)(fn)
+
+
+def shapes_as_first_compile() -> Any:
+    """Capture with the shapes a first compile would see: no sizes made dynamic because the same code was
+    compiled before at other sizes (``torch._dynamo.config.automatic_dynamic_shapes``), without
+    resetting Dynamo (which would throw away the user's compiled graphs)."""
+    return torch._dynamo.config.patch(automatic_dynamic_shapes=False)

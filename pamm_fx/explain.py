@@ -425,7 +425,7 @@ def explain(model: Any, *example_inputs: Any, **options: Any) -> ExplainReport:
     collector = _Collector(config)
     wrapped = ExplainWithBackend(collector)
     model = getattr(model, "_orig_mod", model)  # an OptimizedModule: capture the module it wraps
-    with torch.enable_grad():
+    with torch.enable_grad(), _compat.shapes_as_first_compile():
         torch.compile(model, backend=wrapped)(*example_inputs)
     breaks = [_graph_break(r) for r in wrapped.break_reasons]
     for graph in collector.graphs:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import fx
 
+from pamm_fx import _compat
 from pamm_fx import compiler as _backend
 from pamm_fx.names import fmt_value, param_name
 from pamm_fx.passes.fxutil import val
@@ -138,7 +139,7 @@ def describe_rewrites(model: Any, *inputs: Any, **options: Any) -> str:
         texts.append(_describe(RewriteRecord(p, apply(p))))
         return gm.forward
 
-    with torch.enable_grad():
+    with torch.enable_grad(), _compat.shapes_as_first_compile():
         torch.compile(getattr(model, "_orig_mod", model), backend=backend)(*inputs)
     return "\n---\n".join(texts)
 

@@ -49,6 +49,15 @@ def test_explain_between_training_steps_recompiles_nothing() -> None:
     assert pamm_fx.counters["graphs"] == graphs
 
 
+def test_explain_sees_the_shapes_of_a_first_compile() -> None:
+    """The user's earlier compiles at other sizes (kept: no reset) do not make explain's capture dynamic."""
+    model = _llama()
+    for seq in (8, 12):
+        torch.compile(model, backend="pamm_aot_eager", options=OPTIONS)(_tokens(seq=seq), _tokens(seq=seq))
+    report = pamm_fx.explain(model, _tokens(), _tokens(), **OPTIONS)
+    assert report.groups[0].x_type == "f32[2, 16, 32]"
+
+
 def test_explain_reports_the_plan_the_backend_carries_out() -> None:
     model, tokens = _llama(), _tokens()
     with capture_rewrites() as records:
