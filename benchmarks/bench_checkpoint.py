@@ -56,7 +56,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 import pamm_fx.ops  # noqa: F401  (registers torch.ops.pamm)
 from pamm_fx.demo.data import batches, byte_dataset
-from pamm_fx.demo.llama import Block, Llama, LlamaConfig, _rotate
+from pamm_fx.demo.llama import Block, Llama, LlamaConfig
 from pamm_fx.demo.measure import saved_for_backward
 from pamm_fx.testing import capture_rewrites
 
@@ -128,16 +128,8 @@ class InsideBlock(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, seed: Tensor) -> Tensor:
         a, mlp, salt = self.block.self_attn, self.block.mlp, 100 * (self.layer + 1)
         h = self.block.input_norm(x)
-        bsz, seq, _ = h.shape
         q, k, v = _pamm_linears(h, [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], seed, salt, self.comp)
-        q = q.view(bsz, seq, a.n_heads, a.head_dim).transpose(1, 2)
-        k = k.view(bsz, seq, a.n_kv_heads, a.head_dim).transpose(1, 2)
-        v = v.view(bsz, seq, a.n_kv_heads, a.head_dim).transpose(1, 2)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        if a.n_kv_heads != a.n_heads:
-            rep = a.n_heads // a.n_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(bsz, seq, -1)
+        o = a.attend(q, k, v, cos, sin)
         if self.targets == "all":
             (o,) = _pamm_linears(o, [a.o_proj.weight], seed, salt + 1, self.comp)
             x = x + o

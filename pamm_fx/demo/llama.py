@@ -70,6 +70,11 @@ class Attention(nn.Module):
             q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.o_proj(self.attend(q, k, v, cos, sin))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Causal attention of projected (b, s, heads * head_dim) q, k, v with RoPE; (b, s, dim) out."""
+        bsz, seq, _ = q.shape
         q = q.view(bsz, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(bsz, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(bsz, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -78,7 +83,7 @@ class Attention(nn.Module):
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, -1))
+        return out.transpose(1, 2).reshape(bsz, seq, -1)
 
 
 class MLP(nn.Module):
