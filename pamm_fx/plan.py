@@ -24,7 +24,7 @@ import torch
 from torch import fx
 
 from pamm_fx import _compat
-from pamm_fx.config import PammConfig
+from pamm_fx.config import PammConfig, num_generators
 from pamm_fx.names import fmt_value
 from pamm_fx.passes.fxutil import hint, is_static, rows, val
 from pamm_fx.passes.match import Group, Rejection, find_groups
@@ -108,8 +108,6 @@ class Plan:
 
 
 def _k(config: PammConfig, group: Group, b: int) -> int:
-    from pamm_fx.config import num_generators
-
     r = group.ratio
     return num_generators(b, r.numerator, r.denominator, config.min_generators, config.min_tokens)
 
