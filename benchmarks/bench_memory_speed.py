@@ -4,11 +4,14 @@ For each model size (the LLaMA-style demo model: dim, layers, tokens per step,
 dtype) every variant is compiled from the same initial weights and then timed in
 one process, interleaved round-robin (the order rotates every round), over one
 training step = forward + backward (no optimizer: it is the same for every
-variant). Variants: plain Inductor; ``backend="pamm"`` at several ratios;
+variant). Variants: plain Inductor; ``backend="pamm"`` at the defaults with
+``targets="qkv"`` (the default) and ``targets="all"``;
 ``torch._functorch.config.activation_memory_budget`` (min-cut partitioner with a
-recompute knapsack) at 0.8/0.5/0.2 with plain Inductor; and pamm stacked with a
-budget. The budget is a config patch read by the partitioner, so it is applied
-around the first (compiling) call of each variant.
+recompute knapsack) at 0.8/0.5/0.2 with plain Inductor; and pamm ``"all"`` stacked with
+each budget (1.0 is the default, i.e. pamm alone). ``--extra`` adds ``"all"`` at k = b/64
+(``min_generators=16``) alone and with budget 0.5; ``--sites`` adds one site family at a
+time. The budget is a config patch read by the partitioner, so it is applied around the
+first (compiling) call of each variant.
 
 Reported per variant: bytes saved for backward (``pamm_fx.demo.measure.saved_for_backward``:
 a ``saved_tensors_hooks`` count, deduplicated by storage, parameters excluded);
@@ -32,6 +35,7 @@ import argparse
 import copy
 import gc
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -64,40 +68,65 @@ from _common import (  # noqa: E402
 )
 
 OUT = RESULTS / "memory_speed"
-DEFAULT_SIZES = ["d256-L4-b2048-fp32", "d512-L2-b8192-fp32", "d512-L2-b4096-bf16"]
+#: The three benchmark sizes (the demo's SwiGLU/GQA model at 2.6875 x dim) and, ``-mha``, the model
+#: of issue 13's goals: multi-head attention (8 kv heads) and a SwiGLU MLP of 4 x dim.
+DEFAULT_SIZES = ["d256-L4-b2048-fp32", "d512-L2-b8192-fp32", "d512-L2-b4096-bf16", "d512-L2-b4096-fp32-mha"]
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One way to compile the model: pamm ratio (None: plain Inductor) and memory budget (None: default 1.0)."""
+    """One way to compile the model: pamm targets (None: plain Inductor), memory budget (None: default 1.0),
+    and min_generators (None: the default)."""
 
-    ratio: str | None = None
+    targets: str | None = None
     budget: float | None = None
+    min_generators: int | None = None
 
     @property
     def name(self) -> str:
-        parts = ["plain" if self.ratio is None else f"pamm {self.ratio}"]
+        parts = ["plain" if self.targets is None else f"pamm {self.targets}"]
+        if self.min_generators is not None:
+            parts[0] += f" mg{self.min_generators}"
         if self.budget is not None:
             parts.append(f"budget {self.budget}")
         return " + ".join(parts)
 
+    @property
+    def options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {"targets": self.targets}
+        if self.min_generators is not None:
+            opts["min_generators"] = self.min_generators
+        return opts
+
 
 VARIANTS = [
-    Variant(),
-    Variant("1/8"), Variant("1/64"), Variant("1/512"),
+    Variant(), Variant("qkv"), Variant("all"),
     Variant(None, 0.8), Variant(None, 0.5), Variant(None, 0.2),
-    Variant("1/64", 0.5), Variant("1/64", 0.2),
+    Variant("all", 0.8), Variant("all", 0.5), Variant("all", 0.2),
 ]
+EXTRA = [Variant("all", None, 16), Variant("all", 0.5, 16)]
+#: One site family at a time (``--sites``): what each costs and saves.
+SITE_VARIANTS = [Variant(site) for site in ("attn_out", "mlp_up", "mlp_down", "head")]
 
 
 def parse_size(label: str) -> dict[str, Any]:
-    """``d512-L2-b8192-bf16`` -> dim 512, 2 layers, 8192 tokens (batch x 512 or x 256), bfloat16."""
-    d, layers, b, dt = label.split("-")
+    """``d512-L2-b8192-bf16`` -> dim 512, 2 layers, 8192 tokens (batch x 512 or x 256), bfloat16;
+    a ``-mha`` suffix: 8 kv heads (no GQA) and an MLP hidden size of 4 x dim."""
+    d, layers, b, dt, *kind = label.split("-")
     tokens = int(b[1:])
     seq = 512 if tokens >= 4096 else 256
     return {"dim": int(d[1:]), "layers": int(layers[1:]), "batch": tokens // seq, "seq": seq, "tokens": tokens,
-            "dtype": {"fp32": torch.float32, "bf16": torch.bfloat16}[dt]}
+            "dtype": {"fp32": torch.float32, "bf16": torch.bfloat16}[dt], "mha": kind == ["mha"]}
+
+
+def model_config(size: dict[str, Any]) -> LlamaConfig:
+    """The benchmark model of a size: the demo's (GQA 8/4, hidden 2.6875 x dim) or, mha, issue 13's."""
+    if size.get("mha"):
+        return LlamaConfig(dim=size["dim"], n_layers=size["layers"], n_heads=8, n_kv_heads=8,
+                           hidden_dim=4 * size["dim"], max_seq_len=size["seq"])
+    return LlamaConfig(dim=size["dim"], n_layers=size["layers"], n_heads=8, n_kv_heads=4,
+                       hidden_dim=int(size["dim"] * 2.6875), max_seq_len=size["seq"])
 
 
 def rss() -> int:
@@ -137,9 +166,9 @@ def compile_variant(model: torch.nn.Module, v: Variant, tag: int) -> Callable[..
         return model(tokens, targets)
 
     run.__code__ = run.__code__.replace(co_name=f"run_variant_{tag}")
-    if v.ratio is None:
+    if v.targets is None:
         return torch.compile(run, backend="inductor")
-    return torch.compile(run, backend="pamm", options={"ratio": v.ratio})
+    return torch.compile(run, backend="pamm", options=v.options)
 
 
 def step(fn: Callable[..., torch.Tensor], model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> None:
@@ -151,9 +180,9 @@ def step(fn: Callable[..., torch.Tensor], model: torch.nn.Module, tokens: torch.
 def qkv_bytes(v: Variant, saved: list[tuple[tuple[int, ...], torch.dtype, int]], size: dict[str, Any]) -> int | None:
     """Bytes of the QKV input as saved: plain layers*b*n; pamm the compressed (C, f, alpha) found by shape."""
     b, n, layers = size["tokens"], size["dim"], size["layers"]
-    if v.ratio is None:
+    if v.targets is None:
         return None if v.budget is not None else layers * b * n * size["dtype"].itemsize
-    k = PammConfig(ratio=v.ratio).num_generators(b)
+    k = PammConfig(**v.options).num_generators(b, "qkv")
     c = [e for e in saved if e[0] == (k, n) and e[1] == size["dtype"]]
     f = [e for e in saved if e[0] == (b,) and e[1] == torch.int32]
     a = [e for e in saved if e[0] == (b,) and e[1] == torch.float32]
@@ -162,10 +191,10 @@ def qkv_bytes(v: Variant, saved: list[tuple[tuple[int, ...], torch.dtype, int]],
     return sum(e[2] for e in c + f + a[:layers])
 
 
-def run_size(label: str, rounds: int, warmup: int) -> dict[str, Any]:
+def run_size(label: str, rounds: int, warmup: int, variants: list[Variant],
+             hooks: tuple[str | None, str | None] = (None, None)) -> dict[str, Any]:
     size = parse_size(label)
-    cfg = LlamaConfig(dim=size["dim"], n_layers=size["layers"], n_heads=8, n_kv_heads=4,
-                      hidden_dim=int(size["dim"] * 2.6875), max_seq_len=size["seq"])
+    cfg = model_config(size)
     torch.manual_seed(0)
     base = Llama(cfg).to(size["dtype"])
     gen = torch.Generator().manual_seed(0)
@@ -173,7 +202,7 @@ def run_size(label: str, rounds: int, warmup: int) -> dict[str, Any]:
     targets = torch.randint(0, 256, (size["batch"], size["seq"]), generator=gen)
     results: dict[str, dict[str, Any]] = {}
     live: dict[str, tuple[torch.nn.Module, Callable[..., torch.Tensor]]] = {}
-    for tag, v in enumerate(VARIANTS):
+    for tag, v in enumerate(variants):
         model = copy.deepcopy(base)
         fn = compile_variant(model, v, tag)
         t0 = time.perf_counter()
@@ -206,13 +235,15 @@ def run_size(label: str, rounds: int, warmup: int) -> dict[str, Any]:
             "variant": v.__dict__, "compile_s": compile_s, "saved_bytes": m.nbytes,
             "qkv_bytes": qkv_bytes(v, m.tensors, size), "rss_after_forward_bytes": after_fwd - before,
             "peak_rss_step_bytes": pk.peak - before_peak,
-            "k": None if v.ratio is None else PammConfig(ratio=v.ratio).num_generators(size["tokens"]),
+            "k": None if v.targets is None else PammConfig(**v.options).num_generators(size["tokens"]),
             "saved_tensors": [[list(s), str(d), nb] for s, d, nb in m.tensors],
         }
         live[v.name] = (model, fn)
         print(f"  {v.name}: compiled+warm-up {compile_s:.1f} s, saved {m.nbytes / 2**20:.2f} MiB", flush=True)
     times: dict[str, list[float]] = {name: [] for name in live}
     names = list(live)
+    if hooks[0]:
+        subprocess.run(hooks[0], shell=True, check=False)
     for r in range(rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
@@ -221,6 +252,8 @@ def run_size(label: str, rounds: int, warmup: int) -> dict[str, Any]:
             step(fn, model, tokens, targets)
             times[name].append(time.perf_counter() - t0)
         print(f"  round {r + 1}/{rounds}: " + " ".join(f"{n}={times[n][-1] * 1e3:.0f}ms" for n in names), flush=True)
+    if hooks[1]:
+        subprocess.run(hooks[1], shell=True, check=False)
     for name in names:
         p20, med, p80 = spread(times[name])
         results[name].update({"step_s": times[name], "median_s": med, "p20_s": p20, "p80_s": p80})
@@ -276,8 +309,8 @@ def report(out: Path = OUT, plot: bool = True) -> None:
             if "error" in r or not base:
                 continue
             v = r["variant"]
-            color = "black" if name == "plain" else ("tab:red" if v["ratio"] and v["budget"]
-                                                      else "tab:blue" if v["ratio"] else "tab:green")
+            color = "black" if name == "plain" else ("tab:red" if v["targets"] and v["budget"]
+                                                      else "tab:blue" if v["targets"] else "tab:green")
             x, y = r["median_s"] / base["median_s"], r["saved_bytes"] / 2**20
             ax.errorbar(x, y, xerr=[[x - r["p20_s"] / base["median_s"]], [r["p80_s"] / base["median_s"] - x]],
                         fmt="o", color=color, capsize=2)
@@ -299,11 +332,18 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7, help="timed interleaved rounds (default 7)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant, compile included")
     p.add_argument("--force", action="store_true", help="rerun sizes that have results")
+    p.add_argument("--extra", action="store_true", help="also pamm all at k = b/64 (min_generators=16), alone and "
+                   "with budget 0.5")
+    p.add_argument("--sites", action="store_true", help="also pamm on one site family at a time")
+    p.add_argument("--before-timing", help="shell command run before the timed rounds of each size (e.g. to pause "
+                   "other jobs sharing the machine; compilation and memory measurements do not need it)")
+    p.add_argument("--after-timing", help="shell command run after the timed rounds (e.g. to resume those jobs)")
     args = parse_common_args(p, OUT)
 
     def run(label: str) -> dict:
         t0 = time.perf_counter()
-        result = run_size(label, args.rounds, args.warmup)
+        variants = VARIANTS + (EXTRA if args.extra else []) + (SITE_VARIANTS if args.sites else [])
+        result = run_size(label, args.rounds, args.warmup, variants, (args.before_timing, args.after_timing))
         torch._dynamo.reset()
         gc.collect()
         result["bench_wall_s"] = time.perf_counter() - t0

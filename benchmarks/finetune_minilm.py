@@ -40,7 +40,7 @@ from pamm_fx.testing import capture_rewrites  # noqa: E402
 
 OUT = RESULTS / "finetune_minilm"
 PACKAGES = ["asyncio", "email", "importlib", "logging", "xml", "multiprocessing", "unittest", "http"]
-DEFAULT_RUNS = ["plain-s0", "pamm-1/512-s0", "pamm-1/64-s0", "plain-s1"]
+DEFAULT_RUNS = ["plain-s0", "pamm-1/512-s0", "pamm-1/64-s0", "plain-s1", "all-s0", "all-s1"]
 
 
 def docstring_dataset(per_class: int = 200, seed: int = 0) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
@@ -115,7 +115,10 @@ def train_one(label: str, args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModel, AutoTokenizer
 
     parts = label.split("-")
-    ratio, seed = (None if parts[0] == "plain" else parts[1]), int(parts[-1][1:])
+    seed = int(parts[-1][1:])
+    # plain-s0 | pamm-1/64-s0 (qkv at a ratio, old runs) | all-s0 / qkv-s0 (targets at the defaults)
+    ratio = None if parts[0] == "plain" else parts[1] if parts[0] == "pamm" else "defaults"
+    options = {} if parts[0] == "plain" else {"ratio": ratio} if parts[0] == "pamm" else {"targets": parts[0]}
     train, test = docstring_dataset()
     tok = AutoTokenizer.from_pretrained(model_dir())
     tr, te = encode(tok, train, args.max_len), encode(tok, test, args.max_len)
@@ -126,8 +129,8 @@ def train_one(label: str, args: argparse.Namespace) -> dict[str, Any]:
     if ratio is None:
         fn, k = torch.compile(model, backend="inductor"), None
     else:
-        fn = torch.compile(model, backend="pamm", options={"ratio": ratio})
-        k = PammConfig(ratio=ratio).num_generators(b)
+        fn = torch.compile(model, backend="pamm", options=options)
+        k = PammConfig(**options).num_generators(b)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed + 1000)
@@ -161,7 +164,8 @@ def train_one(label: str, args: argparse.Namespace) -> dict[str, Any]:
             print(f"  {label}: step {step + 1}/{args.steps} train {loss.item():.4f} test loss {test_curve[-1][1]:.4f} "
                   f"acc {test_curve[-1][2]:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     test_loss, test_acc = test_curve[-1][1:]
-    return {"label": label, "ratio": ratio, "seed": seed, "k": k, "tokens_per_step": b, "steps": args.steps,
+    return {"label": label, "ratio": ratio, "options": options, "seed": seed, "k": k, "tokens_per_step": b,
+            "steps": args.steps,
             "pamm_groups_rewritten": groups, "train_examples": len(train), "test_examples": len(test),
             "saved_for_backward_bytes": saved, "test_loss": test_loss, "test_acc": test_acc,
             "train_curve": curve, "test_curve": test_curve, "wall_s": time.perf_counter() - t0,
@@ -174,18 +178,19 @@ def report(out: Path = OUT) -> None:
     if not runs:
         print("no results yet")
         return
-    runs.sort(key=lambda r: (r["ratio"] is not None, r["ratio"] or "", r["seed"]))
+    runs.sort(key=lambda r: (r["ratio"] is not None, str(r["ratio"] or ""), r["seed"]))
     base = {r["seed"]: r for r in runs if r["ratio"] is None}
     rows = []
     for r in runs:
         same = base.get(r["seed"])
         rows.append([
-            "plain torch.compile" if r["ratio"] is None else f"pamm {r['ratio']}", r["seed"],
+            "plain torch.compile" if r["ratio"] is None else f"pamm {r['ratio']}" if r["ratio"] != "defaults"
+            else f"pamm targets={r['options']['targets']!r} (defaults)", r["seed"],
             r["k"] if r["k"] is not None else "-", r["pamm_groups_rewritten"], r["steps"],
             f"{r['test_acc'] * 100:.2f}", f"{(r['test_acc'] - same['test_acc']) * 100:+.2f}" if same else "-",
             f"{r['test_loss']:.4f}", f"{r['saved_for_backward_bytes'] / 2**20:.1f}", f"{r['wall_s'] / 60:.1f}",
         ])
-    print(markdown_table(["run", "seed", "k", "QKV groups rewritten", "steps", "test acc %", "vs plain same seed (pts)",
+    print(markdown_table(["run", "seed", "k", "groups rewritten", "steps", "test acc %", "vs plain same seed (pts)",
                           "test loss", "saved MiB", "min"], rows))
 
 

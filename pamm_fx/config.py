@@ -23,15 +23,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["num_generators", "PammConfig", "SITES", "TARGETS", "OPTIONS", "defaults", "resolve"]
+__all__ = ["num_generators", "PammConfig", "SITES", "SITE_FAMILIES", "TARGETS", "OPTIONS", "defaults", "resolve"]
 
-#: Valid values of the ``targets`` option (also the keys of its dict form): ``"qkv"`` the inputs of
-#: attention's Q/K/V projections, ``"mlp"`` the inputs of an MLP's up/gate and down projections,
-#: ``"all"`` every trainable linear (in a dict: every site not named otherwise).
-TARGETS = ("qkv", "mlp", "all")
-#: The site a group is classified as (:attr:`pamm_fx.passes.match.Group.site`); "other" is any
-#: trainable linear that is neither, compressed only by ``"all"``.
-SITES = ("qkv", "mlp", "other")
+#: The site a projection is classified as (:mod:`pamm_fx.passes.structure`): attention's Q/K/V
+#: projections, attention's output projection, an MLP's up/gate and down projections, a head
+#: feeding the loss (LM head, classifier), anything else.
+SITES = ("qkv", "attn_out", "mlp_up", "mlp_down", "head", "other")
+#: Names that stand for several sites in ``targets``.
+SITE_FAMILIES = {"mlp": ("mlp_up", "mlp_down"), "all": SITES}
+#: Valid values of the ``targets`` option (also the keys of its dict form): a site, ``"mlp"`` (both
+#: MLP sites) or ``"all"`` (every trainable linear; in a dict, every site not named otherwise).
+TARGETS = ("qkv", "attn_out", "mlp", "mlp_up", "mlp_down", "head", "other", "all")
 
 # Ratios are kept as exact fractions p/q so that k = ceil(p*b/q) is integer
 # arithmetic on (possibly symbolic) b; floats like 1/3 are snapped to the nearest
@@ -159,12 +161,15 @@ class PammConfig:
         return Fraction(self.ratio).limit_denominator(_MAX_DENOMINATOR)
 
     def site_ratio(self, site: str) -> Fraction | None:
-        """The ratio for groups of ``site`` (one of :data:`SITES`), or None where it is not a target."""
+        """The ratio for groups of ``site`` (one of :data:`SITES`), or None where it is not a target.
+
+        The most specific name wins: ``{"all": 1/64, "mlp": 1/16, "mlp_down": 1/4}``.
+        """
         named = {self.targets: None} if isinstance(self.targets, str) else dict(self.targets)
-        if site in named:
-            ratio = named[site]
-        elif "all" in named:
-            ratio = named["all"]
+        for name in (site, *(f for f, members in SITE_FAMILIES.items() if site in members and f != "all"), "all"):
+            if name in named:
+                ratio = named[name]
+                break
         else:
             return None
         return self.ratio_fraction if ratio is None else Fraction(ratio).limit_denominator(_MAX_DENOMINATOR)

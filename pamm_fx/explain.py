@@ -86,6 +86,7 @@ class GroupInfo:
     saved_bytes_after: int
     wgrad_flops_before: int
     wgrad_flops_after: int
+    site: str = "qkv"
     notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -244,7 +245,7 @@ def _mib(n: int) -> str:
 def _group_lines(i: int, g: GroupInfo) -> list[str]:
     ratio = g.saved_bytes_before / max(g.saved_bytes_after, 1)
     speed = g.wgrad_flops_before / max(g.wgrad_flops_after, 1)
-    lines = [f"  group {i}: X={g.x} {g.x_type}  b={g.b} n={g.n}  ratio={g.ratio}  {g.k_formula}"]
+    lines = [f"  group {i} ({g.site}): X={g.x} {g.x_type}  b={g.b} n={g.n}  ratio={g.ratio}  {g.k_formula}"]
     width = max(len(p.weight) for p in g.projections)
     for p in g.projections:
         bias = f" + {p.bias}" if p.bias else ""
@@ -304,6 +305,7 @@ def _group(p: Plan, g: Group) -> GroupInfo:
         saved_bytes_after=est.saved_bytes_after,
         wgrad_flops_before=est.wgrad_flops_before,
         wgrad_flops_after=est.wgrad_flops_after,
+        site=g.site,
     )
     if est.dynamic:
         info.notes.append(f"b = {est.b_expr} changes from call to call: k is decided on every call by the op "

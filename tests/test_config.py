@@ -42,7 +42,7 @@ def test_bad_ratio_names_valid_range(ratio):
         ({"eps": float("nan")}, r"'eps' must be a float >= 0"),
         ({"min_tokens": 0}, r"'min_tokens' must be an int >= 1"),
         ({"min_generators": 0}, r"'min_generators' must be an int >= 1"),
-        ({"targets": "everything"}, r"'targets' must be one of \['qkv', 'mlp', 'all'\]"),
+        ({"targets": "everything"}, r"'targets' must be one of \['qkv', 'attn_out', 'mlp', 'mlp_up', 'mlp_down', 'head', 'other', 'all'\]"),
     ],
 )
 def test_bad_options(options, match):
@@ -105,8 +105,8 @@ def test_env_sets_each_option(monkeypatch, var, text, name, value):
         ("PAMM_EPS", "nan", r"'eps' must be a float >= 0"),
         ("PAMM_MIN_TOKENS", "1.5", r"'min_tokens' must be an int >= 1"),
         ("PAMM_MIN_GENERATORS", "0", r"'min_generators' must be an int >= 1"),
-        ("PAMM_TARGETS", "everything", r"'targets' must be one of \['qkv', 'mlp', 'all'\]"),
-        ("PAMM_TARGETS", "qkv,mpl", r"unknown site 'mpl'; valid sites are \['qkv', 'mlp', 'all'\]"),
+        ("PAMM_TARGETS", "everything", r"'targets' must be one of \['qkv', 'attn_out', 'mlp', 'mlp_up', 'mlp_down', 'head', 'other', 'all'\]"),
+        ("PAMM_TARGETS", "qkv,mpl", r"unknown site 'mpl'; valid sites are \['qkv', 'attn_out', 'mlp', 'mlp_up', 'mlp_down', 'head', 'other', 'all'\]"),
         ("PAMM_TARGETS", '{"qkv": 2}', r"ratio of targets\['qkv'\] must be in \(0, 1\]"),
         ("PAMM_TARGETS", "{qkv: 1/256}", r"'targets' must be one of"),
     ],

@@ -203,3 +203,15 @@ def test_rewritten_graph_takes_no_cpu_input_when_x_is_elsewhere() -> None:
     assert placeholders and all(v.device.type == "meta" for v in placeholders)
     seed = pamm_fx.compiler._SeedSource(None, torch.device("meta"))()
     assert seed.device.type == "meta" and seed.dtype == torch.int64
+
+
+def test_disabled_checks_are_restored_and_unknown_names_refused() -> None:
+    from pamm_fx.passes import checks
+
+    before = [c.name for c in checks.PROJECTION_CHECKS]
+    with checks.disabled("lora_b"):
+        assert "lora_b" not in [c.name for c in checks.PROJECTION_CHECKS]
+    assert [c.name for c in checks.PROJECTION_CHECKS] == before
+    with pytest.raises(ValueError, match=r"unknown pamm check\(s\) \['lora'\]; valid checks are \["):
+        with checks.disabled("lora"):
+            pass

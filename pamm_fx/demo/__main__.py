@@ -1,10 +1,12 @@
-"""Train a small LLaMA-style model on real text with and without PAMM, side by side.
+"""Train a small LLaMA-style model on real text: plain torch.compile, pamm, and pamm + a memory budget.
 
-``python -m pamm_fx.demo`` trains two identical models (same initial weights,
-same batches, interleaved step by step) on the standard library's docstrings:
-one with plain ``torch.compile`` (Inductor), one with ``backend="pamm"``. It prints
-the bytes saved for backward (measured with ``saved_tensors_hooks``), the median
-step time of each and their ratio, and the train and validation losses.
+``python -m pamm_fx.demo`` trains three identical models (same initial weights, same
+batches, interleaved step by step) on the standard library's docstrings: plain
+``torch.compile`` (Inductor), ``backend="pamm"`` at the defaults (or ``--targets``), and
+the same pamm stacked with Inductor's ``activation_memory_budget`` (``--budget``; 0 leaves
+it out). It prints the bytes saved for backward (measured with ``saved_tensors_hooks``),
+the median step time of each and its ratio to plain, the train and validation losses, and
+the number of generators k each compressed group actually used (read from the plan).
 """
 
 from __future__ import annotations
@@ -14,14 +16,17 @@ import copy
 import statistics
 import sys
 import time
-from fractions import Fraction
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from pamm_fx.config import PammConfig
+import pamm_fx.config
 from pamm_fx.demo.data import batches, byte_dataset
 from pamm_fx.demo.llama import Llama, LlamaConfig
 from pamm_fx.demo.measure import saved_for_backward
+from pamm_fx.testing import capture_rewrites
 
 __all__ = ["main"]
 
@@ -31,52 +36,97 @@ def _mib(n: int) -> str:
 
 
 @torch.no_grad()
-def _validation_loss(model: Llama, val: torch.Tensor, batch: int, seq: int) -> float:
-    gen = torch.Generator().manual_seed(1234)
-    losses = [model(*batches(val, batch, seq, gen)).item() for _ in range(4)]
-    return sum(losses) / len(losses)
+def _validation_loss(model: Llama, val: torch.Tensor, seq: int, windows: int = 128) -> float:
+    """Mean loss over the first ``windows`` fixed windows of the held-out split."""
+    rows = val[: windows * seq + 1]
+    x, y = rows[:-1].view(windows, seq).long(), rows[1:].view(windows, seq).long()
+    return sum(model(x[i : i + 32], y[i : i + 32]).item() for i in range(0, windows, 32)) / len(range(0, windows, 32))
+
+
+def _compile(model: Llama, options: dict[str, Any] | None, budget: float | None, tag: int
+             ) -> Callable[..., torch.Tensor]:
+    """The compiled model, through a function with a code object of its own.
+
+    Dynamo caches compiled code per code object, and its guards (backend included, compared by
+    value) do not tell two copies of one model apart: without a fresh code object the budget
+    variant would reuse pamm's graph, partitioned without the budget. The budget is read by the
+    partitioner at the first call, so that call is made inside the config patch.
+    """
+
+    def run(tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return model(tokens, targets)
+
+    run.__code__ = run.__code__.replace(co_name=f"demo_variant_{tag}")
+    fn = torch.compile(run, backend="inductor" if options is None else "pamm", options=options)
+    if budget is None:
+        return fn
+
+    def with_budget(tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with torch._functorch.config.patch(activation_memory_budget=budget):
+            return fn(tokens, targets)
+
+    return with_budget
+
+
+def _ks(records: list[Any]) -> str:
+    """The k of every compressed group, as "k=256 x 9", from the plans the backend made."""
+    ks = Counter(r.plan.estimate(g).k for r in records for g in r.plan.groups)
+    return ", ".join(f"k={k} x {n} group{'s' * (n > 1)}" for k, n in sorted(ks.items())) or "no group compressed"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pamm_fx.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40, help="training steps per model (default 40)")
-    parser.add_argument("--ratio", default="1/64", help="PAMM compression ratio (default 1/64)")
+    parser.add_argument("--targets", default=None, help=f"pamm targets (default: the backend's, "
+                        f"{pamm_fx.config.defaults.targets!r}); one of {list(pamm_fx.config.TARGETS)}")
+    parser.add_argument("--budget", type=float, default=0.5,
+                        help="activation_memory_budget stacked with pamm in the third model (0: no third model)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    pamm = PammConfig(ratio=str(args.ratio), seed=args.seed)
+    options: dict[str, Any] = {"seed": args.seed}
+    if args.targets is not None:
+        options["targets"] = args.targets
+    config = pamm_fx.config.resolve(options)
     warmup = min(3, max(args.steps - 1, 0))
 
     train, val = byte_dataset()
     cfg = LlamaConfig(dim=args.dim, n_layers=args.layers, n_heads=8, n_kv_heads=4, hidden_dim=int(args.dim * 2.6875))
     torch.manual_seed(args.seed)
-    models = {"plain torch.compile": Llama(cfg)}
-    models[f"pamm (ratio {Fraction(pamm.ratio_fraction)})"] = copy.deepcopy(models["plain torch.compile"])
-    compiled = {
-        name: torch.compile(m, backend="inductor" if i == 0 else "pamm", options=None if i == 0 else pamm.__dict__)
-        for i, (name, m) in enumerate(models.items())
-    }
+    first = Llama(cfg)
+    pamm_name = f"pamm (targets={config.targets!r})"
+    variants: dict[str, tuple[dict[str, Any] | None, float | None]] = {"plain torch.compile": (None, None),
+                                                                        pamm_name: (options, None)}
+    if args.budget:
+        variants[f"pamm + budget {args.budget:g}"] = (options, args.budget)
+    models = {name: first if i == 0 else copy.deepcopy(first) for i, name in enumerate(variants)}
+    compiled = {name: _compile(models[name], o, bud, i) for i, (name, (o, bud)) in enumerate(variants.items())}
     opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-3) for name, m in models.items()}
     b = args.batch * args.seq
     print(
-        f"model: {sum(p.numel() for p in models['plain torch.compile'].parameters()) / 1e6:.2f}M params, "
-        f"{args.layers} layers, dim {args.dim}, {b} tokens/step (k = {pamm.num_generators(b)} generators); "
-        f"data: {len(train) / 1e6:.2f} MB of stdlib docstrings; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads",
+        f"model: {sum(p.numel() for p in first.parameters()) / 1e6:.2f}M params, {args.layers} layers, dim "
+        f"{args.dim}, {b} tokens/step; pamm options: ratio={config.ratio_fraction}, min_generators="
+        f"{config.min_generators}, targets={config.targets!r}; data: {len(train) / 1e6:.2f} MB of stdlib "
+        f"docstrings; torch {torch.__version__}, {torch.get_num_threads()} threads",
         flush=True,
     )
     gen = torch.Generator().manual_seed(args.seed)
     times: dict[str, list[float]] = {name: [] for name in models}
     saved: dict[str, int] = {}
     losses: dict[str, float] = {}
+    groups: dict[str, str] = {}
     for step in range(args.steps):
         tokens, targets = batches(train, args.batch, args.seq, gen)
         for name, fn in compiled.items():
             start = time.perf_counter()
-            if step == warmup:
+            if step == 0:
+                with capture_rewrites() as records:
+                    loss = fn(tokens, targets)
+                groups[name] = _ks(records) if variants[name][0] is not None else "-"
+            elif step == warmup:
                 measured = saved_for_backward(lambda fn=fn, t=tokens, y=targets: fn(t, y), models[name])
                 saved[name], loss = measured.nbytes, measured.output
             else:
@@ -91,22 +141,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"step {step + 1:>3}/{args.steps}  {line}", flush=True)
 
     names = list(models)
-    base, ours = names
+    base = names[0]
     median = {n: statistics.median(times[n][warmup:]) for n in names}
-    vals = {n: _validation_loss(models[n], val, args.batch, args.seq) for n in names}
-    rows = [
-        ("saved for backward", _mib(saved[base]), _mib(saved[ours]), f"{saved[ours] / saved[base] - 1:+.1%}"),
-        ("median step time", f"{median[base] * 1e3:.0f} ms", f"{median[ours] * 1e3:.0f} ms",
-         f"{median[ours] / median[base]:.3f}x"),
-        ("final train loss", f"{losses[base]:.4f}", f"{losses[ours]:.4f}", f"{losses[ours] / losses[base] - 1:+.2%}"),
-        ("validation loss", f"{vals[base]:.4f}", f"{vals[ours]:.4f}", f"{vals[ours] / vals[base] - 1:+.2%}"),
-    ]
-    width = [max(len(r[i]) for r in rows + [("", base, ours, "pamm vs plain")]) for i in range(4)]
+    vals = {n: _validation_loss(models[n], val, args.seq) for n in names}
+
+    rows = [("generators k", *(groups.get(n, "-") for n in names))]
+    rows.append(("saved for backward", *(_mib(saved[n]) + ("" if n == base else f" ({saved[n] / saved[base] - 1:+.1%})")
+                                         for n in names)))
+    rows.append(("median step time", *(f"{median[n] * 1e3:.0f} ms" + ("" if n == base else
+                                       f" ({median[n] / median[base]:.3f}x)") for n in names)))
+    rows.append(("final train loss", *(f"{losses[n]:.4f}" for n in names)))
+    rows.append(("validation loss", *(f"{vals[n]:.4f}" + ("" if n == base else f" ({vals[n] / vals[base] - 1:+.2%})")
+                                      for n in names)))
+    header = ("", *names)
+    width = [max(len(r[i]) for r in [*rows, header]) for i in range(len(header))]
     print()
-    print("  ".join(h.ljust(w) for h, w in zip(("", base, ours, "pamm vs plain"), width)))
+    print("  ".join(h.ljust(w) for h, w in zip(header, width)))
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, width)))
-    print(f"\n(medians over steps {warmup + 1}-{args.steps}; the first steps include compilation)")
+    print(f"\n(medians over steps {warmup + 1}-{args.steps}; the first steps include compilation; a "
+          f"{args.steps}-step run is too short for the losses to say anything about quality: see docs/benchmarks.md)")
     return 0
 
 

@@ -18,8 +18,9 @@ group (the candidates that passed, keyed by X, compute dtype, region and ratio).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from fractions import Fraction
 
 import torch
@@ -37,6 +38,7 @@ __all__ = [
     "Check",
     "GroupDraft",
     "compute_dtype",
+    "disabled",
     "is_parameter",
 ]
 
@@ -82,6 +84,23 @@ def _check(table: list[Check], name: str, doc: str) -> Callable[[Callable[..., s
         return fn
 
     return register
+
+
+@contextlib.contextmanager
+def disabled(*names: str) -> Iterator[None]:
+    """Run without the named checks, for measuring what a rule is worth (benchmarks, tests); never
+    for training: the checks that guard correctness (grad mode, parameters, sizes) exist for a reason."""
+    known = {c.name for c in PROJECTION_CHECKS + GROUP_CHECKS}
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise ValueError(f"unknown pamm check(s) {unknown}; valid checks are {sorted(known)}")
+    saved = list(PROJECTION_CHECKS), list(GROUP_CHECKS)
+    PROJECTION_CHECKS[:] = [c for c in saved[0] if c.name not in names]
+    GROUP_CHECKS[:] = [c for c in saved[1] if c.name not in names]
+    try:
+        yield
+    finally:
+        PROJECTION_CHECKS[:], GROUP_CHECKS[:] = saved
 
 
 def _base_weight(node: object) -> object:
@@ -198,13 +217,21 @@ def _attention(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | No
     return "output does not feed attention (targets='qkv')"
 
 
-@_check(PROJECTION_CHECKS, "not_target", "its site (qkv, mlp, other) is one of the targets")
+@_check(PROJECTION_CHECKS, "not_target", "its site (pamm_fx.config.SITES) is one of the targets")
 def _target(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | None:
     if config.site_ratio(c.site) is not None:
         return None
     return f"site '{c.site}' is not in targets={config.targets!r}"
 
 
+
+
+@_check(PROJECTION_CHECKS, "lora_b", "it is not a LoRA B, whose X is its A's r-wide output")
+def _lora_b(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | None:
+    if not c.adapter_b:
+        return None
+    return ("a LoRA B: its X is A's r-wide output, small next to A's X, and its gradient is the adapter's "
+            "update (measured in docs/benchmarks.md, LoRA)")
 
 
 # --- group checks: (draft, config) -> reason or None --------------------------------------------

@@ -28,7 +28,7 @@ from fractions import Fraction
 import torch
 from torch import fx
 
-from pamm_fx.config import PammConfig
+from pamm_fx.config import SITES, PammConfig
 from pamm_fx.names import fmt_value, param_name
 from pamm_fx.passes import checks
 from pamm_fx.passes.fxutil import hint, val
@@ -56,7 +56,7 @@ class Projection:
 class Group:
     """Trainable projections reading ``x`` in one region and compute dtype, compressed together.
 
-    site: ``qkv`` if any member feeds attention, else ``mlp`` or ``other`` (:data:`pamm_fx.config.SITES`);
+    site: the first of :data:`pamm_fx.config.SITES` among its members' sites (``qkv`` if any feeds attention);
     ratio: the generator ratio every member's site gets; dtype: the compute dtype under autocast, else None.
     """
 
@@ -100,7 +100,7 @@ def _keeps_x_saved(c: Candidate, gm: fx.GraphModule) -> bool:
 
 def _site(members: list[Candidate]) -> str:
     sites = {c.site for c in members}
-    return next(s for s in ("qkv", "mlp", "other") if s in sites)
+    return next(s for s in SITES if s in sites)
 
 
 def _projection(c: Candidate) -> Projection:

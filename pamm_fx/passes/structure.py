@@ -6,18 +6,26 @@ the grad-mode/autocast region it runs in, the site its output feeds (attention, 
 anything else) and whether it sits inside a checkpointed region. It decides nothing::
 
             X ──┬── linear(X, Wq) ── view ── transpose ── rope ──┐
-                ├── linear(X, Wk) ── view ── transpose ── rope ──┼── attention      site "qkv"
-                ├── linear(X, Wv) ── view ── transpose ──────────┘
-                └── linear(X, Wup) ── silu ── linear(·, Wdown)                      site "mlp"
+                ├── linear(X, Wk) ── view ── transpose ── rope ──┼── attention ── linear(·, Wo)
+                ├── linear(X, Wv) ── view ── transpose ──────────┘   "qkv"        "attn_out"
+                └── linear(X, Wup) ── silu ── linear(·, Wdown)
+                    "mlp_up"                  "mlp_down"
+            H ── linear(H, Wlm) ── cross_entropy                                  "head"
 
 Sites are per projection, not per X: in a parallel block (GPT-J, Falcon) one X feeds both
 attention and the MLP, and ``targets="qkv"`` must not compress the MLP's input projection.
 
 - ``qkv``: the output reaches an attention op (SDPA, flex attention, or a matmul next to a
   softmax) through at most :data:`ATTENTION_HOPS` ops that are not themselves heavy;
-- ``mlp``: linear -> pointwise ops with a nonlinearity -> another linear's X (both ends are
-  "mlp": the up/gate projection and the down projection), within :data:`MLP_HOPS` ops;
+- ``mlp_up`` / ``mlp_down``: linear -> pointwise ops with a nonlinearity -> another linear's X
+  within :data:`MLP_HOPS` ops: the up/gate projections and the down projection;
+- ``attn_out``: X is an attention op's output, at most :data:`ATTENTION_HOPS` light ops back;
+- ``head``: the output reaches a loss or the graph's output through at most :data:`HEAD_HOPS`
+  ops and no other linear (an LM head, a classifier);
 - ``other``: any other linear.
+
+Sites are what ``targets`` selects (:data:`pamm_fx.config.SITES`); their cost and their effect
+on training differ (docs/benchmarks.md, the per-site study), so each can be chosen alone.
 
 A LoRA pair ``B(A(x)) * s`` is classified by where B's output goes.
 """
@@ -35,7 +43,7 @@ from torch import fx
 from pamm_fx.names import param_name
 from pamm_fx.passes.fxutil import hint, is_linear, op_name, val
 
-__all__ = ["ATTENTION_HOPS", "LORA_HOPS", "MLP_HOPS", "Candidate", "Region", "find_candidates", "regions"]
+__all__ = ["ATTENTION_HOPS", "HEAD_HOPS", "LORA_HOPS", "MLP_HOPS", "Candidate", "Region", "find_candidates", "regions"]
 
 #: How many ops may sit between a projection and the attention it feeds: views, transposes,
 #: RoPE written out (slices, mul, cat, add), dtype casts, GQA head repeats (expand, reshape).
@@ -44,6 +52,13 @@ ATTENTION_HOPS = 32
 #: Ops allowed between an MLP's up/gate projection and its down projection: GPT-2's tanh GELU
 #: written out is ~8, plus views, dropout and the gating mul.
 MLP_HOPS = 16
+#: Ops allowed between a head and the loss or output it feeds (casts, views, a softcap, a slice).
+HEAD_HOPS = 8
+#: Calls that end a head's walk: losses and what they are written with.
+_LOSSES = frozenset({
+    "cross_entropy", "nll_loss", "log_softmax", "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss",
+    "binary_cross_entropy", "binary_cross_entropy_with_logits", "kl_div", "softmax",
+})
 #: Ops allowed between a LoRA A and its B (peft: ``B(A(dropout(x))) * scaling``; casts or dropout).
 LORA_HOPS = 3
 
@@ -89,7 +104,8 @@ class Candidate:
 
     checkpoint: the checkpoint higher-order op's name when the linear runs inside one (its node then
     belongs to the region's subgraph); weight_name: the parameter name as the user knows it, taken
-    now because Dynamo drops the source metadata after compilation.
+    now because Dynamo drops the source metadata after compilation; adapter_b: a LoRA B, whose X
+    is its A's r-wide output.
     """
 
     node: fx.Node
@@ -100,6 +116,7 @@ class Candidate:
     site: str
     weight_name: str
     checkpoint: str | None = None
+    adapter_b: bool = False
 
 
 def regions(graph: fx.Graph, grad_enabled: bool) -> dict[fx.Node, Region]:
@@ -177,6 +194,30 @@ def _feeds_attention(node: fx.Node) -> bool:
     return False
 
 
+def _reads_attention(node: fx.Node) -> bool:
+    """X comes out of an attention op through light ops (transposes, views, a gate): ``attn_out``."""
+    x = node.args[0]
+    if not isinstance(x, fx.Node):
+        return False
+    return _is_attention(x) or _near(x, _is_attention, forward=False)
+
+
+def _feeds_loss(node: fx.Node) -> bool:
+    """The output reaches a loss or the graph's output within :data:`HEAD_HOPS` ops, no linear between."""
+    seen = {node}
+    queue = deque([(node, 0)])
+    while queue:
+        cur, depth = queue.popleft()
+        for user in cur.users:
+            if user.op == "output" or op_name(user) in _LOSSES:
+                return True
+            if user in seen or is_linear(user) or _is_matmul(user) or depth + 1 >= HEAD_HOPS:
+                continue
+            seen.add(user)
+            queue.append((user, depth + 1))
+    return False
+
+
 def _reached_linears(start: fx.Node) -> list[tuple[fx.Node, bool]]:
     """Linears whose X ``start``'s output reaches through pointwise ops (at most :data:`MLP_HOPS`),
     each with whether a nonlinearity was passed on the way."""
@@ -200,14 +241,15 @@ def _reached_linears(start: fx.Node) -> list[tuple[fx.Node, bool]]:
     return found
 
 
-def _mlp_links(linears: list[fx.Node]) -> set[fx.Node]:
-    """Linears at either end of an MLP: a down projection is a linear whose X is reached from another
-    linear through a nonlinearity; every linear reaching a down projection's X through pointwise ops
-    is an up projection (SwiGLU's up reaches it only through the gating mul, without an activation)."""
+def _mlp_links(linears: list[fx.Node]) -> dict[fx.Node, str]:
+    """Linears at either end of an MLP, as ``mlp_up`` or ``mlp_down``: a down projection is a linear
+    whose X is reached from another linear through a nonlinearity; every linear reaching a down
+    projection's X through pointwise ops is an up projection (SwiGLU's up reaches it only through
+    the gating mul, without an activation)."""
     reached = {lin: _reached_linears(lin) for lin in linears}
     downs = {user for found in reached.values() for user, act in found if act}
     ups = {lin for lin, found in reached.items() if any(user in downs for user, _ in found)}
-    return ups | downs
+    return {**{d: "mlp_down" for d in downs}, **{u: "mlp_up" for u in ups}}
 
 
 def _in_out(node: fx.Node) -> tuple[int, int] | None:
@@ -243,12 +285,18 @@ def _low_rank_partners(node: fx.Node) -> list[fx.Node]:
     return partners
 
 
-def _site(node: fx.Node, mlp_ends: set[fx.Node]) -> str:
+def _site(node: fx.Node, mlp_ends: dict[fx.Node, str]) -> str:
+    """The site of a linear; a LoRA pair takes B's site (where the adapted projection's output goes)."""
     nodes = [node, *_low_rank_partners(node)]
     if any(_feeds_attention(n) for n in nodes):
         return "qkv"
-    if any(n in mlp_ends for n in nodes):
-        return "mlp"
+    for n in nodes:
+        if n in mlp_ends:
+            return mlp_ends[n]
+    if _reads_attention(node):
+        return "attn_out"
+    if any(_feeds_loss(n) for n in nodes):
+        return "head"
     return "other"
 
 
@@ -283,11 +331,13 @@ def find_candidates(gm: fx.GraphModule, grad_enabled: bool) -> list[Candidate]:
     where = regions(gm.graph, grad_enabled)
     linears = [n for n in gm.graph.nodes if is_linear(n)]
     mlp_ends = _mlp_links(linears)
+    adapter_bs = {b for lin in linears for b in _low_rank_partners(lin)}
     out: list[Candidate] = []
     for node in gm.graph.nodes:
         if is_linear(node):
             x, w, b = (list(node.args) + [None, None])[:3]
-            out.append(Candidate(node, x, w, b, where[node], _site(node, mlp_ends), _weight_name(gm, w)))
+            out.append(Candidate(node, x, w, b, where[node], _site(node, mlp_ends), _weight_name(gm, w),
+                                 adapter_b=node in adapter_bs))
         elif node.op == "call_function" and op_name(node) in _CHECKPOINT_HOPS:
             out.extend(_checkpointed(gm, node, where[node]))
     return out
