@@ -28,7 +28,7 @@ from torch import fx
 
 from pamm_fx.config import PammConfig, num_generators
 from pamm_fx.passes.fxutil import hint, is_static, op_name, rows, val
-from pamm_fx.passes.structure import Candidate
+from pamm_fx.passes.structure import Candidate, attention_output_of
 
 __all__ = [
     "AUTOCAST_DTYPES",
@@ -272,6 +272,15 @@ def _saved_anyway(d: GroupDraft, config: PammConfig) -> str | None:
     names = ", ".join(sorted({c.weight_name for c in d.exact_readers}))
     return (f"X is saved for backward anyway, for the weight gradient of {names} (left exact), so compressing "
             "it would add memory instead of saving it")
+
+
+@_check(GROUP_CHECKS, "no_saving", "X is not an attention output that attention's backward saves anyway")
+def _attention_output(d: GroupDraft, config: PammConfig) -> str | None:
+    attention = attention_output_of(d.x)
+    if attention is None:
+        return None
+    return (f"X is the attention output ({attention.name}) up to transposes and reshapes; the attention's "
+            "backward saves it anyway, so compressing it would save no memory")
 
 
 @_check(GROUP_CHECKS, "in_place", "X is not modified in place")

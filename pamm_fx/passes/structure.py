@@ -43,7 +43,10 @@ from torch import fx
 from pamm_fx.names import param_name
 from pamm_fx.passes.fxutil import hint, is_linear, op_name, val
 
-__all__ = ["ATTENTION_HOPS", "HEAD_HOPS", "LORA_HOPS", "MLP_HOPS", "Candidate", "Region", "find_candidates", "regions"]
+__all__ = [
+    "ATTENTION_HOPS", "HEAD_HOPS", "LORA_HOPS", "MLP_HOPS", "Candidate", "Region", "attention_output_of",
+    "find_candidates", "regions",
+]
 
 #: How many ops may sit between a projection and the attention it feeds: views, transposes,
 #: RoPE written out (slices, mul, cat, add), dtype casts, GQA head repeats (expand, reshape).
@@ -192,6 +195,36 @@ def _feeds_attention(node: fx.Node) -> bool:
             if not heavy and depth + 1 < ATTENTION_HOPS:
                 queue.append((user, depth + 1))
     return False
+
+
+#: Steps that only rearrange or cast a tensor: a consumer's X built from a saved tensor by these is
+#: recomputed from it by the partitioner, not saved on its own.
+_REARRANGE = frozenset({
+    "view", "reshape", "transpose", "permute", "contiguous", "flatten", "unflatten", "squeeze", "unsqueeze",
+    "to", "float", "half", "bfloat16", "type", "clone", "_unsafe_view",
+})
+
+
+def attention_output_of(x: object) -> fx.Node | None:
+    """The SDPA or flex attention whose output ``x`` is, up to transposes, reshapes and casts.
+
+    Their backward saves that output (with the log-sum-exp), so an ``attn_out`` projection's X
+    costs nothing extra to keep: compressing it saves no memory (measured: docs/benchmarks.md).
+    A hand-written attention (matmul, softmax, matmul) saves the probabilities instead, not this.
+    """
+    node, hops = x, 0
+    while isinstance(node, fx.Node) and hops <= ATTENTION_HOPS:
+        if node.op == "call_function" and (node.target in _SDPA or "flex_attention" in
+                                           getattr(node.target, "__name__", str(node.target))):
+            return node
+        if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+            node = node.args[0]  # flex attention returns (out, lse)
+        elif op_name(node) in _REARRANGE and node.args and isinstance(node.args[0], fx.Node):
+            node = node.args[0]
+        else:
+            return None
+        hops += 1
+    return None
 
 
 def _reads_attention(node: fx.Node) -> bool:
