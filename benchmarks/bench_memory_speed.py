@@ -94,18 +94,18 @@ class Variant:
 
     @property
     def options(self) -> dict[str, Any]:
-        opts: dict[str, Any] = {"targets": self.targets}
+        opts: dict[str, Any] = {} if self.targets == "defaults" else {"targets": self.targets}
         if self.min_generators is not None:
             opts["min_generators"] = self.min_generators
         return opts
 
 
 VARIANTS = [
-    Variant(), Variant("qkv"), Variant("all"),
+    Variant(), Variant("defaults"), Variant("qkv"), Variant("all"),
     Variant(None, 0.8), Variant(None, 0.5), Variant(None, 0.2),
     Variant("all", 0.8), Variant("all", 0.5), Variant("all", 0.2),
 ]
-EXTRA = [Variant("all", None, 16), Variant("all", 0.5, 16)]
+EXTRA = [Variant("all", None, 16), Variant("all", 0.5, 16), Variant("defaults", 0.5)]
 #: One site family at a time (``--sites``): what each costs and saves.
 SITE_VARIANTS = [Variant(site) for site in ("attn_out", "mlp_up", "mlp_down", "head")]
 
@@ -335,6 +335,8 @@ def main() -> None:
     p.add_argument("--extra", action="store_true", help="also pamm all at k = b/64 (min_generators=16), alone and "
                    "with budget 0.5")
     p.add_argument("--sites", action="store_true", help="also pamm on one site family at a time")
+    p.add_argument("--only", help="comma-separated variant names to run (of all the above), e.g. "
+                   "'plain,pamm defaults,pamm all,pamm all + budget 0.5'")
     p.add_argument("--before-timing", help="shell command run before the timed rounds of each size (e.g. to pause "
                    "other jobs sharing the machine; compilation and memory measurements do not need it)")
     p.add_argument("--after-timing", help="shell command run after the timed rounds (e.g. to resume those jobs)")
@@ -343,6 +345,12 @@ def main() -> None:
     def run(label: str) -> dict:
         t0 = time.perf_counter()
         variants = VARIANTS + (EXTRA if args.extra else []) + (SITE_VARIANTS if args.sites else [])
+        if args.only:
+            every = {v.name: v for v in VARIANTS + EXTRA + SITE_VARIANTS}
+            unknown = sorted(set(args.only.split(",")) - set(every))
+            if unknown:
+                raise SystemExit(f"unknown variant(s) {unknown}; valid: {sorted(every)}")
+            variants = [every[name] for name in args.only.split(",")]
         result = run_size(label, args.rounds, args.warmup, variants, (args.before_timing, args.after_timing))
         torch._dynamo.reset()
         gc.collect()

@@ -13,11 +13,14 @@ Each op is put in one bucket, by name and by the shapes of its operands:
 - *the rest*: every other kernel (norms, RoPE, SwiGLU, softmax cross-entropy, copies).
 
     python benchmarks/profile_step.py --threads 1 [--size d512-L2-b4096-fp32-mha] [--steps 3]
+
+The variants run the code as it is now: ``"all"`` leaves an SDPA output projection exact.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -81,7 +84,8 @@ def buckets(name: str, shapes: list[Any], calls: float, weights: dict[tuple[int,
     return {"the rest": 1.0}
 
 
-def profile_variant(name: str, options: dict[str, Any] | None, size: dict[str, Any], steps: int) -> dict[str, Any]:
+def profile_variant(name: str, options: dict[str, Any] | None, size: dict[str, Any], steps: int,
+                    hooks: tuple[str | None, str | None] = (None, None)) -> dict[str, Any]:
     torch.manual_seed(0)
     model = Llama(model_config(size)).to(size["dtype"])
     gen = torch.Generator().manual_seed(0)
@@ -97,9 +101,13 @@ def profile_variant(name: str, options: dict[str, Any] | None, size: dict[str, A
 
     for _ in range(3):
         step()
+    if hooks[0]:
+        subprocess.run(hooks[0], shell=True, check=False)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(steps):
             step()
+    if hooks[1]:
+        subprocess.run(hooks[1], shell=True, check=False)
     weights: dict[tuple[int, int], int] = defaultdict(int)
     for prm in model.parameters():
         if prm.dim() == 2:
@@ -125,13 +133,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", default="d512-L2-b4096-fp32-mha")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--before-timing", help="shell command run before the profiled steps (e.g. pause other jobs)")
+    p.add_argument("--after-timing", help="shell command run after them (e.g. resume those jobs)")
     args = parse_common_args(p, OUT)
     size = parse_size(args.size)
     torch._inductor.config.cpp.enable_kernel_profile = True
     results = []
     for name, options in VARIANTS.items():
         print(f"profiling {name} ...", flush=True)
-        results.append(profile_variant(name, options, size, args.steps))
+        results.append(profile_variant(name, options, size, args.steps, (args.before_timing, args.after_timing)))
     write_json(args.out / f"{args.size}.json", {"size": args.size, "variants": results, "machine": machine()})
     base = sum(results[0]["ms_per_step"].values())
     rows = []

@@ -52,11 +52,8 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "site-mlp_up": {"targets": "mlp_up"},
     "site-mlp_down": {"targets": "mlp_down"},
     "site-head": {"targets": "head"},
-    # candidate fixes
-    "all-nohead": {"targets": ["qkv", "attn_out", "mlp"]},
-    "all-k512": {"targets": "all", "min_generators": 512},
-    "all-nodown": {"targets": ["qkv", "attn_out", "mlp_up", "head"]},
-    "all-k16": {"targets": "all", "min_generators": 16},
+    # the fix: only the sites that held quality one at a time
+    "qkv-head": {"targets": ["qkv", "head"]},
 }
 
 
