@@ -182,6 +182,8 @@ def qkv_bytes(v: Variant, saved: list[tuple[tuple[int, ...], torch.dtype, int]],
     b, n, layers = size["tokens"], size["dim"], size["layers"]
     if v.targets is None:
         return None if v.budget is not None else layers * b * n * size["dtype"].itemsize
+    if v.targets not in ("qkv", "all", "defaults"):
+        return None  # another site's C has the same shape
     k = PammConfig(**v.options).num_generators(b, "qkv")
     c = [e for e in saved if e[0] == (k, n) and e[1] == size["dtype"]]
     f = [e for e in saved if e[0] == (b,) and e[1] == torch.int32]
