@@ -131,3 +131,8 @@ def shapes_as_first_compile() -> Any:
     compiled before at other sizes (``torch._dynamo.config.automatic_dynamic_shapes``), without
     resetting Dynamo (which would throw away the user's compiled graphs)."""
     return torch._dynamo.config.patch(automatic_dynamic_shapes=False)
+
+
+def activation_memory_budget() -> float:
+    """The budget the min-cut partitioner will use for this compile (1.0: recompute only what is free)."""
+    return float(torch._functorch.config.activation_memory_budget)

@@ -69,3 +69,11 @@ def test_must_save_tag_reaches_the_traced_node() -> None:
     (sin,) = [n for n in gm.graph.nodes if n.target is torch.ops.aten.sin.default]
     assert sin.meta["recompute"] == CheckpointPolicy.MUST_SAVE
     _compat.tag_must_save(torch.ones(1))  # outside a trace: nothing to tag, no error
+
+
+def test_activation_memory_budget_is_read_from_functorch_config() -> None:
+    from pamm_fx import _compat
+
+    assert _compat.activation_memory_budget() == 1.0
+    with torch._functorch.config.patch(activation_memory_budget=0.3):
+        assert _compat.activation_memory_budget() == 0.3

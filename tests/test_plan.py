@@ -215,3 +215,23 @@ def test_disabled_checks_are_restored_and_unknown_names_refused() -> None:
     with pytest.raises(ValueError, match=r"unknown pamm check\(s\) \['lora'\]; valid checks are \["):
         with checks.disabled("lora"):
             pass
+
+
+def test_attention_output_is_compressed_only_under_a_memory_budget() -> None:
+    """Without a budget SDPA keeps its output for its backward, so o_proj's X costs nothing extra;
+    under a budget the partitioner may recompute the attention, and compressing X saves memory."""
+    found: dict[float, tuple[list[str], list[str]]] = {}
+
+    for budget in (1.0, 0.5):
+
+        def capture(gm: torch.fx.GraphModule, example_inputs: list, budget: float = budget) -> object:
+            p = plan(gm, example_inputs, pamm_fx.PammConfig(targets="attn_out", min_tokens=1, min_generators=1))
+            found[budget] = ([g.site for g in p.groups],
+                             [r.category for r in p.rejections if "o_proj" in r.weight_name])
+            return gm.forward
+
+        torch._dynamo.reset()
+        with torch._functorch.config.patch(activation_memory_budget=budget):
+            torch.compile(Llama(TINY), backend=capture)(_tokens(), _tokens())
+    assert found[1.0] == ([], ["no_saving"])
+    assert found[0.5] == (["attn_out"], [])

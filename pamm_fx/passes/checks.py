@@ -26,6 +26,7 @@ from fractions import Fraction
 import torch
 from torch import fx
 
+from pamm_fx import _compat
 from pamm_fx.config import PammConfig, num_generators
 from pamm_fx.passes.fxutil import hint, is_static, op_name, rows, val
 from pamm_fx.passes.structure import Candidate, attention_output_of
@@ -274,10 +275,13 @@ def _saved_anyway(d: GroupDraft, config: PammConfig) -> str | None:
             "it would add memory instead of saving it")
 
 
-@_check(GROUP_CHECKS, "no_saving", "X is not an attention output that attention's backward saves anyway")
+@_check(GROUP_CHECKS, "no_saving", "X is not an attention output that attention's backward saves anyway "
+        "(without an activation_memory_budget)")
 def _attention_output(d: GroupDraft, config: PammConfig) -> str | None:
     attention = attention_output_of(d.x)
-    if attention is None:
+    if attention is None or _compat.activation_memory_budget() < 1:
+        # Under a memory budget the partitioner may recompute the attention in the backward; then
+        # the output is not kept and compressing X does save memory (measured: docs/benchmarks.md).
         return None
     return (f"X is the attention output ({attention.name}) up to transposes and reshapes; the attention's "
             "backward saves it anyway, so compressing it would save no memory")
