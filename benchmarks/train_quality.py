@@ -6,9 +6,9 @@ on the stdlib-docstring corpus for 600 steps of 2,048 tokens with AdamW at torch
 ``--beta2 0.95 --weight-decay 0.1 --schedule cosine --warmup 80`` is the LLaMA-style recipe
 (docs/benchmarks.md: PAMM fares much worse under it). Every variant runs with several seeds; a seed fixes
 the initial weights and PAMM's row draws. The batch sequence is the same for every run (its own
-fixed seed): with a new sample of 1.2M tokens per seed, plain's seed-to-seed spread was 0.95%
+fixed seed): with a new sample of 1.2M tokens per seed (and the LLaMA recipe), plain's seed-to-seed spread was 0.95%
 (1.5439 vs 1.5586), three times the 0.3% this study must resolve. The final validation loss is
-taken over the *whole* held-out split (about 195k bytes in fixed windows, no sampling), so it
+taken over the *whole* held-out split (88,890 bytes in 347 fixed windows, no sampling), so it
 carries no evaluation noise; what is left is the seed-to-seed spread of training itself,
 reported next to every mean.
 
