@@ -179,8 +179,9 @@ def _is_attention(node: fx.Node) -> bool:
     return False
 
 
-def _feeds_attention(node: fx.Node) -> bool:
-    """Breadth-first through the projection's consumers until an attention op or a heavy op."""
+def _reaches(node: fx.Node, found: Callable[[fx.Node], bool], stop: Callable[[fx.Node], bool], hops: int) -> bool:
+    """Breadth-first through ``node``'s consumers: whether one satisfying ``found`` comes within ``hops``
+    ops, not walking past a consumer that satisfies ``stop``."""
     seen = {node}
     queue = deque([(node, 0)])
     while queue:
@@ -189,12 +190,17 @@ def _feeds_attention(node: fx.Node) -> bool:
             if user in seen:
                 continue
             seen.add(user)
-            if _is_attention(user):
+            if found(user):
                 return True
-            heavy = user.op == "output" or is_linear(user) or _is_matmul(user) or _is_softmax(user)
-            if not heavy and depth + 1 < ATTENTION_HOPS:
+            if not stop(user) and depth + 1 < hops:
                 queue.append((user, depth + 1))
     return False
+
+
+def _feeds_attention(node: fx.Node) -> bool:
+    """The projection's output reaches an attention op before any heavy op."""
+    heavy = lambda n: n.op == "output" or is_linear(n) or _is_matmul(n) or _is_softmax(n)  # noqa: E731
+    return _reaches(node, _is_attention, heavy, ATTENTION_HOPS)
 
 
 #: Steps that only rearrange or cast a tensor: a consumer's X built from a saved tensor by these is
@@ -237,18 +243,8 @@ def _reads_attention(node: fx.Node) -> bool:
 
 def _feeds_loss(node: fx.Node) -> bool:
     """The output reaches a loss or the graph's output within :data:`HEAD_HOPS` ops, no linear between."""
-    seen = {node}
-    queue = deque([(node, 0)])
-    while queue:
-        cur, depth = queue.popleft()
-        for user in cur.users:
-            if user.op == "output" or op_name(user) in _LOSSES:
-                return True
-            if user in seen or is_linear(user) or _is_matmul(user) or depth + 1 >= HEAD_HOPS:
-                continue
-            seen.add(user)
-            queue.append((user, depth + 1))
-    return False
+    loss = lambda n: n.op == "output" or op_name(n) in _LOSSES  # noqa: E731
+    return _reaches(node, loss, lambda n: is_linear(n) or _is_matmul(n), HEAD_HOPS)
 
 
 def _reached_linears(start: fx.Node) -> list[tuple[fx.Node, bool]]:
