@@ -27,7 +27,8 @@ def assign(x: Tensor, c: Tensor, eps: float = math.inf) -> tuple[Tensor, Tensor]
 
     x: (b, n), c: (k, n), any floating dtype; accumulation is float32.
     Returns f (b,) int32 and alpha (b,) float32 with X~_i = alpha_i * c[f_i].
-    Ties go to the smallest generator index. Zero-norm generators never win over
+    Ties in the computed scores go to the smallest generator index (the Triton kernel
+    promises the same on its own float32 scores, which may round exact ties apart). Zero-norm generators never win over
     a non-zero one and give alpha = 0; all-zero rows get f = 0, alpha = 0.
     With a finite ``eps``, rows with ||X_i - X~_i|| > eps * ||X_i|| get alpha = 0
     and the kept rows are rescaled by b / (b - dropped).

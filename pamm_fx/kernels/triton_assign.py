@@ -3,8 +3,12 @@
 One program owns BLOCK_B rows of X and walks the k generators in BLOCK_K tiles,
 keeping a running (best score, index, dot) per row, so no b x k similarity matrix
 exists anywhere. Dot products accumulate in float32. Semantics are those of
-:func:`pamm_fx.kernels.reference.assign` (ties to the smallest index, zero-norm
-generators score 0, all-zero rows get f = 0 and alpha = 0, the eps/beta rule).
+:func:`pamm_fx.kernels.reference.assign` (zero-norm generators score 0, all-zero rows
+get f = 0 and alpha = 0, the eps/beta rule). Ties: f maximises the *computed* float32
+score, and among bitwise-equal computed scores it is the smallest index (a later tile
+wins only when strictly greater). Scores that are equal in exact arithmetic, e.g.
+duplicate generators in different tiles, may round apart because ``tl.dot``'s summation
+order belongs to the backend, so either copy may win; both give the same X~.
 When k fits one tile (k <= BLOCK_K = 128) X is read exactly once, also with a
 finite eps (the row norms are summed during the first tile's pass). Pointer
 offsets are int64, so tensors past 2^31 elements (or a transposed X whose column
