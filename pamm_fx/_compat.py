@@ -12,20 +12,98 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch._dynamo
+import torch._logging
 
 __all__ = [
+    "NN_LINEAR",
+    "NN_SDPA",
+    "DynamoException",
+    "activation_memory_budget",
+    "aot_eager_compile",
+    "artifact_logger",
     "compile_id",
     "compile_id_text",
     "detect_fake_mode",
+    "dynamo_counters",
+    "explain_backend",
+    "fake_mode_of",
     "forward_ad_active",
+    "inductor_compile",
     "inductor_mode_options",
     "init_logs_with",
+    "observe_pass",
     "outside_tracing",
-    "shapes_as_first_compile",
     "register_inductor_decomposition",
-    "tag_must_save",
     "register_log_alias",
+    "shapes_as_first_compile",
+    "tag_must_save",
+    "trace_artifact",
 ]
+
+#: How Dynamo records ``F.linear`` / an inlined ``nn.Linear`` in a graph (``torch._C._nn.linear``).
+NN_LINEAR = torch._C._nn.linear
+#: How Dynamo records ``F.scaled_dot_product_attention`` (``torch._C._nn.scaled_dot_product_attention``).
+NN_SDPA = torch._C._nn.scaled_dot_product_attention
+#: Dynamo's own control-flow exceptions (``torch._dynamo.exc.TorchDynamoException``): never a failure of ours.
+DynamoException = torch._dynamo.exc.TorchDynamoException
+
+
+def dynamo_counters() -> Any:
+    """Dynamo's counter table (``torch._dynamo.utils.counters``): torch's counter dumps show our entry and
+    ``torch._dynamo.reset()`` clears it."""
+    return torch._dynamo.utils.counters
+
+
+def inductor_compile(gm: Any, example_inputs: list[Any], patches: dict[str, Any]) -> Any:
+    """Inductor on an FX graph with config ``patches`` (``torch._inductor.compile_fx.compile_fx``)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs, config_patches=patches or None)
+
+
+def aot_eager_compile(gm: Any, example_inputs: list[Any], patches: dict[str, Any]) -> Any:
+    """AOTAutograd without Inductor (``torch._dynamo.backends.debugging.aot_eager``), under the Inductor
+    config ``patches`` (the decompositions AOTAutograd traces read that config too)."""
+    from torch._dynamo.backends.debugging import aot_eager
+    from torch._inductor import config
+
+    with config.patch(patches):
+        return aot_eager(gm, example_inputs)
+
+
+def explain_backend(backend: Any) -> Any:
+    """A Dynamo backend that runs ``backend`` and collects graph-break reasons in ``.break_reasons``
+    (``torch._dynamo.backends.debugging.ExplainWithBackend``)."""
+    from torch._dynamo.backends.debugging import ExplainWithBackend
+
+    return ExplainWithBackend(backend)
+
+
+def fake_mode_of(value: Any) -> Any:
+    """The FakeTensorMode of a fake tensor (``torch._subclasses.FakeTensor``), else None."""
+    return value.fake_mode if isinstance(value, torch._subclasses.FakeTensor) else None
+
+
+def observe_pass(gm: Any, name: str) -> Any:
+    """A context that records ``gm`` before and after a pass for ``TORCH_LOGS``/tlparse and Inductor's
+    provenance tracking (``torch.fx.passes.graph_transform_observer``, not covered by torch's BC policy)."""
+    from torch.fx.passes.graph_transform_observer import GraphTransformObserver
+
+    return GraphTransformObserver(gm, name)
+
+
+def artifact_logger(module: str, artifact: str) -> Any:
+    """The logger of a registered ``TORCH_LOGS`` artifact (``torch._logging.getArtifactLogger``)."""
+    return torch._logging.getArtifactLogger(module, artifact)
+
+
+def trace_artifact(name: str, payload: Any) -> None:
+    """A string artifact for ``TORCH_TRACE`` / tlparse, next to the compile's own (``torch._logging.trace_structured``);
+    ``payload`` is called only when tracing is on."""
+    torch._logging.trace_structured(
+        "artifact", metadata_fn=lambda: {"name": name, "encoding": "string"}, payload_fn=payload
+    )
 
 
 def detect_fake_mode(inputs: Sequence[Any]) -> Any:

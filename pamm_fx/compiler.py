@@ -16,13 +16,11 @@ import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import fx
 
-from pamm_fx import _compat
+from pamm_fx import _compat, seed
 from pamm_fx import logs as _logs
 from pamm_fx.config import PammConfig, resolve
-from pamm_fx.passes.rewrite import seed_example
 from pamm_fx.plan import Plan, apply, plan
 
 __all__ = [
@@ -42,13 +40,13 @@ _COUNTER_KEYS = ("graphs", "groups_rewritten", "linears_skipped", "fallbacks")
 
 
 class _Counters(Mapping[str, int]):
-    """Process totals, kept in ``torch._dynamo.utils.counters["pamm"]`` (so torch's counter dumps show
-    them and ``torch._dynamo.reset()`` clears them with Dynamo's own): graphs compiled, groups
+    """Process totals, kept in Dynamo's counter table under "pamm" (:func:`pamm_fx._compat.dynamo_counters`:
+    torch's counter dumps show them and Dynamo's reset clears them with its own): graphs compiled, groups
     rewritten, linears left exact, fallbacks to the captured graph."""
 
     @staticmethod
     def _store() -> collections.Counter:
-        return torch._dynamo.utils.counters["pamm"]
+        return _compat.dynamo_counters()["pamm"]
 
     def __getitem__(self, key: str) -> int:
         if key not in _COUNTER_KEYS:
@@ -67,7 +65,7 @@ class _Counters(Mapping[str, int]):
 
 counters = _Counters()
 #: The same counts for each graph compiled, newest last (the last 1000 kept), with Dynamo's compile id
-#: ("0/0", "1/0" after a graph break, as tlparse shows it; ids restart after ``torch._dynamo.reset()``).
+#: ("0/0", "1/0" after a graph break, as tlparse shows it; ids restart when Dynamo is reset).
 counters_by_compile: collections.deque[dict[str, Any]] = collections.deque(maxlen=1000)
 
 Observer = Callable[[Plan, "fx.GraphModule | None"], None]
@@ -83,35 +81,16 @@ def remove_observer(fn: Observer) -> None:
     _observers.remove(fn)
 
 
-class _SeedSource:
-    """A fresh int64 seed per call, drawn on the device the groups run on (no host round trip).
-
-    ``seed=None`` draws from that device's global generator (``torch.manual_seed`` makes runs
-    repeat); an int seeds a private generator on that device once.
-    """
-
-    def __init__(self, seed: int | None, device: torch.device) -> None:
-        self._device = device
-        self._gen = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-
-    def __call__(self) -> torch.Tensor:
-        return torch.randint(0, 2**62, (), generator=self._gen, device=self._device)
-
-
 Inner = Callable[[fx.GraphModule, Sequence[Any], dict[str, Any]], Callable]
 
 
 def _inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], patches: dict[str, Any]) -> Callable:
-    from torch._inductor.compile_fx import compile_fx
-
-    return compile_fx(gm, list(example_inputs), config_patches=patches or None)
+    return _compat.inductor_compile(gm, list(example_inputs), patches)
 
 
 def _aot_eager(gm: fx.GraphModule, example_inputs: Sequence[Any], patches: dict[str, Any]) -> Callable:
     """AOTAutograd without Inductor: our rewrite, then the joint graph run op by op (for bisecting)."""
-    from torch._dynamo.backends.debugging import aot_eager
-
-    return aot_eager(gm, list(example_inputs))
+    return _compat.aot_eager_compile(gm, list(example_inputs), patches)
 
 
 def _bump(per_compile: dict[str, Any], key: str, n: int = 1) -> None:
@@ -155,8 +134,8 @@ def _compile(
         return inner(gm, example_inputs, patches)
     fake_mode = _compat.detect_fake_mode(example_inputs)
     try:
-        compiled = inner(new, [*example_inputs, seed_example(fake_mode, p.seed_device)], patches)
-    except torch._dynamo.exc.TorchDynamoException:
+        compiled = inner(new, [*example_inputs, seed.example(fake_mode, p.seed_device)], patches)
+    except _compat.DynamoException:
         raise  # Dynamo's own control flow (e.g. RestartAnalysis from Inductor's scalar pass), not a failure
     except Exception:
         # Not our graph's fault as far as we know, but never fail a compile Inductor could do without us.
@@ -167,7 +146,7 @@ def _compile(
         return inner(gm, example_inputs, patches)
     _notify(p, new)
     _bump(mine, "groups_rewritten", len(p.groups))
-    seeds = _SeedSource(config.seed, p.seed_device)
+    seeds = seed.Source(config.seed, p.seed_device)
 
     def run(*args: Any) -> Any:
         return compiled(*args, seeds())

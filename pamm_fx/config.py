@@ -184,8 +184,11 @@ class PammConfig:
 
     def num_generators(self, b: int, site: str | None = None) -> int:
         """k for b rows at ``site``'s ratio (the formula the graph evaluates on SymInts)."""
-        frac = (self.site_ratio(site) if site is not None else None) or self.ratio_fraction
-        return num_generators(b, frac.numerator, frac.denominator, self.min_generators, self.min_tokens)
+        return self.generators_at(b, (self.site_ratio(site) if site is not None else None) or self.ratio_fraction)
+
+    def generators_at(self, b: Any, ratio: Fraction) -> Any:
+        """k for b rows at ``ratio`` (a group's), with this config's floors."""
+        return num_generators(b, ratio.numerator, ratio.denominator, self.min_generators, self.min_tokens)
 
 
 #: The option names, in PammConfig field order; ``PAMM_<NAME.upper()>`` sets each from the environment.

@@ -29,12 +29,12 @@ from typing import Any
 import torch
 from torch import fx
 
-from pamm_fx import _compat
-from pamm_fx.config import PammConfig, resolve
+from pamm_fx.capture import capture
+from pamm_fx.config import resolve
 from pamm_fx.names import fmt_value, param_name
 from pamm_fx.passes.fxutil import is_linear, val
 from pamm_fx.passes.match import Group, Rejection
-from pamm_fx.plan import Plan, apply, plan
+from pamm_fx.plan import Plan, apply
 
 __all__ = [
     "ACCEPT_ENV",
@@ -279,15 +279,20 @@ def _outputs(gm: fx.GraphModule) -> set[fx.Node]:
                                        if a.op == "call_function" and a.target is operator.getitem}
 
 
-def _skip(gm: fx.GraphModule, rej: Rejection) -> SkipInfo:
-    """A skip, refined to "graph break" when X itself leaves the graph (:func:`explain` undoes it without breaks)."""
-    category, reason = rej.category, rej.reason
-    x = rej.node.args[0]
-    if category == "no_attention" and x in _outputs(gm):
-        category = "graph_break"
-        reason = ("a graph break splits its group: X is an output of this graph, so the projections of X after "
-                  "the break are in another graph and this one does not reach attention here")
-    return SkipInfo(rej.weight_name, category, reason)
+def _skip(rej: Rejection, x_is_output: bool, graph_breaks: bool) -> SkipInfo:
+    """A skip as reported: when X itself leaves the graph, the reason says a graph break may split its
+    group, and the category is ``graph_break`` when Dynamo did break the model (:func:`explain` knows
+    the breaks only after the whole capture, so this is decided then, once)."""
+    if rej.category != "no_attention" or not x_is_output:
+        return SkipInfo(rej.weight_name, rej.category, rej.reason)
+    return SkipInfo(rej.weight_name, "graph_break" if graph_breaks else rej.category,
+                    "a graph break splits its group: X is an output of this graph, so the projections of X after "
+                    "the break are in another graph and this one does not reach attention here")
+
+
+#: The :class:`~pamm_fx.plan.Estimate` fields a :class:`GroupInfo` reports as they are.
+_ESTIMATE_FIELDS = ("b", "n", "k", "saved_bytes_before", "saved_bytes_after", "wgrad_flops_before",
+                    "wgrad_flops_after")
 
 
 def _group(p: Plan, g: Group) -> GroupInfo:
@@ -295,17 +300,11 @@ def _group(p: Plan, g: Group) -> GroupInfo:
     info = GroupInfo(
         x=g.x.name,
         x_type=fmt_value(val(g.x)),
-        b=est.b,
-        n=est.n,
         projections=[ProjectionInfo(q.weight_name, q.bias_name, q.out_features) for q in g.projections],
         ratio=f"{g.ratio.numerator}/{g.ratio.denominator}",
-        k=est.k,
         k_formula=f"{est.k_formula} = {est.k}",
-        saved_bytes_before=est.saved_bytes_before,
-        saved_bytes_after=est.saved_bytes_after,
-        wgrad_flops_before=est.wgrad_flops_before,
-        wgrad_flops_after=est.wgrad_flops_after,
         site=g.site,
+        **{f: getattr(est, f) for f in _ESTIMATE_FIELDS},
     )
     if est.dynamic:
         info.notes.append(f"b = {est.b_expr} changes from call to call: k is decided on every call by the op "
@@ -366,24 +365,25 @@ def _code(gm: fx.GraphModule) -> str:
 
 
 class _Collector:
-    """A Dynamo backend: the backend's own :func:`plan` and :func:`apply` on each graph, a
-    :class:`GraphReport` of them, then the graph runs as captured (no Inductor, no backward)."""
+    """Builds a :class:`GraphReport` from each graph's :class:`~pamm_fx.plan.Plan` (and the rewritten
+    copy :func:`apply` makes) while :func:`pamm_fx.capture.capture` runs; skips are finished once the
+    graph breaks are known (:meth:`finish`)."""
 
-    def __init__(self, config: PammConfig) -> None:
-        self.config = config
+    def __init__(self) -> None:
         self.graphs: list[GraphReport] = []
+        self._rejections: list[list[tuple[Rejection, bool]]] = []
 
-    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
-        # Names come from Dynamo's placeholder metadata, which it drops after compiling: plan now.
-        p = plan(gm, example_inputs, self.config)
+    def __call__(self, p: Plan, gm: fx.GraphModule) -> None:
         report = GraphReport(
             index=len(self.graphs),
-            compile_id=_compat.compile_id_text() or "?",
+            compile_id=p.compile_id or "?",
             groups=[_group(p, g) for g in p.groups],
-            skipped=[_skip(p.graph, r) for r in p.rejections],
+            skipped=[],
             before=_code(gm),
             error=p.error or "",
         )
+        outputs = _outputs(p.graph)
+        rejections = [(r, r.node.args[0] in outputs) for r in p.rejections]
         if p.groups:
             report.dot = _dot(report.index, p.groups)
             try:
@@ -391,13 +391,18 @@ class _Collector:
             except Exception as exc:  # the backend compiles the captured graph then: no group is rewritten
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 report.error = f"{type(exc).__name__}: {first}"
-                report.skipped[:0] = [
+                report.skipped = [
                     SkipInfo(q.weight, "rewrite_failed", f"the rewrite of its group failed ({report.error})")
                     for g in report.groups for q in g.projections
                 ]
                 report.groups = []
         self.graphs.append(report)
-        return gm.forward
+        self._rejections.append(rejections)
+
+    def finish(self, graph_breaks: bool) -> list[GraphReport]:
+        for report, rejections in zip(self.graphs, self._rejections):
+            report.skipped += [_skip(r, x_is_output, graph_breaks) for r, x_is_output in rejections]
+        return self.graphs
 
 
 def _location(reason: Any) -> str:
@@ -421,24 +426,14 @@ def explain(model: Any, *example_inputs: Any, **options: Any) -> ExplainReport:
     entry, guarded on its backend), so calling this between training steps recompiles nothing.
     ``model`` may be the module or what ``torch.compile`` returned for it.
     """
-    from torch._dynamo.backends.debugging import ExplainWithBackend
-
     config = resolve(options)
-    collector = _Collector(config)
-    wrapped = ExplainWithBackend(collector)
-    model = getattr(model, "_orig_mod", model)  # an OptimizedModule: capture the module it wraps
-    with torch.enable_grad(), _compat.shapes_as_first_compile():
-        torch.compile(model, backend=wrapped)(*example_inputs)
-    breaks = [_graph_break(r) for r in wrapped.break_reasons]
-    for graph in collector.graphs:
-        if not breaks:
-            for s in graph.skipped:
-                if s.category == "graph_break":
-                    s.category = "no_attention"
+    collector = _Collector()
+    breaks = [_graph_break(r) for r in capture(model, example_inputs, config, collector)]
+    graphs = collector.finish(bool(breaks))
     opts = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     opts["ratio"] = str(config.ratio_fraction)
     opts["eps"] = str(opts["eps"])
-    return ExplainReport(options=opts, graphs=collector.graphs, graph_breaks=breaks)
+    return ExplainReport(options=opts, graphs=graphs, graph_breaks=breaks)
 
 
 # --- comparing plans -----------------------------------------------------------------------

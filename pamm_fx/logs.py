@@ -14,7 +14,7 @@ What torch allows (checked on torch 2.13):
   ``PAMM_LOGS`` in the same syntax: ``PAMM_LOGS="+pamm"`` (INFO and graphs),
   ``PAMM_LOGS="pamm"`` (INFO), ``PAMM_LOGS="pamm_graphs"`` (graphs only).
 
-Graphs also go to ``torch._logging.trace_structured`` as ``pamm_before_graph`` /
+Graphs also go to torch's structured trace as ``pamm_before_graph`` /
 ``pamm_after_graph`` artifacts, so ``TORCH_TRACE=dir`` + ``tlparse`` shows them next to
 Inductor's graphs of the same compile id.
 """
@@ -24,8 +24,6 @@ from __future__ import annotations
 import logging
 import os
 
-import torch
-import torch._logging
 from torch import fx
 
 from pamm_fx import _compat
@@ -41,7 +39,7 @@ log = logging.getLogger(__name__)
 
 def _register() -> logging.Logger:
     _compat.register_log_alias(ALIAS, ["pamm_fx"], ARTIFACT, "pamm-fx graphs before and after the rewrite")
-    return torch._logging.getArtifactLogger("pamm_fx", ARTIFACT)
+    return _compat.artifact_logger("pamm_fx", ARTIFACT)
 
 
 graph_log = _register()
@@ -60,17 +58,9 @@ def log_graphs(before: fx.GraphModule, after: fx.GraphModule | None) -> None:
         graph_log.debug("pamm graph before rewrite:\n%s", before.print_readable(print_output=False))
         if after is not None:
             graph_log.debug("pamm graph after rewrite:\n%s", after.print_readable(print_output=False))
-    torch._logging.trace_structured(
-        "artifact",
-        metadata_fn=lambda: {"name": "pamm_before_graph", "encoding": "string"},
-        payload_fn=lambda: before.print_readable(print_output=False),
-    )
+    _compat.trace_artifact("pamm_before_graph", lambda: before.print_readable(print_output=False))
     if after is not None:
-        torch._logging.trace_structured(
-            "artifact",
-            metadata_fn=lambda: {"name": "pamm_after_graph", "encoding": "string"},
-            payload_fn=lambda: after.print_readable(print_output=False),
-        )
+        _compat.trace_artifact("pamm_after_graph", lambda: after.print_readable(print_output=False))
 
 
 configure_from_env()

@@ -23,9 +23,10 @@ from typing import Any
 import torch
 from torch import fx
 
-from pamm_fx import _compat
-from pamm_fx.config import PammConfig, num_generators
+from pamm_fx import _compat, seed
+from pamm_fx.config import PammConfig
 from pamm_fx.names import fmt_value
+from pamm_fx.passes.checks import INDEX_BYTES_PER_ROW
 from pamm_fx.passes.fxutil import hint, is_static, rows, val
 from pamm_fx.passes.match import Group, Rejection, find_groups
 from pamm_fx.passes.normalize import normalize_linears
@@ -77,18 +78,14 @@ class Plan:
 
     @property
     def seed_device(self) -> torch.device:
-        """Where the per-call seed lives: the device of the first group's X (no host round trip)."""
-        for g in self.groups:
-            xv = val(g.x)
-            if isinstance(xv, torch.Tensor):
-                return xv.device
-        return torch.device("cpu")
+        """Where the per-call seed lives (:func:`pamm_fx.seed.device_of` the groups' X)."""
+        return seed.device_of(val(g.x) for g in self.groups)
 
     def estimate(self, group: Group) -> Estimate:
         xv = val(group.x)
         b_sym, n = rows(xv), hint(xv.shape[-1])
         b = hint(b_sym)
-        k = _k(self.config, group, b)
+        k = self.config.generators_at(b, group.ratio)
         m = sum(p.out_features for p in group.projections)
         item = (group.dtype or xv.dtype).itemsize  # under autocast X is saved in the compute dtype either way
         frac, cfg = group.ratio, self.config
@@ -101,15 +98,10 @@ class Plan:
             b_expr=str(b_sym),
             k_formula=formula,
             saved_bytes_before=b * n * item,
-            saved_bytes_after=k * n * item + 8 * b,
+            saved_bytes_after=k * n * item + INDEX_BYTES_PER_ROW * b,
             wgrad_flops_before=2 * b * n * m,
             wgrad_flops_after=2 * k * n * m + 2 * b * m,
         )
-
-
-def _k(config: PammConfig, group: Group, b: int) -> int:
-    r = group.ratio
-    return num_generators(b, r.numerator, r.denominator, config.min_generators, config.min_tokens)
 
 
 def salt_base() -> int:

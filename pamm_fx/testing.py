@@ -21,14 +21,16 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import fx
 
-from pamm_fx import _compat
 from pamm_fx import compiler as _backend
+from pamm_fx.capture import capture
+from pamm_fx.config import resolve
 from pamm_fx.names import fmt_value, param_name
+from pamm_fx.ops.compress import parse as parse_compress
+from pamm_fx.ops.linear_group import parse as parse_linear_group
 from pamm_fx.passes.fxutil import val
-from pamm_fx.plan import Plan, apply, plan
+from pamm_fx.plan import Plan, apply
 
 if TYPE_CHECKING:
     from pamm_fx.explain import ExplainReport
@@ -60,11 +62,6 @@ class RewriteRecord:
     def original(self) -> fx.GraphModule:
         """The graph as Dynamo captured it."""
         return self.plan.original
-
-    @property
-    def result(self) -> Plan:
-        """The plan (``.groups``, ``.rejections``), under the name earlier versions used."""
-        return self.plan
 
 
 @contextlib.contextmanager
@@ -99,25 +96,19 @@ def describe(record: RewriteRecord) -> str:
 
 def _describe(record: RewriteRecord) -> str:
     lines: list[str] = []
-    if record.rewritten is not None:
-        for node in record.rewritten.graph.nodes:
-            if node.target is torch.ops.pamm.compress.default:
-                x, _, num, den, min_gen, _, eps, _ = node.args
-                lines.append(
-                    f"compress({_arg(x.args[0])}, ratio={num}/{den}, min_generators={min_gen}, eps={eps})"
-                    f" -> {fmt_value(val(node))}"
-                )
-            elif node.target is torch.ops.pamm.linear_group.default:
-                x, weights, biases, has_bias, *_ = node.args
-                lines.append(f"linear_group({_arg(x)})")
-                bias_iter = iter(biases)
-                outs = sorted(
-                    (u for u in node.users if u.target is operator.getitem), key=lambda u: u.args[1]
-                )
-                for w, hb, out in zip(weights, has_bias, outs):
-                    bias = f" + {param_name(next(bias_iter))}" if hb else ""
-                    users = ", ".join(sorted(u.name for u in out.users))
-                    lines.append(f"  {param_name(w)}{bias} -> {fmt_value(val(out))} -> {users}")
+    for node in record.rewritten.graph.nodes if record.rewritten is not None else ():
+        if (comp := parse_compress(node)) is not None:
+            lines.append(
+                f"compress({_arg(comp.x.args[0])}, ratio={comp.ratio.numerator}/{comp.ratio.denominator}, "
+                f"min_generators={comp.min_generators}, eps={comp.eps}) -> {fmt_value(val(node))}"
+            )
+        elif (group := parse_linear_group(node)) is not None:
+            lines.append(f"linear_group({_arg(group.x)})")
+            outs = sorted((u for u in node.users if u.target is operator.getitem), key=lambda u: u.args[1])
+            for w, b, out in zip(group.weights, group.biases, outs):
+                bias = f" + {param_name(b)}" if b is not None else ""
+                users = ", ".join(sorted(u.name for u in out.users))
+                lines.append(f"  {param_name(w)}{bias} -> {fmt_value(val(out))} -> {users}")
     for rej in record.plan.rejections:
         lines.append(f"untouched {rej.weight_name}: {rej.reason}")
     return "\n".join(lines)
@@ -126,21 +117,13 @@ def _describe(record: RewriteRecord) -> str:
 def describe_rewrites(model: Any, *inputs: Any, **options: Any) -> str:
     """:func:`describe` text of every graph Dynamo captures from ``model(*inputs)``, joined by ``---``.
 
-    Runs the backend's :func:`~pamm_fx.plan.plan` and :func:`~pamm_fx.plan.apply` but neither
-    Inductor nor the rewritten graph, so a golden test of a layout costs one Dynamo trace.
+    Runs the backend's :func:`~pamm_fx.plan.plan` and :func:`~pamm_fx.plan.apply` (through
+    :func:`pamm_fx.capture.capture`, with the config :func:`~pamm_fx.config.resolve` gives the
+    backend: ``PAMM_*`` variables and ``config.defaults`` count) but neither Inductor nor the
+    rewritten graph, so a golden test of a layout costs one Dynamo trace.
     """
-    from pamm_fx.config import PammConfig
-
-    config = PammConfig.from_options(options)
     texts: list[str] = []
-
-    def backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
-        p = plan(gm, example_inputs, config)
-        texts.append(_describe(RewriteRecord(p, apply(p))))
-        return gm.forward
-
-    with torch.enable_grad(), _compat.shapes_as_first_compile():
-        torch.compile(getattr(model, "_orig_mod", model), backend=backend)(*inputs)
+    capture(model, inputs, resolve(options), lambda p, gm: texts.append(_describe(RewriteRecord(p, apply(p)))))
     return "\n---\n".join(texts)
 
 

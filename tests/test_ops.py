@@ -7,7 +7,7 @@ import torch
 from torch.library import opcheck
 
 import pamm_fx.ops  # registers the ops
-from pamm_fx.kernels import reference
+from pamm_fx.kernels import assign, contract
 from pamm_fx.ops import num_generators, sample_generators
 
 INF = math.inf
@@ -80,7 +80,7 @@ def test_zero_rows_and_zero_generators_give_no_nan():
     c, f, alpha = _compress(x, ratio=(1, 2))
     assert torch.isfinite(alpha).all()
     assert (alpha[(x == 0).all(1)] == 0).all()
-    f2, alpha2 = reference.assign(torch.randn(10, 8), torch.zeros(3, 8))
+    f2, alpha2 = assign.reference(torch.randn(10, 8), torch.zeros(3, 8))
     assert (alpha2 == 0).all() and (f2 == 0).all()
 
 
@@ -94,8 +94,8 @@ def test_nan_rows_do_not_crash():
 def test_eps_drops_far_rows_and_rescales():
     x = torch.randn(64, 8)
     c = x[:4]
-    f_all, a_all = reference.assign(x, c, INF)
-    f_eps, a_eps = reference.assign(x, c, 0.5)
+    f_all, a_all = assign.reference(x, c, INF)
+    f_eps, a_eps = assign.reference(x, c, 0.5)
     approx = a_all[:, None] * c[f_all.long()]
     err = (x - approx).norm(dim=1) / x.norm(dim=1)
     keep = err <= 0.5
@@ -105,22 +105,23 @@ def test_eps_drops_far_rows_and_rescales():
 
 def test_ties_go_to_the_smallest_generator():
     c = torch.tensor([[1.0, 0.0], [2.0, 0.0], [-1.0, 0.0]])
-    f, alpha = reference.assign(torch.tensor([[3.0, 0.0]]), c)
+    f, alpha = assign.reference(torch.tensor([[3.0, 0.0]]), c)
     assert f.item() == 0 and alpha.item() == pytest.approx(3.0)
 
 
 def test_chunking_does_not_change_results(monkeypatch):
     x = torch.randn(300, 12)
     c = x[torch.randperm(300)[:50]]
-    f1, a1 = reference.assign(x, c)
+    f1, a1 = assign.reference(x, c)
     grads = [torch.randn(300, 5), torch.randn(300, 3)]
-    b1 = reference.contract(grads, f1, a1, 50)
-    monkeypatch.setattr(reference, "ROW_CHUNK", 7)
-    monkeypatch.setattr(reference, "GEN_CHUNK", 3)
-    f2, a2 = reference.assign(x, c)
+    b1 = contract.reference(grads, f1, a1, 50)
+    monkeypatch.setattr(assign, "ROW_CHUNK", 7)
+    monkeypatch.setattr(assign, "GEN_CHUNK", 3)
+    monkeypatch.setattr(contract, "ROW_CHUNK", 7)
+    f2, a2 = assign.reference(x, c)
     assert torch.equal(f1, f2)
     torch.testing.assert_close(a1, a2)
-    torch.testing.assert_close(reference.contract(grads, f2, a2, 50), b1)
+    torch.testing.assert_close(contract.reference(grads, f2, a2, 50), b1)
 
 
 def test_sampling_is_reproducible_and_varies_with_seed_and_salt():
@@ -271,6 +272,6 @@ def test_reference_contract_upcasts_low_precision_grads_by_row_chunk(monkeypatch
     x = torch.randn(300, 12)
     c, f, alpha = _compress(x, ratio=(1, 10))
     grads = [torch.randn(300, 5).bfloat16(), torch.randn(300, 3).bfloat16()]
-    whole = reference.contract([g.float() for g in grads], f, alpha, c.shape[0])
-    monkeypatch.setattr(reference, "ROW_CHUNK", 64)
-    torch.testing.assert_close(reference.contract(grads, f, alpha, c.shape[0]), whole)
+    whole = contract.reference([g.float() for g in grads], f, alpha, c.shape[0])
+    monkeypatch.setattr(contract, "ROW_CHUNK", 64)
+    torch.testing.assert_close(contract.reference(grads, f, alpha, c.shape[0]), whole)

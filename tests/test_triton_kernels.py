@@ -30,9 +30,9 @@ from torch._dynamo.backends.common import aot_autograd  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from pamm_fx.kernels import reference, triton_assign, triton_contract  # noqa: E402
+from pamm_fx.kernels import assign, assign_triton, contract, contract_triton  # noqa: E402
 
-_INTERPRETED = isinstance(triton_assign._assign_kernel, InterpretedFunction)
+_INTERPRETED = isinstance(assign_triton._assign_kernel, InterpretedFunction)
 if not _INTERPRETED and not torch.cuda.is_available():
     pytest.skip(
         "no GPU and the Triton kernels were imported before TRITON_INTERPRET=1 was set: run with TRITON_INTERPRET=1",
@@ -59,9 +59,9 @@ def _assert_assign(x: torch.Tensor, c: torch.Tensor, eps: float = math.inf) -> N
     f must equal the reference wherever the best and second-best scores are apart by
     more than float32 rounding; alpha must match the reference for the same f.
     """
-    f, alpha = triton_assign.assign(x.to(DEVICE), c.to(DEVICE), eps)
+    f, alpha = assign_triton.assign(x.to(DEVICE), c.to(DEVICE), eps)
     f, alpha = f.cpu(), alpha.cpu()
-    f_ref, alpha_ref = reference.assign(x, c, eps)
+    f_ref, alpha_ref = assign.reference(x, c, eps)
     assert f.dtype == torch.int32 and alpha.dtype == torch.float32
     assert torch.isfinite(alpha).all()
     norms = torch.linalg.vector_norm(c.double(), dim=1)
@@ -88,8 +88,8 @@ def test_assign_matches_reference(dtype: torch.dtype, b: int, n: int, k: int) ->
 def test_assign_eps_rule(dtype: torch.dtype) -> None:
     x = _data(97, 33, dtype=dtype)
     c = x[:5]
-    f, alpha = triton_assign.assign(x.to(DEVICE), c.to(DEVICE), 0.9)
-    f_ref, alpha_ref = reference.assign(x, c, 0.9)
+    f, alpha = assign_triton.assign(x.to(DEVICE), c.to(DEVICE), 0.9)
+    f_ref, alpha_ref = assign.reference(x, c, 0.9)
     assert 0 < int((alpha_ref == 0).sum()) < 97
     assert torch.equal(f.cpu(), f_ref)
     assert torch.equal(alpha.cpu() == 0, alpha_ref == 0)
@@ -107,8 +107,8 @@ def test_assign_ties_go_to_smallest_index() -> None:
     v, w = _data(2, 24, dtype=torch.float32, seed=3)
     c = torch.stack([w, v, -v, 2 * v, v, w])
     x = torch.stack([v, -3 * v, 0.5 * w, w, -w])
-    f, alpha = triton_assign.assign(x.to(DEVICE), c.to(DEVICE))
-    f_ref, alpha_ref = reference.assign(x, c)
+    f, alpha = assign_triton.assign(x.to(DEVICE), c.to(DEVICE))
+    f_ref, alpha_ref = assign.reference(x, c)
     assert f.cpu().tolist() == [1, 1, 0, 0, 0] == f_ref.tolist()
     torch.testing.assert_close(alpha.cpu(), alpha_ref)
     gen = torch.Generator().manual_seed(8)
@@ -116,8 +116,8 @@ def test_assign_ties_go_to_smallest_index() -> None:
     ints[[140, 290]] = ints[3].clone()
     ints[[200, 201]] = -2 * ints[150]
     rows = ints[[140, 3, 290, 150, 201]]
-    f, alpha = triton_assign.assign(rows.to(DEVICE), ints.to(DEVICE))
-    f_ref, alpha_ref = reference.assign(rows, ints)
+    f, alpha = assign_triton.assign(rows.to(DEVICE), ints.to(DEVICE))
+    f_ref, alpha_ref = assign.reference(rows, ints)
     assert f.cpu().tolist() == [3, 3, 3, 150, 150] == f_ref.tolist()
     torch.testing.assert_close(alpha.cpu(), alpha_ref)
 
@@ -129,11 +129,11 @@ def test_assign_near_ties_across_tiles_pick_an_equivalent_generator() -> None:
     rounding, not the smallest index; either copy gives the same X~ = alpha * C_f."""
     many = _data(150, 24, dtype=torch.float32, seed=8)
     many[140] = many[3]
-    f, alpha = triton_assign.assign(many[[140, 3]].to(DEVICE), many.to(DEVICE))
+    f, alpha = assign_triton.assign(many[[140, 3]].to(DEVICE), many.to(DEVICE))
     f, alpha = f.cpu(), alpha.cpu()
     assert set(f.tolist()) <= {3, 140}
     torch.testing.assert_close(alpha[:, None] * many[f.long()], many[[3, 3]])
-    f2, alpha2 = triton_assign.assign(many[[140, 3]].to(DEVICE), many.to(DEVICE))
+    f2, alpha2 = assign_triton.assign(many[[140, 3]].to(DEVICE), many.to(DEVICE))
     assert torch.equal(f2.cpu(), f) and torch.equal(alpha2.cpu(), alpha)
 
 
@@ -141,15 +141,15 @@ def test_assign_zero_rows_and_zero_generators() -> None:
     x = _data(40, 20, dtype=torch.float32, seed=4)
     x[[0, 7, 39]] = 0
     c = torch.cat([torch.zeros(2, 20), x[10:13], torch.zeros(1, 20)])
-    f, alpha = triton_assign.assign(x.to(DEVICE), c.to(DEVICE))
+    f, alpha = assign_triton.assign(x.to(DEVICE), c.to(DEVICE))
     f, alpha = f.cpu(), alpha.cpu()
-    f_ref, alpha_ref = reference.assign(x, c)
+    f_ref, alpha_ref = assign.reference(x, c)
     assert torch.isfinite(alpha).all()
     assert f[[0, 7, 39]].tolist() == [0, 0, 0] and alpha[[0, 7, 39]].tolist() == [0.0, 0.0, 0.0]
     assert ((f >= 2) & (f <= 4))[alpha != 0].all()
     assert torch.equal(f, f_ref)
     torch.testing.assert_close(alpha, alpha_ref)
-    f0, alpha0 = triton_assign.assign(x.to(DEVICE), torch.zeros(3, 20, device=DEVICE))
+    f0, alpha0 = assign_triton.assign(x.to(DEVICE), torch.zeros(3, 20, device=DEVICE))
     assert not f0.any() and not alpha0.any()
 
 
@@ -176,8 +176,8 @@ def _contract_inputs(b: int, widths: list[int], k: int, dtype: torch.dtype) -> t
 @pytest.mark.parametrize("b,widths,k", [(75, [40, 130, 8], 5), (201, [33], 1), (50, [17, 17], 60)])
 def test_contract_matches_reference(dtype: torch.dtype, b: int, widths: list[int], k: int) -> None:
     grads, f, alpha = _contract_inputs(b, widths, k, dtype)
-    out = triton_contract.contract([g.to(DEVICE) for g in grads], f.to(DEVICE), alpha.to(DEVICE), k)
-    ref = reference.contract(grads, f, alpha, k)
+    out = contract_triton.contract([g.to(DEVICE) for g in grads], f.to(DEVICE), alpha.to(DEVICE), k)
+    ref = contract.reference(grads, f, alpha, k)
     assert out.dtype == torch.float32 and out.shape == (k, sum(widths))
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-5)
 
@@ -186,14 +186,14 @@ def test_contract_shaped_and_non_contiguous_grads() -> None:
     grads, f, alpha = _contract_inputs(74, [20, 150], 6, torch.float32)
     shaped = [grads[0].reshape(2, 37, 20), grads[1].T.contiguous().T]
     assert not shaped[1].is_contiguous()
-    out = triton_contract.contract([g.to(DEVICE) for g in shaped], f.to(DEVICE), alpha.to(DEVICE), 6)
-    torch.testing.assert_close(out.cpu(), reference.contract(grads, f, alpha, 6), rtol=1e-5, atol=1e-5)
+    out = contract_triton.contract([g.to(DEVICE) for g in shaped], f.to(DEVICE), alpha.to(DEVICE), 6)
+    torch.testing.assert_close(out.cpu(), contract.reference(grads, f, alpha, 6), rtol=1e-5, atol=1e-5)
 
 
 def test_contract_is_bitwise_deterministic() -> None:
     grads, f, alpha = _contract_inputs(300, [70, 140], 3, torch.bfloat16)
     args = ([g.to(DEVICE) for g in grads], f.to(DEVICE), alpha.to(DEVICE), 3)
-    first = triton_contract.contract(*args)
+    first = contract_triton.contract(*args)
     second = torch.ops.pamm.contract_triton(*args)
     assert torch.equal(first, second)
 
@@ -220,8 +220,8 @@ class _TraceableInterpreted(JITFunction):
 def traceable_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """On CPU, let the triton_ops' bodies wrap traceable kernels (on a GPU they already do)."""
     if _INTERPRETED:
-        for module, name in [(triton_contract, "_partial_kernel"), (triton_contract, "_reduce_kernel"),
-                             (triton_assign, "_assign_kernel")]:
+        for module, name in [(contract_triton, "_partial_kernel"), (contract_triton, "_reduce_kernel"),
+                             (assign_triton, "_assign_kernel")]:
             monkeypatch.setattr(module, name, _TraceableInterpreted(getattr(module, name)))
 
 
@@ -261,7 +261,7 @@ def test_contract_triton_traces_into_the_kernel() -> None:
     assert code.count("triton_kernel_wrapper_functional(") == 6 and "pamm" not in code
     eager = torch.ops.pamm.contract_triton(grads, f, alpha, k)
     assert torch.equal(out, eager)
-    torch.testing.assert_close(out.cpu(), reference.contract([g.cpu() for g in grads], f.cpu(), alpha.cpu(), k))
+    torch.testing.assert_close(out.cpu(), contract.reference([g.cpu() for g in grads], f.cpu(), alpha.cpu(), k))
 
 
 def test_backward_picks_the_contraction_by_device() -> None:
@@ -282,7 +282,7 @@ def test_backward_picks_the_contraction_by_device() -> None:
     else:
         assert "torch.ops.pamm.contract.default(" in backward and "triton_kernel_wrapper" not in backward
     grads = [2 * torch.nn.functional.linear(x, w).detach() for w in weights]
-    bt = reference.contract([g.cpu() for g in grads], f.cpu(), alpha.cpu(), c.shape[0])
+    bt = contract.reference([g.cpu() for g in grads], f.cpu(), alpha.cpu(), c.shape[0])
     expected = bt.t().mm(c.cpu().float())
     torch.testing.assert_close(torch.cat([w.grad for w in weights]).cpu(), expected, rtol=1e-4, atol=1e-4)
 
@@ -290,12 +290,12 @@ def test_backward_picks_the_contraction_by_device() -> None:
 def test_contract_balances_a_skewed_segment() -> None:
     """A padded batch puts most rows on one generator: its segment spans several programs and the
     partial sums still add up (in a fixed order) to the reference."""
-    b, k = 3 * triton_contract.CHUNK + 77, 6
+    b, k = 3 * contract_triton.CHUNK + 77, 6
     grads, f, alpha = _contract_inputs(b, [40, 9], k, torch.float32)
     f[: b - 30] = 2
-    out = triton_contract.contract([g.to(DEVICE) for g in grads], f.to(DEVICE), alpha.to(DEVICE), k)
-    torch.testing.assert_close(out.cpu(), reference.contract(grads, f, alpha, k), rtol=1e-5, atol=1e-4)
-    again = triton_contract.contract([g.to(DEVICE) for g in grads], f.to(DEVICE), alpha.to(DEVICE), k)
+    out = contract_triton.contract([g.to(DEVICE) for g in grads], f.to(DEVICE), alpha.to(DEVICE), k)
+    torch.testing.assert_close(out.cpu(), contract.reference(grads, f, alpha, k), rtol=1e-5, atol=1e-4)
+    again = contract_triton.contract([g.to(DEVICE) for g in grads], f.to(DEVICE), alpha.to(DEVICE), k)
     assert torch.equal(out, again)
 
 
@@ -305,16 +305,16 @@ def test_contract_skips_rows_with_zero_alpha() -> None:
     alpha[::3] = 0
     poisoned = grads[0].clone()
     poisoned[::3] = float("nan")
-    out = triton_contract.contract([poisoned.to(DEVICE)], f.to(DEVICE), alpha.to(DEVICE), 4)
-    torch.testing.assert_close(out.cpu(), reference.contract(grads, f, alpha, 4), rtol=1e-5, atol=1e-5)
+    out = contract_triton.contract([poisoned.to(DEVICE)], f.to(DEVICE), alpha.to(DEVICE), 4)
+    torch.testing.assert_close(out.cpu(), contract.reference(grads, f, alpha, 4), rtol=1e-5, atol=1e-5)
 
 
 def test_assign_eps_rule_over_several_generator_tiles() -> None:
     """The row norms are summed on the first generator tile only; k > BLOCK_K takes several tiles."""
     x = _data(70, 40, dtype=torch.float32, seed=9)
     c = _data(150, 40, dtype=torch.float32, seed=10)
-    f, alpha = triton_assign.assign(x.to(DEVICE), c.to(DEVICE), 0.9)
-    f_ref, alpha_ref = reference.assign(x, c, 0.9)
+    f, alpha = assign_triton.assign(x.to(DEVICE), c.to(DEVICE), 0.9)
+    f_ref, alpha_ref = assign.reference(x, c, 0.9)
     assert 0 < int((alpha_ref == 0).sum()) < 70
     assert torch.equal(alpha.cpu() == 0, alpha_ref == 0)
     _assert_assign(x, c, 0.9)
@@ -325,9 +325,9 @@ def test_fp32_dot_precision_follows_torch_tf32_setting(allow: bool) -> None:
     before = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = allow
     try:
-        assert triton_assign.dot_precision() == ("tf32" if allow else "ieee")
+        assert assign_triton.dot_precision() == ("tf32" if allow else "ieee")
         x = _data(60, 33, dtype=torch.float32, seed=11)
-        f, alpha = triton_assign.assign(x.to(DEVICE), x[[3, 17, 40]].to(DEVICE))
+        f, alpha = assign_triton.assign(x.to(DEVICE), x[[3, 17, 40]].to(DEVICE))
         assert f.cpu()[[3, 17, 40]].tolist() == [0, 1, 2] and torch.isfinite(alpha).all()
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
@@ -339,14 +339,14 @@ def test_float64_is_left_to_the_exact_reference() -> None:
     assert not kernels.triton_dtype(torch.float64) and kernels.triton_dtype(torch.bfloat16)
     x = _data(10, 8, dtype=torch.float64)
     with pytest.raises(TypeError, match="float64"):
-        triton_assign.assign(x.to(DEVICE), x[:2].to(DEVICE))
+        assign_triton.assign(x.to(DEVICE), x[:2].to(DEVICE))
 
 
 def test_has_triton_launches_a_kernel_and_falls_back_with_a_reason(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     from pamm_fx import kernels
-    from pamm_fx.kernels import triton_probe
+    from pamm_fx.kernels import probe
 
     kernels.has_triton.cache_clear()
     try:
@@ -357,7 +357,7 @@ def test_has_triton_launches_a_kernel_and_falls_back_with_a_reason(
         def broken(device: str) -> None:
             raise RuntimeError("no ptxas")
 
-        monkeypatch.setattr(triton_probe, "probe", broken)
+        monkeypatch.setattr(probe, "probe", broken)
         with caplog.at_level("WARNING", logger="pamm_fx.kernels"):
             assert not kernels.has_triton(DEVICE)
         assert "no ptxas" in caplog.text and "reference" in caplog.text

@@ -27,7 +27,7 @@ import torch
 from torch import fx
 
 from pamm_fx import _compat
-from pamm_fx.config import PammConfig, num_generators
+from pamm_fx.config import PammConfig
 from pamm_fx.passes.fxutil import hint, is_static, op_name, rows, val
 from pamm_fx.passes.structure import Candidate, attention_output_of
 
@@ -261,7 +261,7 @@ def _all_rows_kept(d: GroupDraft, config: PammConfig) -> str | None:
     if d.ratio == 1 or not is_static(b):
         return None
     b = hint(b)
-    if num_generators(b, d.ratio.numerator, d.ratio.denominator, config.min_generators, config.min_tokens) < b:
+    if config.generators_at(b, d.ratio) < b:
         return None
     return f"X has {b} rows, not more than min_generators={config.min_generators}: every row would be kept"
 

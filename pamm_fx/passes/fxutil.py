@@ -9,10 +9,12 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
+from pamm_fx import _compat
+
 __all__ = ["LINEAR", "hint", "is_linear", "is_static", "op_name", "rows", "val"]
 
 #: The one call form of a projection after :func:`pamm_fx.passes.normalize.normalize_linears`.
-LINEAR = torch._C._nn.linear
+LINEAR = _compat.NN_LINEAR
 
 
 def val(node: Any) -> Any:

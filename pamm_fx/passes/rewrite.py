@@ -20,29 +20,31 @@ casts' backward returns dX and the weight gradients in the original dtypes, as
 autocast's own casts do.
 
 The rewrite works on a copy of the graph, so the caller can still compile the
-untouched original if anything goes wrong. One extra placeholder, ``pamm_seed``
-(an int64 scalar tensor on X's device), is appended after the graph's own inputs; the
-backend feeds a fresh value every call so each step samples different generator rows.
+untouched original if anything goes wrong. The ops' nodes are written by their owners
+(:func:`pamm_fx.ops.compress.emit`, :func:`pamm_fx.ops.linear_group.emit`); the per-call seed
+input by :func:`pamm_fx.seed.add_placeholder`.
 """
 
 from __future__ import annotations
 
 import logging
-import operator
 from typing import Any
 
 import torch
 from torch import fx
 
+from pamm_fx import _compat, seed
 from pamm_fx.config import PammConfig
+from pamm_fx.ops.compress import Compress
+from pamm_fx.ops.compress import emit as emit_compress
+from pamm_fx.ops.linear_group import LinearGroup
+from pamm_fx.ops.linear_group import emit as emit_linear_group
 from pamm_fx.passes.fxutil import val
 from pamm_fx.passes.match import Group
 
-__all__ = ["RewriteError", "SEED_PLACEHOLDER", "copy_graph_module", "rewrite_groups", "seed_example"]
+__all__ = ["RewriteError", "copy_graph_module", "rewrite_groups"]
 
 log = logging.getLogger(__name__)
-
-SEED_PLACEHOLDER = "pamm_seed"
 
 
 class RewriteError(RuntimeError):
@@ -62,9 +64,9 @@ def copy_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node,
 
 def _fake_mode(graph: fx.Graph) -> Any:
     for node in graph.find_nodes(op="placeholder"):
-        v = val(node)
-        if isinstance(v, torch._subclasses.FakeTensor):
-            return v.fake_mode
+        mode = _compat.fake_mode_of(val(node))
+        if mode is not None:
+            return mode
     return None
 
 
@@ -96,22 +98,6 @@ def _anchor(graph: fx.Graph, group: Group, env: dict[fx.Node, fx.Node]) -> fx.No
     return first
 
 
-def seed_example(fake_mode: Any, device: torch.device) -> torch.Tensor:
-    """The seed input's example value: an int64 scalar on ``device`` (fake when the graph is)."""
-    if fake_mode is None:
-        return torch.zeros((), dtype=torch.int64, device=device)
-    with fake_mode:
-        return torch.zeros((), dtype=torch.int64, device=device)
-
-
-def _add_seed(graph: fx.Graph, fake_mode: Any, device: torch.device) -> fx.Node:
-    placeholders = list(graph.find_nodes(op="placeholder"))
-    with graph.inserting_after(placeholders[-1]):
-        seed = graph.placeholder(SEED_PLACEHOLDER)
-    seed.meta["example_value"] = seed_example(fake_mode, device)
-    return seed
-
-
 def rewrite_groups(
     gm: fx.GraphModule,
     groups: list[Group],
@@ -126,36 +112,32 @@ def rewrite_groups(
     new, env = copy_graph_module(gm)
     graph = new.graph
     fake_mode = _fake_mode(graph)
-    seed = _add_seed(graph, fake_mode, seed_device or torch.device("cpu"))
+    seed_node = seed.add_placeholder(graph, fake_mode, seed_device or torch.device("cpu"))
     for salt, group in enumerate(groups):
-        frac = group.ratio
         first = _anchor(graph, group, env)
         x = env[group.x]
         projs = [env[p.node] for p in group.projections]
         weights = [env[p.weight] for p in group.projections]
-        biases = [env[p.bias] for p in group.projections if p.bias is not None]
-        has_bias = [p.bias is not None for p in group.projections]
+        biases = [env[p.bias] if p.bias is not None else None for p in group.projections]
         with graph.inserting_before(first):
             if group.dtype is not None:
-                (x, *weights), biases = _cast(graph, group.dtype, [x, *weights], biases, fake_mode)
+                x, *weights = _cast(graph, group.dtype, [x, *weights], fake_mode)
+                biases = [_cast(graph, group.dtype, [b], fake_mode)[0] if b is not None else None for b in biases]
             detached = graph.call_method("detach", (x,))
-            comp = graph.call_function(
-                torch.ops.pamm.compress.default,
-                (detached, seed, frac.numerator, frac.denominator, config.min_generators, config.min_tokens,
-                 config.eps, salt_base + salt),
-            )
-            c, f, alpha = (graph.call_function(operator.getitem, (comp, i)) for i in range(3))
-            fused = graph.call_function(
-                torch.ops.pamm.linear_group.default, (x, weights, biases, has_bias, c, f, alpha)
-            )
-            outs = []
-            for i, (proj, old) in enumerate(zip(group.projections, projs)):
-                out = graph.call_function(operator.getitem, (fused, i))
+            xv = val(x)
+            if fake_mode is not None and xv is not None:
+                with fake_mode:
+                    detached.meta["example_value"] = xv.detach()
+            _, (c, f, alpha) = emit_compress(graph, Compress(
+                detached, seed_node, group.ratio, config.min_generators, config.min_tokens, config.eps,
+                salt_base + salt))
+            fused, outs = emit_linear_group(graph, LinearGroup(x, weights, biases, c, f, alpha))
+            for proj, old, out in zip(group.projections, projs, outs):
                 out.meta = dict(old.meta)
                 old.replace_all_uses_with(out)
                 env[proj.node] = out  # a later group may read it as X (LoRA's B reads A's output)
-                outs.append(out)
-        _set_meta(x, detached, comp, (c, f, alpha), fused, outs, fake_mode)
+        if fake_mode is not None and xv is not None:
+            fused.meta["example_value"] = [o.meta.get("example_value") for o in outs]
         for old in projs:
             graph.erase_node(old)
     graph.lint()
@@ -164,40 +146,14 @@ def rewrite_groups(
     return new
 
 
-def _cast(
-    graph: fx.Graph, dtype: torch.dtype, tensors: list[fx.Node], biases: list[fx.Node], fake_mode: Any
-) -> tuple[list[fx.Node], list[fx.Node]]:
-    """``t.to(dtype)`` for each tensor and bias, at the graph's current insertion point."""
+def _cast(graph: fx.Graph, dtype: torch.dtype, tensors: list[fx.Node], fake_mode: Any) -> list[fx.Node]:
+    """``t.to(dtype)`` for each tensor, at the graph's current insertion point."""
     out: list[fx.Node] = []
-    for node in [*tensors, *biases]:
+    for node in tensors:
         cast = graph.call_method("to", (node, dtype))
         v = val(node)
         if fake_mode is not None and isinstance(v, torch.Tensor):
             with fake_mode:
                 cast.meta["example_value"] = v.to(dtype)
         out.append(cast)
-    return out[: len(tensors)], out[len(tensors) :]
-
-
-def _set_meta(
-    x: fx.Node,
-    detached: fx.Node,
-    comp: fx.Node,
-    parts: tuple[fx.Node, fx.Node, fx.Node],
-    fused: fx.Node,
-    outs: list[fx.Node],
-    fake_mode: Any,
-) -> None:
-    """Give the new nodes example values so later passes and inspection see shapes."""
-    xv = val(x)
-    if fake_mode is None or xv is None:
-        return
-    with fake_mode, torch.no_grad():
-        dv = xv.detach()
-        detached.meta["example_value"] = dv
-        args = [a.meta["example_value"] if isinstance(a, fx.Node) else a for a in comp.args]
-        vals = torch.ops.pamm.compress.default(*args)
-    comp.meta["example_value"] = vals
-    for node, v in zip(parts, vals):
-        node.meta["example_value"] = v
-    fused.meta["example_value"] = [o.meta.get("example_value") for o in outs]
+    return out

@@ -40,6 +40,7 @@ from collections.abc import Callable
 import torch
 from torch import fx
 
+from pamm_fx import _compat
 from pamm_fx.names import param_name
 from pamm_fx.passes.fxutil import hint, is_linear, op_name, val
 
@@ -65,7 +66,7 @@ _LOSSES = frozenset({
 #: Ops allowed between a LoRA A and its B (peft: ``B(A(dropout(x))) * scaling``; casts or dropout).
 LORA_HOPS = 3
 
-_SDPA = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
+_SDPA = {_compat.NN_SDPA, torch.nn.functional.scaled_dot_product_attention}
 _SOFTMAX = {torch.softmax, torch.nn.functional.softmax}
 _MATMUL = {torch.matmul, torch.bmm, operator.matmul, torch.einsum, torch.baddbmm}
 _MATMUL_METHODS = {"matmul", "bmm", "__matmul__"}

@@ -138,7 +138,7 @@ def contract_triton(grads: Sequence[Tensor], f: Tensor, alpha: Tensor, k: int) -
 
 
 def contract(grads: list[Tensor], f: Tensor, alpha: Tensor, k: int) -> Tensor:
-    """Triton twin of :func:`pamm_fx.kernels.reference.contract`; bitwise reproducible run to run.
+    """Triton twin of :func:`pamm_fx.kernels.contract.reference`; bitwise reproducible run to run.
 
     It calls the op: on real tensors triton_op runs the body with the tracing wrapper
     switched off, so the kernels launch directly, and the code exists once.

@@ -3,10 +3,11 @@
 One program owns BLOCK_B rows of X and walks the k generators in BLOCK_K tiles,
 keeping a running (best score, index, dot) per row, so no b x k similarity matrix
 exists anywhere. Dot products accumulate in float32. Semantics are those of
-:func:`pamm_fx.kernels.reference.assign` (zero-norm generators score 0, all-zero rows
-get f = 0 and alpha = 0, the eps/beta rule). Ties: f maximises the *computed* float32
-score, and among bitwise-equal computed scores it is the smallest index (a later tile
-wins only when strictly greater). Scores that are equal in exact arithmetic, e.g.
+:func:`pamm_fx.kernels.assign.reference` and the rule of :mod:`pamm_fx.kernels.assign_rule`
+(zero-norm generators score 0, all-zero rows get f = 0 and alpha = 0, the eps/beta rule:
+the norms and beta come from there, the keep test is that module's ``keep`` written in-kernel).
+Ties: f maximises the *computed* float32 score, and among bitwise-equal computed scores
+it is the smallest index (a later tile wins only when strictly greater). Scores that are equal in exact arithmetic, e.g.
 duplicate generators in different tiles, may round apart because ``tl.dot``'s summation
 order belongs to the backend, so either copy may win; both give the same X~.
 When k fits one tile (k <= BLOCK_K = 128) X is read exactly once, also with a
@@ -19,7 +20,7 @@ matmuls (``torch.backends.cuda.matmul.allow_tf32``), else ``input_precision="iee
 which matches the reference; bf16/fp16 inputs go to the tensor cores as they are
 with a float32 accumulator (under the interpreter bf16 tiles are upcast to float32
 first, which gives the same exact products). float64 never comes here
-(:func:`pamm_fx.kernels.triton_dtype`). The score is ``|<X_i, C_j>| * (1 / ||C_j||)``
+(:func:`pamm_fx.kernels.device.triton_dtype`). The score is ``|<X_i, C_j>| * (1 / ||C_j||)``
 rather than the reference's ``|<X_i, C_j / ||C_j||>|``, so scores agree to float32
 rounding, not bitwise.
 """
@@ -35,7 +36,8 @@ from torch import Tensor
 from torch.library import wrap_triton
 from triton.runtime.interpreter import InterpretedFunction
 
-from pamm_fx.kernels import triton_dtype
+from pamm_fx.kernels import assign_rule
+from pamm_fx.kernels.device import triton_dtype
 
 __all__ = ["assign", "assign_triton", "dot_precision"]
 
@@ -108,8 +110,7 @@ def _assign_kernel(
     sim = best_dot * inv_arg
     alpha = sim * inv_arg
     if USE_EPS:
-        err_sq = tl.maximum(row_sq - sim * sim, 0.0)
-        keep = err_sq <= eps_sq * row_sq
+        keep = tl.maximum(row_sq - sim * sim, 0.0) <= eps_sq * row_sq  # assign_rule.keep
         alpha = tl.where(keep, alpha, 0.0)
         tl.store(dropped_ptr + pid, tl.sum(tl.where(row_ok & (~keep), 1, 0), axis=0))
     tl.store(f_ptr + rows, arg, mask=row_ok)
@@ -149,8 +150,7 @@ def assign_triton(x: Tensor, c: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     alpha = torch.zeros(b, dtype=torch.float32, device=x.device)
     if b == 0 or k == 0:
         return f, alpha
-    norms = torch.linalg.vector_norm(c.float(), dim=1)
-    inv_norm = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+    inv_norm = assign_rule.inverse_norms(c)
     c = c.to(x.dtype)
     block_b, block_k, block_n, num_warps = _blocks(k, x.dtype)
     programs = triton.cdiv(b, block_b)
@@ -180,12 +180,10 @@ def assign_triton(x: Tensor, c: Tensor, eps: float) -> tuple[Tensor, Tensor]:
         num_warps=num_warps,
     )
     if use_eps:
-        total = dropped.sum()
-        beta = torch.where((total > 0) & (total < b), b / (b - total).double(), 1.0)
-        alpha = alpha * beta.float()
+        alpha = assign_rule.rescale(alpha, dropped.sum(), b)
     return f, alpha
 
 
 def assign(x: Tensor, c: Tensor, eps: float = math.inf) -> tuple[Tensor, Tensor]:
-    """Triton twin of :func:`pamm_fx.kernels.reference.assign` (same arguments, same results up to rounding)."""
+    """Triton twin of :func:`pamm_fx.kernels.assign.reference` (same arguments, same results up to rounding)."""
     return assign_triton(x, c, eps)

@@ -1,0 +1,41 @@
+"""One way to see the plan without training: Dynamo capture with a backend that plans and runs eagerly.
+
+:func:`explain` and the test helpers (:func:`pamm_fx.testing.describe_rewrites`) both call
+:func:`capture`: the model runs once under ``torch.compile`` with a backend that makes the
+backend's own :func:`~pamm_fx.plan.plan` of each graph, hands it to ``on_graph`` while Dynamo's
+placeholder metadata (parameter names) still exists, and runs the graph as captured (no
+Inductor, no backward). The config comes from :func:`pamm_fx.config.resolve`, as in the backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+from pamm_fx import _compat
+from pamm_fx.config import PammConfig
+from pamm_fx.plan import Plan, plan
+
+__all__ = ["capture"]
+
+
+def capture(model: Any, inputs: Sequence[Any], config: PammConfig,
+            on_graph: Callable[[Plan, fx.GraphModule], None]) -> list[Any]:
+    """Capture ``model(*inputs)``, call ``on_graph(plan, gm)`` per graph; return Dynamo's graph-break reasons.
+
+    Dynamo's caches are left alone: graphs the user already compiled stay compiled (this capture is a
+    separate cache entry, guarded on its backend), and sizes are not made dynamic because the code was
+    compiled before at other sizes. ``model`` may be the module or what ``torch.compile`` returned for it.
+    """
+
+    def backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
+        on_graph(plan(gm, example_inputs, config), gm)
+        return gm.forward
+
+    wrapped = _compat.explain_backend(backend)
+    with torch.enable_grad(), _compat.shapes_as_first_compile():
+        torch.compile(getattr(model, "_orig_mod", model), backend=wrapped)(*inputs)
+    return list(wrapped.break_reasons)

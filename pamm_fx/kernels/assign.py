@@ -1,0 +1,109 @@
+"""The compression's assignment: nearest generator (by absolute cosine) and projection scale per row.
+
+Three implementations of one contract, with the shared math in :mod:`~pamm_fx.kernels.assign_rule`:
+
+* :func:`reference`: plain torch in row chunks, so that no b x k similarity matrix and no b x n
+  float32 copy of X ever exists in full (the whole point is to save memory); the CPU path of the
+  eager op and the reference every other implementation must match.
+* :func:`aten`: whole-tensor aten ops for Inductor to fuse (measured faster than the chunked
+  kernel on CPU once compiled).
+* :mod:`~pamm_fx.kernels.assign_triton`: the Triton kernel (CUDA).
+
+:func:`assign` (eager) and :func:`traceable` (what Inductor compiles) are the dispatchers: the
+only places that choose Triton or torch for this primitive.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from pamm_fx.kernels import assign_rule
+from pamm_fx.kernels.device import use_triton
+
+__all__ = ["GEN_CHUNK", "ROW_CHUNK", "assign", "aten", "reference", "traceable"]
+
+#: Rows of X per similarity block. With GEN_CHUNK this bounds the transient
+#: similarity block to ROW_CHUNK * GEN_CHUNK float32 values (8 MiB).
+ROW_CHUNK = 2048
+#: Generators per similarity block.
+GEN_CHUNK = 1024
+
+
+def reference(x: Tensor, c: Tensor, eps: float = math.inf) -> tuple[Tensor, Tensor]:
+    """Nearest generator (by absolute cosine) and projection scale for every row.
+
+    x: (b, n), c: (k, n), any floating dtype; accumulation is float32.
+    Returns f (b,) int32 and alpha (b,) float32 with X~_i = alpha_i * c[f_i].
+    Ties in the computed scores go to the smallest generator index (the Triton kernel
+    promises the same on its own float32 scores, which may round exact ties apart).
+    Zero-norm generators and the eps rule: :mod:`~pamm_fx.kernels.assign_rule`.
+    """
+    b, k = x.shape[0], c.shape[0]
+    f = torch.zeros(b, dtype=torch.int32, device=x.device)
+    alpha = torch.zeros(b, dtype=torch.float32, device=x.device)
+    if b == 0 or k == 0:
+        return f, alpha
+    inv_norm = assign_rule.inverse_norms(c)
+    cn = c.float() * inv_norm[:, None]
+    dropped = torch.zeros((), dtype=torch.int64, device=x.device)
+    for r0 in range(0, b, ROW_CHUNK):
+        xc = x[r0 : r0 + ROW_CHUNK].float()
+        best = torch.full((xc.shape[0],), -1.0, device=x.device)
+        arg = torch.zeros(xc.shape[0], dtype=torch.int64, device=x.device)
+        signed = torch.zeros(xc.shape[0], device=x.device)
+        for j0 in range(0, k, GEN_CHUNK):
+            sim = xc @ cn[j0 : j0 + GEN_CHUNK].T
+            top, top_idx = sim.abs().max(dim=1)
+            better = top > best
+            best = torch.where(better, top, best)
+            arg = torch.where(better, top_idx + j0, arg)
+            signed = torch.where(better, sim.gather(1, top_idx[:, None]).squeeze(1), signed)
+        a = signed * inv_norm[arg]
+        if math.isfinite(eps):
+            kept = assign_rule.keep((xc * xc).sum(dim=1), signed, eps)
+            a = torch.where(kept, a, torch.zeros_like(a))
+            dropped += (~kept).sum()
+        f[r0 : r0 + ROW_CHUNK] = arg.to(torch.int32)
+        alpha[r0 : r0 + ROW_CHUNK] = a
+    if math.isfinite(eps):
+        alpha = assign_rule.rescale(alpha, dropped, b)
+    return f, alpha
+
+
+def aten(rows: Tensor, c: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """:func:`reference` in whole-tensor aten ops, for Inductor to fuse.
+
+    The b x k float32 similarity exists transiently (Inductor fuses |.|, the argmax and the gather
+    into one pass over it); the chunked eager kernel avoids it but measured slower on CPU.
+    """
+    inv = assign_rule.inverse_norms(c)
+    xf = rows.float()
+    sim = xf @ (c.float() * inv[:, None]).t()
+    arg = sim.abs().argmax(dim=1)
+    signed = sim.gather(1, arg[:, None]).squeeze(1)
+    alpha = signed * inv[arg]
+    if math.isfinite(eps):
+        kept = assign_rule.keep((xf * xf).sum(dim=1), signed, eps)
+        alpha = assign_rule.rescale(torch.where(kept, alpha, torch.zeros_like(alpha)), (~kept).sum(), rows.shape[0])
+    return arg.to(torch.int32), alpha
+
+
+def assign(x: Tensor, c: Tensor, eps: float = math.inf) -> tuple[Tensor, Tensor]:
+    """f (b,) int32 and alpha (b,) float32, eagerly: the Triton kernel on CUDA, else :func:`reference`."""
+    if use_triton(x, x.dtype):
+        from pamm_fx.kernels import assign_triton
+
+        return assign_triton.assign(x, c, eps)
+    return reference(x, c, eps)
+
+
+def traceable(rows: Tensor, c: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The assignment Inductor can see: the Triton op on CUDA, whole-tensor aten ops elsewhere."""
+    if use_triton(rows, rows.dtype):
+        from pamm_fx.kernels import assign_triton
+
+        return assign_triton.assign_triton(rows, c, eps)
+    return aten(rows, c, eps)

@@ -1,0 +1,159 @@
+"""``pamm::linear_group(x, weights, biases, has_bias, C, f, alpha) -> [Y_1, ..., Y_g]``.
+
+The exact forward of every projection of a group. Its registered backward saves only C, f,
+alpha and the weights (never X): dX and bias gradients are exact, weight gradients come from
+one PAMM contraction (:mod:`pamm_fx.ops.contract`) shared by the whole group. This module owns
+the schema, the fake kernel, the autograd, the flop formula and :class:`LinearGroup`, the typed
+form of its arguments that :func:`emit` writes into a graph and :func:`parse` reads back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, fx
+from torch.utils.flop_counter import register_flop_formula
+
+from pamm_fx import _compat
+from pamm_fx.ops.compress import rows_of
+from pamm_fx.ops.contract import Contract, weight_contraction
+
+__all__ = ["DoubleBackwardError", "LinearGroup", "emit", "linear_group", "parse"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearGroup:
+    """The arguments of one ``pamm::linear_group`` call, typed: one bias (or None) per weight.
+
+    The schema carries the biases present plus a ``has_bias`` mask instead (a list of optional
+    tensors would lose per-element ``needs_input_grad``); only :meth:`op_args` and
+    :meth:`from_op_args` know that form and the positional order.
+    """
+
+    x: Any
+    weights: Sequence[Any]
+    biases: Sequence[Any | None]
+    c: Any
+    f: Any
+    alpha: Any
+
+    def op_args(self) -> tuple[Any, ...]:
+        present = [b for b in self.biases if b is not None]
+        return (self.x, list(self.weights), present, [b is not None for b in self.biases], self.c, self.f,
+                self.alpha)
+
+    @classmethod
+    def from_op_args(cls, args: Sequence[Any]) -> LinearGroup:
+        x, weights, present, has_bias, c, f, alpha = args
+        it = iter(present)
+        return cls(x, list(weights), [next(it) if hb else None for hb in has_bias], c, f, alpha)
+
+
+@torch.library.custom_op("pamm::linear_group", mutates_args=())
+def linear_group(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor],
+    has_bias: Sequence[bool],
+    c: Tensor,
+    f: Tensor,
+    alpha: Tensor,
+) -> list[Tensor]:
+    """Y_j = X W_j^T + b_j for every projection of the group (exact); see :class:`LinearGroup`."""
+    if _compat.forward_ad_active():
+        # Custom ops drop tangents silently; refuse rather than return a wrong jvp.
+        raise NotImplementedError(
+            "pamm: forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) through a PAMM-compressed "
+            "projection is not supported; compile this model with backend='inductor' for forward-mode AD."
+        )
+    call = LinearGroup.from_op_args((x, weights, biases, has_bias, c, f, alpha))
+    return [torch.nn.functional.linear(x, w, b) for w, b in zip(call.weights, call.biases)]
+
+
+@linear_group.register_fake
+def _(*args: Any) -> list[Tensor]:
+    call = LinearGroup.from_op_args(args)
+    return [call.x.new_empty(*call.x.shape[:-1], w.shape[0]) for w in call.weights]
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+    call = LinearGroup.from_op_args(inputs)
+    ctx.save_for_backward(call.c, call.f, call.alpha, *call.weights)
+    ctx.has_bias = [b is not None for b in call.biases]
+    ctx.num_inputs = len(inputs)
+
+
+class DoubleBackwardError(RuntimeError):
+    """Differentiating PAMM's backward would differentiate an approximation as if it were exact."""
+
+
+def _weight_grads(grads: list[Tensor], c: Tensor, f: Tensor, alpha: Tensor, weights: list[Tensor],
+                  needs_w: Sequence[bool]) -> list[Tensor | None]:
+    """dW_j = B~_j^T C per projection that needs it, in C's dtype (float32 accumulation in the GEMM).
+
+    Only the projections that need a gradient are contracted, each dY is read as it is, and
+    neither C nor a (sum m) x n product is ever copied to float32.
+    """
+    bt = weight_contraction(Contract([g for g, need in zip(grads, needs_w) if need], f, alpha, c.shape[0]))
+    out: list[Tensor | None] = []
+    offset = 0
+    for w, need in zip(weights, needs_w):
+        if not need:
+            out.append(None)
+            continue
+        m = w.shape[0]
+        out.append(bt[:, offset : offset + m].t().to(c.dtype).mm(c).to(w.dtype))
+        offset += m
+    return out
+
+
+def _backward(ctx: Any, grads: list[Tensor]) -> tuple:
+    if torch.is_grad_enabled() and any(g.requires_grad for g in grads):
+        raise DoubleBackwardError(
+            "pamm: double backward (create_graph=True, gradient penalties, Hessian-vector products) through a "
+            "PAMM-compressed projection is not supported: its weight gradient is an approximation. Compile this "
+            "model with backend='inductor', or exclude the projection (e.g. freeze it)."
+        )
+    c, f, alpha, *weights = ctx.saved_tensors
+    needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+    dx = None
+    if needs_x:
+        dx = grads[0].matmul(weights[0])
+        for g, w in zip(grads[1:], weights[1:]):
+            dx = dx + g.matmul(w)
+    dweights: list[Tensor | None] = [None] * len(weights)
+    if any(needs_w):
+        dweights = _weight_grads(grads, c, f, alpha, weights, needs_w)
+    with_bias = [g for g, hb in zip(grads, ctx.has_bias) if hb]
+    dbiases = [rows_of(g).sum(0) if need else None for g, need in zip(with_bias, needs_b)]
+    return (dx, dweights, dbiases) + (None,) * (ctx.num_inputs - 3)
+
+
+linear_group.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.pamm.linear_group)
+def _linear_group_flops(x_shape: Sequence[int], w_shapes: Sequence[Sequence[int]], *args: Any,
+                        **kwargs: Any) -> int:
+    """One GEMM per projection: 2 * b * n * m_j."""
+    b = math.prod(x_shape[:-1])
+    return sum(2 * b * w[0] * w[1] for w in w_shapes)
+
+
+def emit(graph: fx.Graph, call: LinearGroup) -> tuple[fx.Node, list[fx.Node]]:
+    """The op node for ``call`` (whose tensors are nodes) at the graph's insertion point, and one
+    output node per projection, in the order of ``call.weights``."""
+    node = graph.call_function(torch.ops.pamm.linear_group.default, call.op_args())
+    return node, [graph.call_function(operator.getitem, (node, i)) for i in range(len(call.weights))]
+
+
+def parse(node: fx.Node) -> LinearGroup | None:
+    """The arguments of a ``pamm::linear_group`` node (FX nodes where the graph has them), else None."""
+    if node.op == "call_function" and node.target is torch.ops.pamm.linear_group.default:
+        return LinearGroup.from_op_args(node.args)
+    return None
