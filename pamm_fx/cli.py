@@ -1,4 +1,5 @@
-"""``pamm-fx explain MODULE:FACTORY``: the rewrite plan of a model, for people and for non-Python CI.
+"""``pamm-fx explain MODULE:FACTORY``: the rewrite plan of a model, for people and for non-Python CI;
+``pamm-fx checks``: every rule that can leave a linear exact, by the category explain reports.
 
 FACTORY is a callable in an importable module (or a ``path/to/file.py``) returning
 ``(model, example_inputs)``. Exit status: 0 on success (and, with ``--check``, an
@@ -90,7 +91,18 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--dot", metavar="FILE", help="write the graph around each group as Graphviz DOT")
     ex.add_argument("--check", metavar="EXPECTED", help="exit 1 with a diff if the plan differs from this JSON "
                     "file (PAMM_ACCEPT=1 rewrites it)")
+    sub.add_parser("checks", help="list the checks: the category each skip reports, and the rule it enforces")
     return parser
+
+
+def _checks() -> int:
+    from pamm_fx.passes.checks import GROUP_CHECKS, PROJECTION_CHECKS
+
+    width = max(len(c.name) for c in PROJECTION_CHECKS + GROUP_CHECKS)
+    for title, table in (("per projection", PROJECTION_CHECKS), ("per group", GROUP_CHECKS)):
+        print(f"{title} (category: what a linear needs to pass):")
+        print("\n".join(f"  {c.name:<{width}}  {c.doc}" for c in table))
+    return EXIT_OK
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -126,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help or a usage error; argparse has printed why
         return EXIT_OK if exc.code in (0, None) else EXIT_ERROR
     try:
-        return _explain(args)
+        return _checks() if args.command == "checks" else _explain(args)
     except CliError as exc:
         print(f"pamm-fx: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

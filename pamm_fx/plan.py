@@ -123,7 +123,8 @@ def plan(gm: fx.GraphModule, example_inputs: Sequence[Any], config: PammConfig) 
     work, _ = copy_graph_module(gm)
     result = Plan(gm, work, config, [], [], salt_base(), _compat.compile_id_text())
     try:
-        normalize_linears(work)
+        with _compat.observe_pass(work, "pamm_normalize_linears"):
+            normalize_linears(work)
         match = find_groups(work, config, grad_enabled=torch.is_grad_enabled())
     except Exception:  # never fail a user's compile because of us
         log.warning("pamm: matching failed; compiling the captured graph untouched", exc_info=True)

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import operator
 import os
+import re
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,7 @@ __all__ = [
     "RewriteRecord",
     "assert_plan_snapshot",
     "assert_rewrites",
+    "canonical_names",
     "capture_rewrites",
     "describe",
     "describe_rewrites",
@@ -81,11 +83,24 @@ def capture_rewrites() -> Iterator[list[RewriteRecord]]:
         _backend.remove_observer(observe)
 
 
-def _arg(node: Any) -> str:
+def canonical_names(graph: fx.Graph) -> dict[fx.Node, str]:
+    """Node names that do not depend on how a torch release numbers them: each name's numeric suffix
+    is dropped and the nodes sharing the rest are numbered again in graph order (``view``,
+    ``view_1``, ...), so a release that calls the second view ``view_3`` prints the same text."""
+    seen: dict[str, int] = {}
+    names = {}
+    for node in graph.nodes:
+        base = re.sub(r"_\d+$", "", node.name)
+        i = seen[base] = seen.get(base, -1) + 1
+        names[node] = f"{base}_{i}" if i else base
+    return names
+
+
+def _arg(node: Any, names: dict[fx.Node, str]) -> str:
     if isinstance(node, fx.Node):
         if node.op in ("placeholder", "get_attr"):
             return f"{param_name(node)}: {fmt_value(val(node))}"
-        return f"{node.name}: {fmt_value(val(node))}"
+        return f"{names[node]}: {fmt_value(val(node))}"
     return repr(node)
 
 
@@ -96,18 +111,20 @@ def describe(record: RewriteRecord) -> str:
 
 def _describe(record: RewriteRecord) -> str:
     lines: list[str] = []
-    for node in record.rewritten.graph.nodes if record.rewritten is not None else ():
+    graph = record.rewritten.graph if record.rewritten is not None else fx.Graph()
+    names = canonical_names(graph)
+    for node in graph.nodes:
         if (comp := parse_compress(node)) is not None:
             lines.append(
-                f"compress({_arg(comp.x.args[0])}, ratio={comp.ratio.numerator}/{comp.ratio.denominator}, "
+                f"compress({_arg(comp.x.args[0], names)}, ratio={comp.ratio.numerator}/{comp.ratio.denominator}, "
                 f"min_generators={comp.min_generators}, eps={comp.eps}) -> {fmt_value(val(node))}"
             )
         elif (group := parse_linear_group(node)) is not None:
-            lines.append(f"linear_group({_arg(group.x)})")
+            lines.append(f"linear_group({_arg(group.x, names)})")
             outs = sorted((u for u in node.users if u.target is operator.getitem), key=lambda u: u.args[1])
             for w, b, out in zip(group.weights, group.biases, outs):
                 bias = f" + {param_name(b)}" if b is not None else ""
-                users = ", ".join(sorted(u.name for u in out.users))
+                users = ", ".join(sorted(names[u] for u in out.users))
                 lines.append(f"  {param_name(w)}{bias} -> {fmt_value(val(out))} -> {users}")
     for rej in record.plan.rejections:
         lines.append(f"untouched {rej.weight_name}: {rej.reason}")

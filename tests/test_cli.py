@@ -113,3 +113,13 @@ def test_errors_exit_2(factory: str, args: list[str], message: str, capsys: pyte
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["explain", "--help"]) == 0
     assert "--check EXPECTED" in capsys.readouterr().out
+
+
+def test_checks_lists_every_category_once_with_its_rule(capsys: pytest.CaptureFixture[str]) -> None:
+    from pamm_fx.passes.checks import GROUP_CHECKS, PROJECTION_CHECKS
+
+    assert main(["checks"]) == 0
+    out = capsys.readouterr().out
+    for check in PROJECTION_CHECKS + GROUP_CHECKS:
+        (line,) = [ln for ln in out.splitlines() if ln.split()[:1] == [check.name]]
+        assert line.endswith(check.doc)

@@ -77,3 +77,87 @@ def test_activation_memory_budget_is_read_from_functorch_config() -> None:
     assert _compat.activation_memory_budget() == 1.0
     with torch._functorch.config.patch(activation_memory_budget=0.3):
         assert _compat.activation_memory_budget() == 0.3
+
+
+def test_graph_targets_counters_fake_mode_and_trace_artifacts() -> None:
+    gm = torch.fx.symbolic_trace(lambda x: x + 1)
+    seen = {}
+
+    def backend(gm, example_inputs):
+        seen["targets"] = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+        seen["fake"] = _compat.fake_mode_of(next(iter(gm.graph.find_nodes(op="placeholder"))).meta["example_value"])
+        return gm.forward
+
+    w = torch.randn(3, 3)
+    torch.compile(lambda x: torch.nn.functional.scaled_dot_product_attention(
+        torch.nn.functional.linear(x, w), x, x), backend=backend)(torch.randn(1, 2, 3, 3))
+    assert {_compat.NN_LINEAR, _compat.NN_SDPA} <= seen["targets"]
+    assert seen["fake"] is not None and _compat.fake_mode_of(torch.ones(1)) is None
+    _compat.dynamo_counters()["pamm_compat_test"]["n"] += 1
+    assert _compat.dynamo_counters()["pamm_compat_test"]["n"] == 1
+    assert issubclass(_compat.DynamoException, Exception)
+    _compat.trace_artifact("pamm_compat_test", lambda: "payload")  # a no-op without TORCH_TRACE
+    assert isinstance(_compat.artifact_logger("pamm_fx", "pamm_graphs"), logging.Logger)
+    with _compat.observe_pass(gm, "pamm_compat_test"):
+        gm.graph.lint()
+
+
+def test_compile_entry_points_and_explain_backend() -> None:
+    def f(x: torch.Tensor) -> tuple[torch.Tensor]:
+        return ((x.sin() * 2).sum(),)
+
+    x = torch.randn(4, requires_grad=True)
+    for compile_with in (_compat.aot_eager_compile, _compat.inductor_compile):
+        gm = torch.fx.symbolic_trace(f)
+        assert torch.allclose(compile_with(gm, [x], {})(x)[0], f(x)[0])
+    wrapped = _compat.explain_backend(lambda gm, example_inputs: gm.forward)
+
+    def broken(x: torch.Tensor) -> torch.Tensor:
+        y = x * 2
+        torch._dynamo.graph_break()
+        return y + 1
+
+    torch.compile(broken, backend=wrapped)(torch.ones(1))
+    assert wrapped.break_reasons
+
+
+def _private_torch_uses(source: str) -> list[tuple[int, str]]:
+    """(line, dotted name) of every ``torch.a.b`` chain in code (not strings or comments) with a private part."""
+    import io
+    import tokenize
+
+    toks = [t for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type in (tokenize.NAME, tokenize.OP)]
+    uses = []
+    for i, tok in enumerate(toks):
+        if tok.string != "torch" or (i and toks[i - 1].string == "."):
+            continue
+        chain, j = ["torch"], i + 1
+        while j + 1 < len(toks) and toks[j].string == "." and toks[j + 1].type == tokenize.NAME:
+            chain.append(toks[j + 1].string)
+            j += 2
+        if any(part.startswith("_") and not part.startswith("__") for part in chain[1:]):
+            uses.append((tok.start[0], ".".join(chain)))
+    return uses
+
+
+#: Modules besides ``_compat.py`` allowed a private torch API, and why.
+_PRIVATE_ALLOWED = {
+    "demo/__main__.py": "the demo (not the library, imported by nothing in it) sets the documented "
+                        "torch._functorch.config.activation_memory_budget knob the way users are told to",
+}
+
+
+def test_private_torch_apis_live_in_compat_only() -> None:
+    from pathlib import Path
+
+    import pamm_fx
+
+    root = Path(pamm_fx.__file__).parent
+    found = {}
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel != "_compat.py" and rel not in _PRIVATE_ALLOWED and (uses := _private_torch_uses(path.read_text())):
+            found[rel] = uses
+    assert not found, f"private torch APIs outside pamm_fx/_compat.py (wrap them there): {found}"
+    assert _private_torch_uses("import torch._dynamo\nx = torch.utils._pytree  # torch._y\ns = 'torch._z'") == [
+        (1, "torch._dynamo"), (2, "torch.utils._pytree")]

@@ -156,7 +156,10 @@ def test_check_table_names_are_the_categories() -> None:
     names = [c.name for c in checks.PROJECTION_CHECKS]
     assert len(names) == len(set(names))
     assert {"not_parameter", "no_grad", "checkpointed", "frozen", "not_target"} <= set(names)
-    assert {c.name for c in checks.GROUP_CHECKS} == {"in_place", "min_tokens", "no_saving"}
+    group_names = [c.name for c in checks.GROUP_CHECKS]
+    assert len(group_names) == len(set(group_names)), "one name per rule: a category names one check"
+    assert set(group_names) == {"in_place", "min_tokens", "small_rows", "all_rows_kept", "saved_anyway",
+                                "attention_output"}
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
@@ -233,5 +236,5 @@ def test_attention_output_is_compressed_only_under_a_memory_budget() -> None:
         torch._dynamo.reset()
         with torch._functorch.config.patch(activation_memory_budget=budget):
             torch.compile(Llama(TINY), backend=capture)(_tokens(), _tokens())
-    assert found[1.0] == ([], ["no_saving"])
+    assert found[1.0] == ([], ["attention_output"])
     assert found[0.5] == (["attn_out"], [])

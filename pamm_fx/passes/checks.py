@@ -150,7 +150,7 @@ def compute_dtype(c: Candidate) -> torch.dtype | None:
 # --- projection checks: (candidate, graph, config) -> reason or None ---------------------------
 
 
-@_check(PROJECTION_CHECKS, "checkpointed", "inside a torch.utils.checkpoint region: X is not saved there")
+@_check(PROJECTION_CHECKS, "checkpointed", "not inside a torch.utils.checkpoint region (X is not saved there)")
 def _checkpointed(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | None:
     if c.checkpoint is None:
         return None
@@ -246,7 +246,7 @@ def _min_tokens(d: GroupDraft, config: PammConfig) -> str | None:
     return f"X has {hint(b)} rows, below min_tokens={config.min_tokens}"
 
 
-@_check(GROUP_CHECKS, "no_saving", "a row of X is larger than f and alpha together")
+@_check(GROUP_CHECKS, "small_rows", "a row of X is larger than f and alpha together")
 def _row_bytes(d: GroupDraft, config: PammConfig) -> str | None:
     xv = val(d.x)
     row_bytes = hint(xv.shape[-1]) * (d.dtype or xv.dtype).itemsize
@@ -255,7 +255,7 @@ def _row_bytes(d: GroupDraft, config: PammConfig) -> str | None:
     return f"a row of X is {row_bytes} bytes, no more than the {INDEX_BYTES_PER_ROW} PAMM keeps per row"
 
 
-@_check(GROUP_CHECKS, "no_saving", "a static X has more rows than k (dynamic: decided per call)")
+@_check(GROUP_CHECKS, "all_rows_kept", "a static X has more rows than k (dynamic: decided per call)")
 def _all_rows_kept(d: GroupDraft, config: PammConfig) -> str | None:
     b = rows(val(d.x))
     if d.ratio == 1 or not is_static(b):
@@ -266,7 +266,7 @@ def _all_rows_kept(d: GroupDraft, config: PammConfig) -> str | None:
     return f"X has {b} rows, not more than min_generators={config.min_generators}: every row would be kept"
 
 
-@_check(GROUP_CHECKS, "no_saving", "no exact trainable linear keeps X saved anyway")
+@_check(GROUP_CHECKS, "saved_anyway", "no exact trainable linear keeps X saved anyway")
 def _saved_anyway(d: GroupDraft, config: PammConfig) -> str | None:
     if not d.exact_readers:
         return None
@@ -275,7 +275,7 @@ def _saved_anyway(d: GroupDraft, config: PammConfig) -> str | None:
             "it would add memory instead of saving it")
 
 
-@_check(GROUP_CHECKS, "no_saving", "X is not an attention output that attention's backward saves anyway "
+@_check(GROUP_CHECKS, "attention_output", "X is not an attention output that attention's backward saves anyway "
         "(without an activation_memory_budget)")
 def _attention_output(d: GroupDraft, config: PammConfig) -> str | None:
     attention = attention_output_of(d.x)

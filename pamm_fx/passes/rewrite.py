@@ -110,9 +110,18 @@ def rewrite_groups(
     Group i gets salt ``salt_base + i`` so that groups draw different rows from one seed.
     """
     new, env = copy_graph_module(gm)
+    with _compat.observe_pass(new, "pamm_rewrite_groups"):
+        _rewrite(new, env, groups, config, salt_base, seed_device or torch.device("cpu"))
+    new.recompile()
+    log.info("pamm rewrote %d group(s)", len(groups))
+    return new
+
+
+def _rewrite(new: fx.GraphModule, env: dict[fx.Node, fx.Node], groups: list[Group], config: PammConfig,
+             salt_base: int, seed_device: torch.device) -> None:
     graph = new.graph
     fake_mode = _fake_mode(graph)
-    seed_node = seed.add_placeholder(graph, fake_mode, seed_device or torch.device("cpu"))
+    seed_node = seed.add_placeholder(graph, fake_mode, seed_device)
     for salt, group in enumerate(groups):
         first = _anchor(graph, group, env)
         x = env[group.x]
@@ -141,9 +150,6 @@ def rewrite_groups(
         for old in projs:
             graph.erase_node(old)
     graph.lint()
-    new.recompile()
-    log.info("pamm rewrote %d group(s)", len(groups))
-    return new
 
 
 def _cast(graph: fx.Graph, dtype: torch.dtype, tensors: list[fx.Node], fake_mode: Any) -> list[fx.Node]:
