@@ -144,6 +144,9 @@ class PammConfig:
     def __post_init__(self) -> None:
         frac = _parse_ratio(self.ratio)
         object.__setattr__(self, "ratio", float(frac))
+        # The one form of a ratio from here down (plan, group, op emission): a Fraction, made once. The
+        # fields keep the float users passed and see; only the op's schema splits p/q into two ints.
+        object.__setattr__(self, "_fraction", frac)
         if self.seed is not None:
             _check_int("seed", self.seed, 0)
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or math.isnan(self.eps):
@@ -154,25 +157,25 @@ class PammConfig:
         _check_int("min_tokens", self.min_tokens, 1)
         _check_int("min_generators", self.min_generators, 1)
         object.__setattr__(self, "targets", _parse_targets(self.targets))
+        named = {self.targets: None} if isinstance(self.targets, str) else dict(self.targets)
+        object.__setattr__(self, "_site_fractions", {
+            site: frac if r is None else Fraction(r).limit_denominator(_MAX_DENOMINATOR) for site, r in named.items()})
 
     @property
     def ratio_fraction(self) -> Fraction:
-        """The ratio as p/q, the form the graph carries."""
-        return Fraction(self.ratio).limit_denominator(_MAX_DENOMINATOR)
+        """The ratio as p/q, the form the plan and the graph carry."""
+        return self._fraction  # type: ignore[attr-defined]
 
     def site_ratio(self, site: str) -> Fraction | None:
         """The ratio for groups of ``site`` (one of :data:`SITES`), or None where it is not a target.
 
         The most specific name wins: ``{"all": 1/64, "mlp": 1/16, "mlp_down": 1/4}``.
         """
-        named = {self.targets: None} if isinstance(self.targets, str) else dict(self.targets)
+        named: dict[str, Fraction] = self._site_fractions  # type: ignore[attr-defined]
         for name in (site, *(f for f, members in SITE_FAMILIES.items() if site in members and f != "all"), "all"):
             if name in named:
-                ratio = named[name]
-                break
-        else:
-            return None
-        return self.ratio_fraction if ratio is None else Fraction(ratio).limit_denominator(_MAX_DENOMINATOR)
+                return named[name]
+        return None
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> PammConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import torch
@@ -11,10 +12,14 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from pamm_fx import _compat
 
-__all__ = ["LINEAR", "hint", "is_linear", "is_static", "op_name", "rows", "val"]
+__all__ = ["LINEAR", "MATMUL_FUNCTIONS", "MATMUL_METHODS", "hint", "is_linear", "is_static", "op_name", "rows", "val"]
 
 #: The one call form of a projection after :func:`pamm_fx.passes.normalize.normalize_linears`.
 LINEAR = _compat.NN_LINEAR
+#: Two-operand matrix products as functions and as tensor methods: normalize reads a projection
+#: written as one (``x @ W``), structure reads attention's ``q @ k^T`` and ``p @ v`` as one.
+MATMUL_FUNCTIONS = frozenset({torch.matmul, operator.matmul, torch.mm, torch.bmm})
+MATMUL_METHODS = frozenset({"matmul", "__matmul__", "mm", "bmm"})
 
 
 def val(node: Any) -> Any:

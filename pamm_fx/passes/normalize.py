@@ -22,21 +22,18 @@ the matcher does not group compile exactly as before.
 from __future__ import annotations
 
 import logging
-import operator
 from typing import Any
 
 import torch
 from torch import fx
 
-from pamm_fx.passes.fxutil import LINEAR, val
+from pamm_fx.passes.fxutil import LINEAR, MATMUL_FUNCTIONS, MATMUL_METHODS, val
 
 __all__ = ["LINEAR_TARGETS", "normalize_linears"]
 
 log = logging.getLogger(__name__)
 
 LINEAR_TARGETS = (LINEAR, torch.nn.functional.linear)
-_MATMUL_FN = (torch.matmul, operator.matmul, torch.mm)
-_MATMUL_METHODS = ("matmul", "__matmul__", "mm")
 _ADDMM = (torch.addmm,)
 _TRANSPOSE_METHODS = ("t", "T")
 
@@ -87,9 +84,9 @@ def _product(node: fx.Node) -> tuple[Any, Any] | None:
     """(x, right operand) of a plain matrix product node, else None."""
     if node.kwargs:
         return None
-    if node.op == "call_function" and node.target in _MATMUL_FN and len(node.args) == 2:
+    if node.op == "call_function" and node.target in MATMUL_FUNCTIONS and len(node.args) == 2:
         return node.args[0], node.args[1]
-    if node.op == "call_method" and node.target in _MATMUL_METHODS and len(node.args) == 2:
+    if node.op == "call_method" and node.target in MATMUL_METHODS and len(node.args) == 2:
         return node.args[0], node.args[1]
     return None
 

@@ -42,7 +42,7 @@ from torch import fx
 
 from pamm_fx import _compat
 from pamm_fx.names import param_name
-from pamm_fx.passes.fxutil import hint, is_linear, op_name, val
+from pamm_fx.passes.fxutil import MATMUL_FUNCTIONS, MATMUL_METHODS, hint, is_linear, op_name, val
 
 __all__ = [
     "ATTENTION_HOPS", "HEAD_HOPS", "LORA_HOPS", "MLP_HOPS", "Candidate", "Region", "attention_output_of",
@@ -68,8 +68,7 @@ LORA_HOPS = 3
 
 _SDPA = {_compat.NN_SDPA, torch.nn.functional.scaled_dot_product_attention}
 _SOFTMAX = {torch.softmax, torch.nn.functional.softmax}
-_MATMUL = {torch.matmul, torch.bmm, operator.matmul, torch.einsum, torch.baddbmm}
-_MATMUL_METHODS = {"matmul", "bmm", "__matmul__"}
+_MATMUL = MATMUL_FUNCTIONS | {torch.einsum, torch.baddbmm}
 #: Nonlinearities that make linear -> ... -> linear an MLP (function and method names).
 _ACTIVATIONS = frozenset({
     "silu", "gelu", "relu", "relu6", "leaky_relu", "elu", "selu", "celu", "mish", "softplus", "tanh", "sigmoid",
@@ -150,7 +149,7 @@ def _is_softmax(node: fx.Node) -> bool:
 def _is_matmul(node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in _MATMUL
-    return node.op == "call_method" and node.target in _MATMUL_METHODS
+    return node.op == "call_method" and node.target in MATMUL_METHODS
 
 
 def _near(start: fx.Node, pred: Callable[[fx.Node], bool], forward: bool) -> bool:
