@@ -156,7 +156,7 @@ def test_check_table_names_are_the_categories() -> None:
     names = [c.name for c in checks.PROJECTION_CHECKS]
     assert len(names) == len(set(names))
     assert {"not_parameter", "no_grad", "checkpointed", "frozen", "not_target"} <= set(names)
-    assert {c.name for c in checks.GROUP_CHECKS} == {"in_place", "min_tokens", "no_saving"}
+    assert {c.name for c in checks.GROUP_CHECKS} == {"written_between", "min_tokens", "no_saving"}
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
