@@ -231,3 +231,51 @@ def test_fault_in_any_planning_stage_falls_back_to_plain(
     assert_same(got, expected)
     assert pamm_fx.compiler.counters["fallbacks"] == before + 1
     assert any("injected fault" in (r.exc_text or "") or "failed" in r.getMessage() for r in caplog.records)
+
+
+# --- item 9: transposed-weight forms ---------------------------------------------------------------
+
+TRANSPOSED = {
+    "mT": lambda x, w, b: x @ w.mT,
+    "T": lambda x, w, b: x @ w.T,
+    "matmul_t": lambda x, w, b: torch.matmul(x, w.t()),
+    "transpose": lambda x, w, b: x @ w.transpose(-1, -2),
+    "mm_permute": lambda x, w, b: torch.mm(x, w.permute(1, 0)),
+    "torch_permute": lambda x, w, b: x @ torch.permute(w, (1, 0)),
+    "torch_transpose": lambda x, w, b: x @ torch.transpose(w, 0, 1),
+    "method_matmul_mT": lambda x, w, b: x.matmul(w.mT),
+    "addmm_mT": lambda x, w, b: torch.addmm(b, x, w.mT),
+    "linear_TT": lambda x, w, b: F.linear(x, w.T.T, b),
+    "linear_of_stored": lambda x, w, b: F.linear(x, w.mT, b),
+    "stored": lambda x, w, b: x @ w + b,
+}
+
+
+class Form(nn.Module):
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.w, self.b = nn.Parameter(torch.randn(8, 8)), nn.Parameter(torch.randn(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.form == "einsum":
+            return torch.einsum("bi,oi->bo", x, self.w)
+        return TRANSPOSED[self.form](x, self.w, self.b)
+
+
+@pytest.mark.parametrize("form", sorted(TRANSPOSED))
+def test_transposed_weight_forms_are_projections(form: str) -> None:
+    torch.manual_seed(0)
+    model, x = Form(form), torch.randn(6, 8)
+    plans = planned(model, x)
+    assert [len(g.projections) for p in plans for g in p.groups] == [1], categories(plans)
+    assert not [r for p in plans for r in p.rejections]
+    assert_same(run(model, x, "pamm_aot_eager", **EXACT), run(model, x, "aot_eager"))
+
+
+def test_unrecognised_linear_like_node_has_an_explain_line() -> None:
+    torch.manual_seed(0)
+    report = pamm_fx.explain(Form("einsum"), torch.randn(6, 8), **EXACT)
+    [skip] = report.skipped
+    assert (skip.weight, skip.category) == ("w", "unrecognised")
+    assert "einsum" in skip.reason and "[unrecognised] einsum" in str(report)
