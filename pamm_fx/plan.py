@@ -122,20 +122,20 @@ def plan(gm: fx.GraphModule, example_inputs: Sequence[Any], config: PammConfig) 
     del example_inputs  # shapes come from the nodes' example values
     work, _ = copy_graph_module(gm)
     result = Plan(gm, work, config, [], [], salt_base(), _compat.compile_id_text())
-    try:
+    try:  # every stage of planning, estimates included: never fail a user's compile because of us
         with _compat.observe_pass(work, "pamm_normalize_linears"):
             normalize_linears(work)
         match = find_groups(work, config, grad_enabled=torch.is_grad_enabled())
-    except Exception:  # never fail a user's compile because of us
-        log.warning("pamm: matching failed; compiling the captured graph untouched", exc_info=True)
+        for g in match.groups:
+            est = result.estimate(g)
+            if est.dynamic:
+                log.info("pamm: X=%s %s has a dynamic row count b=%s: k is decided on every call (%s)",
+                         g.x.name, fmt_value(val(g.x)), est.b_expr, est.k_formula)
+    except Exception:
+        log.warning("pamm: planning failed; compiling the captured graph untouched", exc_info=True)
         result.error = traceback.format_exc(limit=3).strip().splitlines()[-1]
         return result
     result.groups, result.rejections = match.groups, match.rejections
-    for g in result.groups:
-        est = result.estimate(g)
-        if est.dynamic:
-            log.info("pamm: X=%s %s has a dynamic row count b=%s: k is decided on every call (%s)",
-                     g.x.name, fmt_value(val(g.x)), est.b_expr, est.k_formula)
     return result
 
 

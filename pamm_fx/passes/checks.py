@@ -28,7 +28,7 @@ from torch import fx
 
 from pamm_fx import _compat
 from pamm_fx.config import PammConfig
-from pamm_fx.passes.fxutil import hint, is_static, op_name, rows, val
+from pamm_fx.passes.fxutil import hint, is_static, op_name, rows, storage, val, written
 from pamm_fx.passes.structure import Candidate, attention_output_of
 
 __all__ = [
@@ -287,12 +287,30 @@ def _attention_output(d: GroupDraft, config: PammConfig) -> str | None:
             "backward saves it anyway, so compressing it would save no memory")
 
 
-@_check(GROUP_CHECKS, "in_place", "X is not modified in place")
-def _in_place(d: GroupDraft, config: PammConfig) -> str | None:
-    for user in d.x.users:
-        name = op_name(user)
-        if name.endswith("_") and not name.endswith("__"):
-            return f"X is modified in place ({user.name}) in this graph; fusing its projections could reorder reads"
+def _writes(gm: fx.GraphModule) -> list[tuple[int, fx.Node, object]]:
+    """(position, writing node, storage key) for every write to a tensor's storage in the graph."""
+    return [(i, node, key) for i, node in enumerate(gm.graph.nodes) for t in written(node)
+            if (key := storage(t)) is not None]
+
+
+@_check(GROUP_CHECKS, "written_between", "X's storage is not written after the group's first projection reads "
+        "it, nor a member's weight or bias between the first projection and that member")
+def _written_between(d: GroupDraft, config: PammConfig) -> str | None:
+    order = {n: i for i, n in enumerate(d.gm.graph.nodes)}
+    first = min(order[c.node] for c in d.members)
+    x_key = storage(d.x)
+    for pos, node, key in _writes(d.gm):
+        if pos <= first:
+            continue
+        if key == x_key or (x_key is None and d.x in written(node)):
+            readers = ", ".join(c.weight_name for c in d.members if order[c.node] < pos)
+            return (f"X's storage is written by {node.name} ({op_name(node)}) after {readers} read it: plain "
+                    "autograd computes their weight gradients from the written X (or refuses the in-place "
+                    "write), and a fused op would compute every member before the write; left exact")
+        for c in d.members:
+            params = [p for p in (c.weight, c.bias) if isinstance(p, fx.Node)]
+            if pos < order[c.node] and any(storage(p) == key for p in params):
+                return (f"a weight or bias of {c.weight_name} is written by {node.name} ({op_name(node)}) between "
+                        "the group's first projection and its own: a fused op would read it before the write; "
+                        "left exact")
     return None
-
-

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import operator
 from typing import Any
 
 import torch
 from torch import fx
-from torch.fx.experimental.symbolic_shapes import is_concrete_int
+from torch.fx.experimental.symbolic_shapes import is_concrete_int, optimization_hint
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from pamm_fx import _compat
 
-__all__ = ["LINEAR", "MATMUL_FUNCTIONS", "MATMUL_METHODS", "hint", "is_linear", "is_static", "op_name", "rows", "val"]
+__all__ = [
+    "LINEAR", "MATMUL_FUNCTIONS", "MATMUL_METHODS", "UNBACKED_HINT", "hint", "is_linear", "is_static", "op_name",
+    "rows", "storage", "val", "written",
+]
 
 #: The one call form of a projection after :func:`pamm_fx.passes.normalize.normalize_linears`.
 LINEAR = _compat.NN_LINEAR
@@ -42,10 +48,15 @@ def op_name(node: fx.Node) -> str:
     return ""
 
 
+#: The size assumed for a data-dependent (unbacked) size in estimates, as Inductor assumes one.
+UNBACKED_HINT = 8192
+
+
 def hint(value: Any) -> int:
-    """A concrete int for a possibly symbolic size (its example value), without adding a guard."""
+    """A concrete int for a possibly symbolic size (its example value), without adding a guard; a
+    data-dependent size (``nonzero``'s row count) has no example value and reads as :data:`UNBACKED_HINT`."""
     if isinstance(value, torch.SymInt):
-        return value.node.hint if value.node.hint is not None else value.node.shape_env.size_hint(value.node.expr)
+        return optimization_hint(value, fallback=UNBACKED_HINT)
     return int(value)
 
 
@@ -57,3 +68,63 @@ def is_static(value: Any) -> bool:
 def rows(t: torch.Tensor) -> Any:
     """b: the number of rows of a (..., n) activation (symbolic when a leading size is)."""
     return math.prod(t.shape[:-1]) if t.dim() > 1 else 1
+
+
+#: Python's augmented assignments: in place on a tensor (``x += y`` is ``operator.iadd`` in Dynamo's graph).
+_AUGMENTED = frozenset({
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+    operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift, operator.imatmul,
+})
+#: Trailing-underscore calls that change a tensor's metadata or autograd state, not its values.
+_NOT_WRITES = frozenset({"requires_grad_", "detach_", "share_memory_", "retain_grad"})
+
+
+def storage(node: Any) -> Any:
+    """A key for the storage a node's tensor lives in (views and ``.data`` share their base's key), else None.
+
+    Dynamo's fake example values keep the program's aliasing, so two nodes with the same key are
+    views of one buffer: a write through either changes what the other reads.
+    """
+    v = val(node)
+    if not isinstance(v, torch.Tensor) or v.is_sparse:
+        return None
+    try:
+        return StorageWeakRef(v.untyped_storage())
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+@functools.cache
+def _inplace_parameter(fn: Any) -> inspect.Signature | None:
+    """The signature of a Python function with an ``inplace`` argument (``F.relu``, ``F.dropout``), else None."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    return sig if "inplace" in sig.parameters else None
+
+
+def written(node: fx.Node) -> list[fx.Node]:
+    """The graph values whose storage ``node`` writes: in-place methods and functions (``mul_``,
+    ``copy_``, ``set_``, ``torch.relu_``), setitem (``x[i] = v``, also on ``x.data``), augmented
+    assignment, ``inplace=True`` and ``out=`` arguments."""
+    if node.op not in ("call_function", "call_method"):
+        return []
+    targets: list[Any] = []
+    name = op_name(node)
+    if node.op == "call_function" and (node.target is operator.setitem or node.target in _AUGMENTED):
+        targets.append(node.args[0] if node.args else None)
+    elif name.endswith("_") and not name.endswith("__") and name not in _NOT_WRITES:
+        targets.append(node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self")))
+    elif node.op == "call_function" and callable(node.target) and (sig := _inplace_parameter(node.target)):
+        try:
+            arguments = sig.bind(*node.args, **node.kwargs).arguments
+        except TypeError:
+            arguments = {"inplace": node.kwargs.get("inplace", False), "input": node.args[0] if node.args else None}
+        if arguments.get("inplace", False) is not False:  # True, or a value only known at run time
+            targets.append(next(iter(arguments.values()), None))
+    if "out" in node.kwargs:
+        targets.append(node.kwargs["out"])
+    flat: list[fx.Node] = []
+    fx.node.map_arg(targets, flat.append)
+    return [n for n in flat if isinstance(val(n), torch.Tensor)]

@@ -32,6 +32,7 @@ from pamm_fx.config import SITES, PammConfig
 from pamm_fx.names import fmt_value, param_name
 from pamm_fx.passes import checks
 from pamm_fx.passes.fxutil import hint, val
+from pamm_fx.passes.normalize import unrecognised_products
 from pamm_fx.passes.structure import Candidate, Region, find_candidates
 
 __all__ = ["Projection", "Group", "Rejection", "MatchResult", "find_groups"]
@@ -115,7 +116,8 @@ def find_groups(gm: fx.GraphModule, config: PammConfig, grad_enabled: bool = Tru
     grad_enabled: the grad mode the graph starts in (Dynamo guards on it; regions inside may change it).
     """
     candidates = find_candidates(gm, grad_enabled)
-    rejections: list[Rejection] = []
+    rejections = [Rejection(node, reason, "unrecognised", param_name(param))
+                  for node, param, reason in unrecognised_products(gm)]
     drafts: dict[tuple, list[Candidate]] = {}
     exact: list[Candidate] = []
     for c in candidates:

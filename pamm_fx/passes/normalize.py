@@ -12,30 +12,35 @@ arguments, where ``w`` may be ``W.t()``, a view of the parameter (no copy)::
     addmm(b, x2d, W)  =>  t = W.t() ; linear(x2d, t, b)
     matmul(x, W)      =>  t = W.t() ; linear(x, t, None)
     matmul(x, W.t())  =>  linear(x, W, None)
+    linear(x, W.T)    =>  t = W.t() ; linear(x, t, None)
 
-Only products whose right operand is a 2-D graph input or attribute (a parameter,
-possibly transposed) are rewritten: ``q @ k.transpose(-2, -1)`` in attention has
-an activation there and stays as it is. The result is the same math, so linears
-the matcher does not group compile exactly as before.
+"Transposed" is any chain of 2-D transposes (``.t()``, ``.T``, ``.mT``, ``transpose(0, 1)``,
+``permute(1, 0)`` and their ``torch.`` functions; ``W.T.T`` is W). Only products whose right
+operand is a 2-D graph input or attribute (a parameter, possibly transposed) are rewritten:
+``q @ k.transpose(-2, -1)`` in attention has an activation there and stays as it is. The result
+is the same math, so linears the matcher does not group compile exactly as before. Products
+that read a parameter in any other form (``einsum``, ``W @ x``, a 3-D weight, ``nn.LSTM``'s
+fused op) are listed by :func:`unrecognised_products`, so explain() names each with a reason.
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 from typing import Any
 
 import torch
 from torch import fx
 
-from pamm_fx.passes.fxutil import LINEAR, MATMUL_FUNCTIONS, MATMUL_METHODS, val
+from pamm_fx.passes.checks import is_parameter
+from pamm_fx.passes.fxutil import LINEAR, MATMUL_FUNCTIONS, MATMUL_METHODS, op_name, val
 
-__all__ = ["LINEAR_TARGETS", "normalize_linears"]
+__all__ = ["LINEAR_TARGETS", "normalize_linears", "unrecognised_products", "weight_view"]
 
 log = logging.getLogger(__name__)
 
 LINEAR_TARGETS = (LINEAR, torch.nn.functional.linear)
 _ADDMM = (torch.addmm,)
-_TRANSPOSE_METHODS = ("t", "T")
 
 
 def _positional(node: fx.Node) -> tuple:
@@ -63,21 +68,37 @@ def _swaps_2d(dims: tuple) -> bool:
     return len(dims) == 2 and all(isinstance(d, int) for d in dims) and {d % 2 for d in dims} == {0, 1}
 
 
-def _transposed_weight(node: Any) -> fx.Node | None:
-    """W for ``W.t()``, ``W.T``, ``W.transpose(0, 1)`` or ``torch.t(W)`` of a weight W, else None."""
-    if not isinstance(node, fx.Node):
+def _permutes_2d(dims: tuple) -> bool:
+    """``permute(1, 0)`` (or ``permute((1, 0))``, negative dims too) of a 2-D tensor."""
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = tuple(dims[0])
+    return len(dims) == 2 and all(isinstance(d, int) for d in dims) and [d % 2 for d in dims] == [1, 0]
+
+
+def _transpose_source(node: Any) -> fx.Node | None:
+    """X for a node that transposes a 2-D X (``X.t()``, ``X.T``, ``X.mT``, ``X.transpose(0, 1)``,
+    ``X.permute(1, 0)``, ``torch.t(X)``, ``torch.transpose(X, 0, 1)``, ``torch.permute(X, (1, 0))``), else None."""
+    if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node) or node.kwargs:
         return None
-    if node.op == "call_method" and node.target in _TRANSPOSE_METHODS and len(node.args) == 1:
-        src = node.args[0]
-    elif node.op == "call_method" and node.target == "transpose" and _swaps_2d(node.args[1:]):
-        src = node.args[0]
-    elif node.op == "call_function" and node.target is torch.t and len(node.args) == 1:
-        src = node.args[0]
-    elif node.op == "call_function" and node.target is getattr and node.args[1:] == ("T",):
-        src = node.args[0]
+    name, rest = op_name(node), node.args[1:]
+    if node.op == "call_function" and node.target is getattr:
+        ok = rest in (("T",), ("mT",))
+    elif node.op == "call_function" and node.target not in (torch.t, torch.transpose, torch.permute):
+        ok = False
     else:
-        return None
-    return src if _is_weight(src) else None
+        ok = (name == "t" and not rest) or (name == "transpose" and _swaps_2d(rest)) or (
+            name == "permute" and _permutes_2d(rest))
+    return node.args[0] if ok else None
+
+
+def weight_view(node: Any) -> tuple[fx.Node, bool] | None:
+    """(W, transposed) when ``node`` is a weight W or a chain of 2-D transposes of one
+    (``W.T.T`` is W itself), else None."""
+    flipped = False
+    while isinstance(node, fx.Node) and not _is_weight(node):
+        node = _transpose_source(node)
+        flipped = not flipped
+    return (node, flipped) if _is_weight(node) else None
 
 
 def _product(node: fx.Node) -> tuple[Any, Any] | None:
@@ -120,13 +141,14 @@ def _linear_args(node: fx.Node) -> tuple[Any, Any, Any, bool] | None:
         if product is None:
             return None
         (x, w), bias = product, None
-    base = _transposed_weight(w)
-    if base is not None:
-        weight, needs_t, n = base, False, val(base).shape[1]
-    elif _is_weight(w):
-        weight, needs_t, n = w, True, val(w).shape[0]
-    else:
+    view = weight_view(w)
+    if view is None:
         return None
+    base, flipped = view
+    if flipped:
+        weight, needs_t, n = base, False, val(base).shape[1]
+    else:
+        weight, needs_t, n = base, True, val(base).shape[0]
     if not _x_fits(x, n):
         log.debug("not a projection: %s (its weight operand fits, X %s does not)", node.format_node(), x)
         return None
@@ -151,6 +173,13 @@ def _transpose_node(graph: fx.Graph, weight: fx.Node, cache: dict[fx.Node, fx.No
     return t
 
 
+def _erase_dead_views(graph: fx.Graph, node: Any) -> None:
+    """Erase a weight's transpose chain that nothing reads any more (``W.T.T`` left by a rewrite)."""
+    while isinstance(node, fx.Node) and not node.users and (src := _transpose_source(node)) is not None:
+        graph.erase_node(node)
+        node = src
+
+
 def normalize_linears(gm: fx.GraphModule) -> int:
     """Rewrite ``call_module(nn.Linear)``, keyword calls and product forms in place; return how many changed."""
     changed = 0
@@ -173,11 +202,14 @@ def normalize_linears(gm: fx.GraphModule) -> int:
             graph.erase_node(node)
             changed += 1
         elif node.op == "call_function" and node.target in LINEAR_TARGETS:
-            args = _positional(node)
-            if node.target is not LINEAR or node.kwargs or len(node.args) != 3:
-                node.target = LINEAR
-                node.args = args
-                node.kwargs = {}
+            x, w, b = _positional(node)
+            view = weight_view(w) if not _is_weight(w) else None
+            if view is not None:  # F.linear(x, W.T) of a (n, m) weight W: the canonical W.t() view
+                w = _transpose_node(graph, view[0], transposes) if view[1] else view[0]
+            if node.target is not LINEAR or node.kwargs or len(node.args) != 3 or view is not None:
+                old_w = node.args[1] if len(node.args) > 1 else None
+                node.target, node.args, node.kwargs = LINEAR, (x, w, b), {}
+                _erase_dead_views(graph, old_w)
                 changed += 1
         else:
             form = _linear_args(node)
@@ -188,10 +220,66 @@ def normalize_linears(gm: fx.GraphModule) -> int:
             log.debug("normalized %s to linear (weight %s, transposed=%s)", node.format_node(), weight.name, needs_t)
             old_w = node.args[1] if len(node.args) == 2 else node.args[2]
             node.op, node.target, node.args, node.kwargs = "call_function", LINEAR, (x, w, bias), {}
-            if old_w is not weight and isinstance(old_w, fx.Node) and not old_w.users:
-                graph.erase_node(old_w)
+            _erase_dead_views(graph, old_w)
             changed += 1
     if changed:
         log.debug("normalized %d linear call(s)", changed)
         gm.recompile()
     return changed
+
+
+#: Products that multiply by a weight but that normalize does not turn into a projection.
+_OTHER_PRODUCTS = (
+    torch.matmul, operator.matmul, torch.mm, torch.bmm, torch.addmm, torch.baddbmm, torch.addbmm, torch.einsum,
+    torch.tensordot, torch.mv, torch.addmv, torch.inner, torch.nn.functional.bilinear,
+)
+_OTHER_PRODUCT_METHODS = frozenset({
+    "matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "addmm", "baddbmm", "mv", "addmv",
+})
+#: Calls that run whole projections inside one op (what Dynamo keeps opaque), with what they are.
+_OPAQUE = {
+    torch.nn.functional.multi_head_attention_forward: "nn.MultiheadAttention in a form normalize does not decompose",
+    torch.lstm: "nn.LSTM (one fused op)",
+    torch.gru: "nn.GRU (one fused op)",
+    torch.rnn_tanh: "nn.RNN (one fused op)",
+    torch.rnn_relu: "nn.RNN (one fused op)",
+}
+#: Steps between a parameter and the product that reads it (views, casts): at most :data:`_VIEW_HOPS`.
+_VIEWS = frozenset({"view", "reshape", "to", "contiguous", "expand", "unsqueeze", "squeeze", "flatten", "float",
+                    "half", "bfloat16", "type", "t", "transpose", "permute", "getattr", "clone"})
+_VIEW_HOPS = 4
+
+
+def _parameter_behind(gm: fx.GraphModule, node: Any) -> fx.Node | None:
+    """The parameter ``node`` is, or is a view or cast of (a few steps back), else None."""
+    for _ in range(_VIEW_HOPS + 1):
+        if not isinstance(node, fx.Node):
+            return None
+        if node.op in ("placeholder", "get_attr"):
+            return node if is_parameter(gm, node) else None
+        if op_name(node) not in _VIEWS or not node.args:
+            return None
+        node = node.args[0]
+    return None
+
+
+def unrecognised_products(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, str]]:
+    """(node, parameter, reason) for every product or opaque call reading a parameter that is left as it
+    is after :func:`normalize_linears` (``einsum``, ``W @ x``, a 3-D weight, ``nn.LSTM``...): explain()
+    names each, so that a projection PAMM cannot see is never silent."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _OPAQUE:
+            what = f"{_OPAQUE[node.target]}: its projections run inside one opaque call"
+        elif (node.op == "call_function" and node.target in _OTHER_PRODUCTS) or (
+                node.op == "call_method" and node.target in _OTHER_PRODUCT_METHODS):
+            what = (f"{op_name(node)} is not a projection form the matcher rewrites (it rewrites F.linear, x @ W, "
+                    "x @ W.T/.mT/.t()/.transpose/.permute and addmm(b, x, W) with a 2-D weight W on the right)")
+        else:
+            continue
+        for arg in node.all_input_nodes:
+            param = _parameter_behind(gm, arg)
+            if param is not None:
+                found.append((node, param, f"{what}; left exact"))
+                break
+    return found

@@ -1,0 +1,177 @@
+"""PAMM's residual R = X - alpha * C_f, kept at 2, 4 or 8 bits with stochastic rounding.
+
+PAMM replaces each row X_i by X~_i = alpha_i C_f(i), which is biased. Storing R = X - X~ at
+``bits`` bits per element, with a per-row (lo, scale) and stochastic rounding, makes the weight
+gradient ``B~^T C + dY^T deq(q(R))`` unbiased given C: E[deq(q(R))] = R, with variance at most
+scale_i^2 / 4 per element.
+
+Format, per row i of R (n elements):
+
+* ``lo_i = min_j R_ij``, ``scale_i = (max_j R_ij - lo_i) / (2^bits - 1)``;
+* ``q_ij = floor(v) + [u_ij < v - floor(v)]`` with ``v = (R_ij - lo_i) / scale_i`` (clamped to
+  ``2^bits - 1``) and ``u_ij`` in [0, 1) a counter-based hash of (seed, salt, i, j), so that
+  P(q = ceil v) = frac(v) up to 2^-24;
+* 8 // bits codes per byte, element j in byte j // (8 // bits) at bit (j % (8 // bits)) * bits,
+  each row padded with zero bits to ``ceil(n * bits / 8)`` bytes;
+* ``deq_ij = lo_i + q_ij * scale_i``.
+
+Exactness: a row with scale 0 (R == 0, e.g. at ratio 1 where X~ = X, or any constant row)
+stores q = 0 and dequantizes to lo exactly. A row holding NaN or Inf (or whose range overflows)
+gets lo = scale = NaN, so it dequantizes to NaN, as plain's dW would carry it. float64 X keeps
+the whole computation, lo and scale in float64; every other dtype works in float32.
+
+The noise is a pure function of its inputs on X's device (no torch RNG, no host
+synchronisation): a recomputation, or another kernel for the same format, draws the same bits.
+
+:func:`quantize_residual` / :func:`dequantize_residual` are the CPU path, chunked over rows so
+that no b x n float32 temporary exists in full; the ``*_aten`` forms are the same code on the
+whole tensor, for Inductor to fuse into one pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BITS",
+    "ROW_CHUNK",
+    "dequantize_residual",
+    "dequantize_residual_aten",
+    "noise_key",
+    "packed_bytes",
+    "quantize_residual",
+    "quantize_residual_aten",
+    "work_dtype",
+]
+
+#: The supported code widths (a whole number of codes per byte).
+BITS = (2, 4, 8)
+#: Rows per chunk of the CPU path: bounds its float32 and int64 temporaries to ROW_CHUNK x n.
+ROW_CHUNK = 2048
+
+_M32 = (1 << 32) - 1
+#: The odd multiplier of pamm_fx.ops' 32-bit hash: a 32-bit value times it stays below 2^59 in int64.
+_HASH_MUL = 0x45D9F3B
+#: Separates this noise stream from the generator draw, which hashes the same (seed, salt).
+_DOMAIN = 0x7E51D0A1
+
+
+def _mix32(x: Any) -> Any:
+    """A 32-bit integer hash on int64 values in [0, 2^32) (tensors or Python ints)."""
+    x = x ^ (x >> 16)
+    x = (x * _HASH_MUL) & _M32
+    x = x ^ (x >> 16)
+    x = (x * _HASH_MUL) & _M32
+    return x ^ (x >> 16)
+
+
+def noise_key(seed: Tensor, salt: int) -> Tensor:
+    """The 32-bit stream key (an int64 0-dim tensor on ``seed``'s device) of (seed, salt)."""
+    s = seed.to(torch.int64)
+    lo = _mix32((s & _M32) ^ _mix32((salt ^ _DOMAIN) & _M32))
+    return _mix32(((s >> 32) & _M32) ^ _mix32(lo ^ ((salt >> 32) & _M32)))
+
+
+def packed_bytes(n: Any, bits: int) -> Any:
+    """Bytes per row of ``n`` codes of ``bits`` bits: ceil(n * bits / 8)."""
+    return (n * bits + 7) // 8
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the residual math, lo and scale: float64 for float64 X, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in BITS:
+        raise ValueError(f"pamm: residual bits must be one of {BITS}, not {bits!r}")
+
+
+def _shifts(bits: int, device: torch.device) -> Tensor:
+    return torch.arange(0, 8, bits, dtype=torch.int32, device=device)
+
+
+def _quantize_rows(x: Tensor, c: Tensor, f: Tensor, alpha: Tensor, key: Tensor, row0: int,
+                   bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q, lo, scale of rows row0 .. row0 + len(x) of X (the row index feeds the noise)."""
+    b, n = x.shape
+    wd = work_dtype(x.dtype)
+    levels = (1 << bits) - 1
+    r = x.to(wd) - alpha.to(wd)[:, None] * c.index_select(0, f.long()).to(wd)
+    if n == 0:
+        zero = torch.zeros(b, dtype=wd, device=x.device)
+        return torch.zeros(b, 0, dtype=torch.uint8, device=x.device), zero, zero.clone()
+    lo = r.amin(dim=1)
+    scale = (r.amax(dim=1) - lo) / levels
+    bad = ~(torch.isfinite(lo) & torch.isfinite(scale))  # NaN/Inf in the row, or a range past the dtype's max
+    lo = torch.where(bad, torch.nan, lo)
+    scale = torch.where(bad, torch.nan, scale)
+    v = (r - lo[:, None]) / scale[:, None]
+    fl = v.floor()
+    rows = torch.arange(row0, row0 + b, dtype=torch.int64, device=x.device)
+    cols = torch.arange(n, dtype=torch.int64, device=x.device)
+    h = _mix32(_mix32((rows & _M32) ^ key.to(x.device))[:, None] ^ cols[None, :])
+    u = (h >> 8).to(torch.float32) * 2.0**-24
+    q = (fl + (u.to(wd) < v - fl).to(wd)).clamp_max(levels)
+    q = torch.where(scale[:, None] > 0, q, 0).to(torch.int32)  # scale 0 or NaN: code 0
+    per = 8 // bits
+    width = packed_bytes(n, bits)
+    q = torch.nn.functional.pad(q, (0, width * per - n)).view(b, width, per)
+    packed = (q << _shifts(bits, x.device)).sum(dim=2).to(torch.uint8)
+    return packed, lo, scale
+
+
+def _dequantize_rows(q: Tensor, lo: Tensor, scale: Tensor, n: int, bits: int, dtype: torch.dtype) -> Tensor:
+    b = q.shape[0]
+    levels = (1 << bits) - 1
+    codes = (q.to(torch.int32)[:, :, None] >> _shifts(bits, q.device)) & levels
+    codes = codes.reshape(b, -1)[:, :n]
+    return (lo[:, None] + codes.to(lo.dtype) * scale[:, None]).to(dtype)
+
+
+def quantize_residual(x: Tensor, c: Tensor, f: Tensor, alpha: Tensor, seed: Tensor, salt: int,
+                      bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Quantize R = X - alpha[:, None] * C[f] (the module docstring's format), ROW_CHUNK rows at a time.
+
+    x: (b, n), c: (k, n), f: (b,) int32, alpha: (b,) float32, seed: int64 scalar tensor.
+    Returns q (b, ceil(n * bits / 8)) uint8, lo (b,) and scale (b,) in :func:`work_dtype`.
+    """
+    _check_bits(bits)
+    b, n = x.shape
+    wd = work_dtype(x.dtype)
+    q = torch.empty(b, packed_bytes(n, bits), dtype=torch.uint8, device=x.device)
+    lo = torch.empty(b, dtype=wd, device=x.device)
+    scale = torch.empty(b, dtype=wd, device=x.device)
+    key = noise_key(seed.to(x.device), salt)
+    for r0 in range(0, b, ROW_CHUNK):
+        r1 = min(b, r0 + ROW_CHUNK)
+        q[r0:r1], lo[r0:r1], scale[r0:r1] = _quantize_rows(x[r0:r1], c, f[r0:r1], alpha[r0:r1], key, r0, bits)
+    return q, lo, scale
+
+
+def dequantize_residual(q: Tensor, lo: Tensor, scale: Tensor, n: int, bits: int, dtype: torch.dtype) -> Tensor:
+    """deq(q) = lo + q * scale as a (b, n) tensor of ``dtype``, ROW_CHUNK rows at a time."""
+    _check_bits(bits)
+    b = q.shape[0]
+    out = torch.empty(b, n, dtype=dtype, device=q.device)
+    for r0 in range(0, b, ROW_CHUNK):
+        r1 = min(b, r0 + ROW_CHUNK)
+        out[r0:r1] = _dequantize_rows(q[r0:r1], lo[r0:r1], scale[r0:r1], n, bits, dtype)
+    return out
+
+
+def quantize_residual_aten(x: Tensor, c: Tensor, f: Tensor, alpha: Tensor, seed: Tensor, salt: int,
+                           bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`quantize_residual` in whole-tensor aten ops (bitwise the same), for Inductor to fuse."""
+    _check_bits(bits)
+    return _quantize_rows(x, c, f, alpha, noise_key(seed.to(x.device), salt), 0, bits)
+
+
+def dequantize_residual_aten(q: Tensor, lo: Tensor, scale: Tensor, n: int, bits: int,
+                             dtype: torch.dtype) -> Tensor:
+    """:func:`dequantize_residual` in whole-tensor aten ops, for Inductor to fuse."""
+    _check_bits(bits)
+    return _dequantize_rows(q, lo, scale, n, bits, dtype)
