@@ -1,9 +1,9 @@
 """Benchmark the PAMM kernels: CPU chunk sizes of the plain-torch path, GPU bandwidth of the Triton kernels.
 
-CPU: ``reference.assign`` for every (ROW_CHUNK, GEN_CHUNK) candidate at b = 8192
-tokens, so the defaults in ``pamm_fx/kernels/reference.py`` are the fastest measured
+CPU: ``assign_kernels.reference`` for every (ROW_CHUNK, GEN_CHUNK) candidate at b = 8192
+tokens, so the defaults in ``pamm_fx/kernels/assign.py`` are the fastest measured
 (GEN_CHUNK only matters once k > GEN_CHUNK, hence the large-k row), and
-``reference.contract`` (a CSR sparse x dense product) against the alternatives it
+``contract_kernels.reference`` (a CSR sparse x dense product) against the alternatives it
 replaced and against the exact weight-gradient GEMM it stands in for.
 GPU (only when CUDA is available): achieved bandwidth of assign (X read once), the
 whole ``pamm::compress`` op (sampling, gather of C, assign) and contract (dY read
@@ -25,8 +25,8 @@ from functools import partial
 import torch
 
 import pamm_fx.ops  # noqa: F401  (registers the pamm:: ops)
-from pamm_fx import kernels
-from pamm_fx.kernels import reference
+from pamm_fx.kernels import assign as assign_kernels
+from pamm_fx.kernels import contract as contract_kernels
 
 CPU_SHAPES = [(8192, 512, 128), (8192, 512, 16), (8192, 1024, 128), (8192, 1024, 16), (8192, 512, 2048)]
 ROW_CHUNKS = [512, 1024, 2048, 4096, 8192]
@@ -47,7 +47,7 @@ def _median_s(fn: Callable[[], object], runs: int, sync: Callable[[], None] = la
 
 def bench_cpu(runs: int) -> None:
     """One table per primitive: median ms per (shape, chunk) with the current default marked."""
-    defaults = (reference.ROW_CHUNK, reference.GEN_CHUNK)
+    defaults = (assign_kernels.ROW_CHUNK, assign_kernels.GEN_CHUNK)
     print(f"## CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, float32, median of {runs}")
     print("| op | b | n | k | ROW_CHUNK | GEN_CHUNK | ms |")
     print("|---|---|---|---|---|---|---|")
@@ -59,19 +59,19 @@ def bench_cpu(runs: int) -> None:
             gens = GEN_CHUNKS if k > min(GEN_CHUNKS) else [defaults[1]]
             for row in ROW_CHUNKS:
                 for gc in gens:
-                    reference.ROW_CHUNK, reference.GEN_CHUNK = row, gc
-                    ms = 1e3 * _median_s(partial(reference.assign, x, c), runs)
+                    assign_kernels.ROW_CHUNK, assign_kernels.GEN_CHUNK = row, gc
+                    ms = 1e3 * _median_s(partial(assign_kernels.reference, x, c), runs)
                     mark = " (default)" if (row, gc) == defaults else ""
                     print(f"| assign | {b} | {n} | {k} | {row} | {gc}{mark} | {ms:.1f} |")
             if k > max(GEN_CHUNKS):
                 continue
             dys = [torch.randn(b, n, generator=gen) for _ in range(3)]
-            f, alpha = reference.assign(x, c)
+            f, alpha = assign_kernels.reference(x, c)
             for name, fn in _contract_alternatives(dys, f, alpha, k, x).items():
                 ms = 1e3 * _median_s(fn, runs)
                 print(f"| contract 3x{n}: {name} | {b} | {n} | {k} | - | - | {ms:.1f} |")
     finally:
-        reference.ROW_CHUNK, reference.GEN_CHUNK = defaults
+        assign_kernels.ROW_CHUNK, assign_kernels.GEN_CHUNK = defaults
 
 
 def _contract_alternatives(
@@ -91,7 +91,7 @@ def _contract_alternatives(
         return torch.cat([p_t @ d for d in dys], 1)
 
     return {
-        "CSR sparse x dense (default)": partial(reference.contract, dys, f, alpha, k),
+        "CSR sparse x dense (default)": partial(contract_kernels.reference, dys, f, alpha, k),
         "chunked index_add": index_add_chunked,
         "one-hot dense GEMM": one_hot_gemm,
         "exact dW = dY^T X (what PAMM replaces)": lambda: [d.T @ x for d in dys],
@@ -134,14 +134,16 @@ def bench_gpu(runs: int) -> list[dict[str, object]]:
     for den in (512, 64):
         k = b // den
         c = x[torch.randperm(b, device="cuda")[:k].sort().values]
-        f, alpha = kernels.assign(x, c)
+        f, alpha = assign_kernels.assign(x, c)
         compress = partial(torch.ops.pamm.compress, x, seed, 1, den, 1, 1, math.inf, 0)
         cases = [
-            ("assign", "triton", partial(kernels.assign, x, c), 2 * (b * n + k * n) + 8 * b),
-            ("assign", "torch", partial(reference.assign, x, c), 2 * (b * n + k * n) + 8 * b),
+            ("assign", "triton", partial(assign_kernels.assign, x, c), 2 * (b * n + k * n) + 8 * b),
+            ("assign", "torch", partial(assign_kernels.reference, x, c), 2 * (b * n + k * n) + 8 * b),
             ("compress op", "triton", compress, 2 * (b * n + 2 * k * n) + 8 * b),
-            ("contract", "triton", partial(kernels.contract, dys, f, alpha, k), 2 * b * m3 + 8 * b + 4 * k * m3),
-            ("contract", "torch", partial(reference.contract, dys, f, alpha, k), 2 * b * m3 + 8 * b + 4 * k * m3),
+            ("contract", "triton", partial(contract_kernels.contract, dys, f, alpha, k),
+             2 * b * m3 + 8 * b + 4 * k * m3),
+            ("contract", "torch", partial(contract_kernels.reference, dys, f, alpha, k),
+             2 * b * m3 + 8 * b + 4 * k * m3),
         ]
         for op, impl, fn, nbytes in cases:
             s = _cuda_median_s(fn, runs)
@@ -152,7 +154,7 @@ def bench_gpu(runs: int) -> list[dict[str, object]]:
             )
             rows.append({"op": op, "ratio": f"1/{den}", "k": k, "impl": impl, "us": s * 1e6,
                          "tb_s": bw / 1e12, "pct_copy": 100 * bw / roofline})
-        same = torch.equal(kernels.contract(dys, f, alpha, k), kernels.contract(dys, f, alpha, k))
+        same = torch.equal(contract_kernels.contract(dys, f, alpha, k), contract_kernels.contract(dys, f, alpha, k))
         print(f"contract bitwise deterministic over 2 runs (k={k}): {same}")
     return rows
 

@@ -14,7 +14,7 @@ import torch
 
 from pamm_fx.demo.data import batches, byte_dataset
 from pamm_fx.demo.llama import Llama, LlamaConfig
-from pamm_fx.kernels.reference import assign
+from pamm_fx.kernels.assign import reference as assign
 from pamm_fx.ops import sample_generators
 
 

@@ -348,7 +348,7 @@ def report(out: Path, warmup: int) -> str:
             rw_text = "-" if d["backend"] != "pamm" else (
                 f"{len(groups)} groups ({', '.join(sorted({g[0].split('.')[-2] for g in groups}))})" if groups
                 else "0 groups") + "".join(f"; {n} {c}" for c, n in sorted(rw.get("rejections", {}).items())
-                                           if c in ("checkpointed", "no_saving", "min_tokens"))
+                                           if c in ("checkpointed", "all_rows_kept", "min_tokens"))
             rows.append([
                 ac, run, f"{d['saved_bytes'] / 2**20:.2f}",
                 f"{d['saved_bytes'] / base['saved_bytes'] - 1:+.1%}" if base and run != "inductor" and
