@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from expecttest import TestCase
 from torch import nn
 
-from pamm_fx.testing import RewriteRecord, capture_rewrites, describe
+from pamm_fx.config import defaults
+from pamm_fx.testing import RewriteRecord, capture_rewrites, describe, describe_rewrites
 
 D, HEADS, HEAD_DIM = 24, 4, 6
 OPTIONS = {"ratio": 1 / 4, "min_tokens": 1, "min_generators": 1}
@@ -146,3 +147,10 @@ untouched o.weight: output does not feed attention (targets='qkv')""")
                 renamed += 1
         assert renamed == 3 and "view_5" not in text
         self.assertEqual(describe(RewriteRecord(record.plan, record.rewritten)), text)
+
+    def test_describe_rewrites_takes_options_as_the_backend_does(self) -> None:
+        """config.defaults and PAMM_* variables count in the test helpers too (resolve(), not from_options)."""
+        x = torch.randn(2, 10, D)
+        with defaults.patch(ratio="1/2", min_tokens=1, min_generators=1):
+            text = describe_rewrites(Separate(), x)
+        assert text.startswith("compress(h: f32[2, 10, 24], ratio=1/2, min_generators=1, eps=inf)"), text
