@@ -44,6 +44,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from pamm_fx import _compat, kernels
 from pamm_fx.config import num_generators
+from pamm_fx.kernels import reference
 
 __all__ = [
     "DoubleBackwardError",
@@ -181,22 +182,24 @@ def _assign_aten(rows: Tensor, c: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     into one pass over it); the chunked eager kernel avoids it but measured slower on CPU.
     """
     b = rows.shape[0]
-    cf = c.float()
+    work = reference.compute_dtype(rows.dtype)
+    cf = c.to(work)
     norms = torch.linalg.vector_norm(cf, dim=1)
     inv = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
-    xf = rows.float()
+    xf = rows.to(work)
     sim = xf @ (cf * inv[:, None]).t()
     arg = sim.abs().argmax(dim=1)
     signed = sim.gather(1, arg[:, None]).squeeze(1)
     alpha = signed * inv[arg]
+    finite = torch.isfinite(sim).all(dim=1)
     if math.isfinite(eps):
         row_sq = (xf * xf).sum(dim=1)
         keep = (row_sq - signed * signed).clamp_min(0) <= (eps * eps) * row_sq
         alpha = torch.where(keep, alpha, torch.zeros_like(alpha))
         dropped = (~keep).sum()
         beta = torch.where((dropped > 0) & (dropped < b), b / (b - dropped).double(), 1.0)
-        alpha = alpha * beta.float()
-    return arg.to(torch.int32), alpha
+        alpha = alpha * beta.to(work)
+    return arg.to(torch.int32), reference.poison_non_finite(alpha, finite)
 
 
 def _traceable_assign(rows: Tensor, c: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -226,14 +229,15 @@ _compat.register_inductor_decomposition(torch.ops.pamm.compress.default, _compre
 
 @torch.library.custom_op("pamm::contract", mutates_args=())
 def contract(grads: Sequence[Tensor], f: Tensor, alpha: Tensor, k: int) -> Tensor:
-    """B~ (k, sum m_j) float32 = sum over rows i with f_i = j of alpha_i * [dY_1 | dY_2 | ...]_i."""
+    """B~ (k, sum m_j) = sum over rows i with f_i = j of alpha_i * [dY_1 | dY_2 | ...]_i, accumulated in
+    float32 (float64 when a dY is float64)."""
     return kernels.contract(list(grads), f, alpha, k)
 
 
 @contract.register_fake
 def _(grads, f, alpha, k):
     width = sum(g.shape[-1] for g in grads)
-    return f.new_empty(k, width, dtype=torch.float32)
+    return f.new_empty(k, width, dtype=reference.accumulation_dtype([g.dtype for g in grads]))
 
 
 @torch.library.custom_op("pamm::linear_group", mutates_args=())
@@ -270,13 +274,17 @@ def _setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
     x, weights, biases, has_bias, c, f, alpha = inputs
     ctx.save_for_backward(c, f, alpha, *weights)
     ctx.has_bias = list(has_bias)
+    # An output that gets no gradient (detached, unused, non-differentiable use) must arrive as None, not
+    # zeros: its weight and bias gradients then stay None, exactly as plain leaves them (zeros would let
+    # AdamW's weight decay and moments move weights plain training leaves untouched).
+    ctx.set_materialize_grads(False)
 
 
 class DoubleBackwardError(RuntimeError):
     """Differentiating PAMM's backward would differentiate an approximation as if it were exact."""
 
 
-def _weight_grads(grads: list[Tensor], c: Tensor, f: Tensor, alpha: Tensor, weights: list[Tensor],
+def _weight_grads(grads: list[Tensor | None], c: Tensor, f: Tensor, alpha: Tensor, weights: list[Tensor],
                   needs_w: Sequence[bool]) -> list[Tensor | None]:
     """dW_j = B~_j^T C per projection that needs it, in C's dtype (float32 accumulation in the GEMM).
 
@@ -303,8 +311,8 @@ def _weight_grads(grads: list[Tensor], c: Tensor, f: Tensor, alpha: Tensor, weig
     return out
 
 
-def _backward(ctx: Any, grads: list[Tensor]) -> tuple:
-    if torch.is_grad_enabled() and any(g.requires_grad for g in grads):
+def _backward(ctx: Any, grads: list[Tensor | None]) -> tuple:
+    if torch.is_grad_enabled() and any(g is not None and g.requires_grad for g in grads):
         raise DoubleBackwardError(
             "pamm: double backward (create_graph=True, gradient penalties, Hessian-vector products) through a "
             "PAMM-compressed projection is not supported: its weight gradient is an approximation. Compile this "
@@ -312,16 +320,20 @@ def _backward(ctx: Any, grads: list[Tensor]) -> tuple:
         )
     c, f, alpha, *weights = ctx.saved_tensors
     needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+    live = [g is not None for g in grads]
     dx = None
     if needs_x:
-        dx = grads[0].matmul(weights[0])
-        for g, w in zip(grads[1:], weights[1:]):
-            dx = dx + g.matmul(w)
+        # Last member first: the order autograd accumulates the separate linears' dX in, so ratio 1 is
+        # bitwise plain.
+        for g, w in reversed(list(zip(grads, weights))):
+            if g is not None:
+                dx = g.matmul(w) if dx is None else dx + g.matmul(w)
     dweights: list[Tensor | None] = [None] * len(weights)
-    if any(needs_w):
-        dweights = _weight_grads(grads, c, f, alpha, weights, needs_w)
+    wanted_w = [need and ok for need, ok in zip(needs_w, live)]
+    if any(wanted_w):
+        dweights = _weight_grads(grads, c, f, alpha, weights, wanted_w)
     with_bias = [g for g, hb in zip(grads, ctx.has_bias) if hb]
-    dbiases = [_rows(g).sum(0) if need else None for g, need in zip(with_bias, needs_b)]
+    dbiases = [_rows(g).sum(0) if need and g is not None else None for g, need in zip(with_bias, needs_b)]
     return dx, dweights, dbiases, None, None, None, None
 
 

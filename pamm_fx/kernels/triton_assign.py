@@ -4,7 +4,8 @@ One program owns BLOCK_B rows of X and walks the k generators in BLOCK_K tiles,
 keeping a running (best score, index, dot) per row, so no b x k similarity matrix
 exists anywhere. Dot products accumulate in float32. Semantics are those of
 :func:`pamm_fx.kernels.reference.assign` (zero-norm generators score 0, all-zero rows
-get f = 0 and alpha = 0, the eps/beta rule). Ties: f maximises the *computed* float32
+get f = 0 and alpha = 0, the eps/beta rule, alpha = NaN for a row with a non-finite
+similarity). Ties: f maximises the *computed* float32
 score, and among bitwise-equal computed scores it is the smallest index (a later tile
 wins only when strictly greater). Scores that are equal in exact arithmetic, e.g.
 duplicate generators in different tiles, may round apart because ``tl.dot``'s summation
@@ -70,6 +71,7 @@ def _assign_kernel(
     arg = tl.zeros((BLOCK_B,), tl.int32)
     best_dot = tl.zeros((BLOCK_B,), tl.float32)
     row_sq = tl.zeros((BLOCK_B,), tl.float32)
+    bad = tl.zeros((BLOCK_B,), tl.int32)  # a similarity is NaN/Inf: the row or a generator is not finite
     for j0 in range(0, k, BLOCK_K):
         gens = j0 + tl.arange(0, BLOCK_K)
         gen_ok = gens < k
@@ -96,6 +98,7 @@ def _assign_kernel(
             else:
                 acc = tl.dot(xt, ct, acc)
         inv = tl.load(inv_ptr + gens, mask=gen_ok, other=0.0)
+        bad = tl.maximum(bad, tl.max(tl.where(gen_ok[None, :] & (acc * 0.0 != 0.0), 1, 0), axis=1))
         score = tl.where(gen_ok[None, :], tl.abs(acc) * inv[None, :], -1.0)
         top = tl.max(score, axis=1)
         top_idx = tl.min(tl.where(score == top[:, None], gens[None, :], k), axis=1)
@@ -112,6 +115,7 @@ def _assign_kernel(
         keep = err_sq <= eps_sq * row_sq
         alpha = tl.where(keep, alpha, 0.0)
         tl.store(dropped_ptr + pid, tl.sum(tl.where(row_ok & (~keep), 1, 0), axis=0))
+    alpha = tl.where(bad > 0, float("nan"), alpha)  # reference.poison_non_finite
     tl.store(f_ptr + rows, arg, mask=row_ok)
     tl.store(alpha_ptr + rows, alpha, mask=row_ok)
 
