@@ -5,11 +5,14 @@
 backend's own :func:`~pamm_fx.plan.plan` of each graph, hands it to ``on_graph`` while Dynamo's
 placeholder metadata (parameter names) still exists, and runs the graph as captured (no
 Inductor, no backward). The config comes from :func:`pamm_fx.config.resolve`, as in the backend.
+The capture leaves no trace (:func:`pamm_fx.sideeffects.preserved`: buffers such as BatchNorm's
+statistics, tensors cached on modules and the random generators are as they were).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,13 +21,23 @@ from torch import fx
 from pamm_fx import _compat
 from pamm_fx.config import PammConfig
 from pamm_fx.plan import Plan, plan
+from pamm_fx.sideeffects import modules_of, preserved
 
-__all__ = ["capture"]
+__all__ = ["Captured", "capture"]
 
 
-def capture(model: Any, inputs: Sequence[Any], config: PammConfig,
-            on_graph: Callable[[Plan, fx.GraphModule], None]) -> list[Any]:
-    """Capture ``model(*inputs)``, call ``on_graph(plan, gm)`` per graph; return Dynamo's graph-break reasons.
+@dataclasses.dataclass
+class Captured:
+    """What a capture leaves besides the plans: Dynamo's graph-break reasons, and the parameters the
+    forward changed in place (which :func:`~pamm_fx.sideeffects.preserved` does not copy back)."""
+
+    break_reasons: list[Any]
+    touched: list[str]
+
+
+def capture(model: Any, inputs: Sequence[Any], config: PammConfig, on_graph: Callable[[Plan, fx.GraphModule], None],
+            kwargs: Mapping[str, Any] | None = None) -> Captured:
+    """Capture ``model(*inputs, **kwargs)`` and call ``on_graph(plan, gm)`` for each graph Dynamo makes.
 
     Dynamo's caches are left alone: graphs the user already compiled stay compiled (this capture is a
     separate cache entry, guarded on its backend), and sizes are not made dynamic because the code was
@@ -36,6 +49,7 @@ def capture(model: Any, inputs: Sequence[Any], config: PammConfig,
         return gm.forward
 
     wrapped = _compat.explain_backend(backend)
-    with torch.enable_grad(), _compat.shapes_as_first_compile():
-        torch.compile(getattr(model, "_orig_mod", model), backend=wrapped)(*inputs)
-    return list(wrapped.break_reasons)
+    model = getattr(model, "_orig_mod", model)  # an OptimizedModule: capture the module it wraps
+    with torch.enable_grad(), _compat.shapes_as_first_compile(), preserved(modules_of(model)) as touched:
+        torch.compile(model, backend=wrapped)(*inputs, **dict(kwargs or {}))
+    return Captured(list(wrapped.break_reasons), list(touched))

@@ -146,7 +146,7 @@ def _compile(
         return inner(gm, example_inputs, patches)
     _notify(p, new)
     _bump(mine, "groups_rewritten", len(p.groups))
-    seeds = seed.Source(config.seed, p.seed_device)
+    seeds = seed.Source(config.seed, p.seed_device, p.salt_base)
 
     def run(*args: Any) -> Any:
         return compiled(*args, seeds())

@@ -117,9 +117,10 @@ class PammConfig:
     """Options of the PAMM rewrite.
 
     ratio: fraction of the b token rows kept as generators, k = ceil(ratio * b).
-    seed: ``None`` draws each step's generator rows from torch's global RNG (so
-        ``torch.manual_seed`` makes runs reproducible); an int uses a private
-        generator seeded once, still giving different rows at every step.
+    seed: ``None`` derives each step's generator rows from ``torch.initial_seed()``
+        (so ``torch.manual_seed`` makes runs reproducible) without ever drawing from
+        torch's generators (dropout masks and the user's later random numbers are
+        plain's); an int roots the same private per-step stream at that value.
     eps: neighbourhood tolerance; a row whose relative projection error exceeds it
         is dropped from the weight gradient (``inf`` keeps every row, the paper's best).
     min_tokens: groups whose X has fewer rows than this stay exact (compressing a

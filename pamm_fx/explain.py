@@ -17,20 +17,22 @@ plans into the sentences a failing check prints.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import difflib
 import json
 import operator
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import fx
 
+from pamm_fx import _compat
 from pamm_fx.capture import capture
-from pamm_fx.config import resolve
+from pamm_fx.config import OPTIONS, resolve
 from pamm_fx.names import fmt_value, param_name
 from pamm_fx.passes.fxutil import is_linear, val
 from pamm_fx.passes.match import Group, Rejection
@@ -150,6 +152,8 @@ class ExplainReport:
     graphs: list[GraphReport]
     graph_breaks: list[GraphBreak]
     torch_version: str = torch.__version__
+    #: What the report cannot show in its graphs: why nothing was captured, a parameter the capture changed.
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def groups(self) -> list[GroupInfo]:
@@ -190,6 +194,8 @@ class ExplainReport:
             g.pop("compile_id")
         for b in data["graph_breaks"]:
             b.pop("location"), b.pop("detail")
+        if not data["notes"]:
+            data.pop("notes")
         return data
 
     def graph_text(self, mode: str = "diff") -> str:
@@ -235,6 +241,7 @@ class ExplainReport:
         if self.graph_breaks:
             lines.append("\ngraph breaks:")
             lines.extend(f"  {i}. {b.reason}  ({b.location})" for i, b in enumerate(self.graph_breaks, 1))
+        lines.extend(f"\nnote: {n}" for n in self.notes)
         return "\n".join(lines)
 
 
@@ -418,22 +425,53 @@ def _graph_break(reason: Any) -> GraphBreak:
     return GraphBreak(text.splitlines()[0] if text else "?", _location(reason), text)
 
 
-def explain(model: Any, *example_inputs: Any, **options: Any) -> ExplainReport:
-    """Capture ``model(*example_inputs)`` with Dynamo and report the pamm rewrite plan; no training, no Inductor.
+def explain(
+    model: Any, *example_inputs: Any, model_kwargs: Mapping[str, Any] | None = None, **options: Any
+) -> ExplainReport:
+    """Capture ``model(*example_inputs, **model_kwargs)`` with Dynamo and report the pamm rewrite plan; no
+    training, no Inductor.
 
     The plan is made by the same :func:`pamm_fx.plan.plan` the backend runs. Dynamo's caches are left
     alone: graphs the user already compiled stay compiled (explain's own capture is a separate cache
-    entry, guarded on its backend), so calling this between training steps recompiles nothing.
-    ``model`` may be the module or what ``torch.compile`` returned for it.
+    entry, guarded on its backend), so calling this between training steps recompiles nothing, and the
+    capture leaves no trace (:func:`pamm_fx.sideeffects.preserved`: buffers such as BatchNorm's
+    statistics, tensors cached on modules and the random generators are as they were).
+    ``model`` may be the module or what ``torch.compile`` returned for it. Hugging Face models:
+    ``explain(model, model_kwargs=tokenizer(text, return_tensors="pt"))``.
     """
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"explain(): unknown pamm option(s) {unknown}; valid options are {list(OPTIONS)}. "
+                         "Pass the model's own keyword arguments as model_kwargs={...}.")
     config = resolve(options)
     collector = _Collector()
-    breaks = [_graph_break(r) for r in capture(model, example_inputs, config, collector)]
+    counters = _compat.dynamo_counters()
+    seen = {key: collections.Counter(counters[key]) for key in ("graph_break", "unimplemented")}
+    captured = capture(model, example_inputs, config, collector, model_kwargs)
+    breaks = [_graph_break(r) for r in captured.break_reasons]
     graphs = collector.finish(bool(breaks))
+    notes = [f"the forward modified parameter {name} in place; explain() could not restore it"
+             for name in captured.touched]
+    if not graphs:
+        notes.append(_nothing_captured(seen))
     opts = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     opts["ratio"] = str(config.ratio_fraction)
     opts["eps"] = str(opts["eps"])
-    return ExplainReport(options=opts, graphs=graphs, graph_breaks=breaks)
+    return ExplainReport(options=opts, graphs=graphs, graph_breaks=breaks, notes=notes)
+
+
+def _nothing_captured(before: dict[str, collections.Counter]) -> str:
+    """Why Dynamo captured no graph, in its own words (its graph-break and unimplemented counters)."""
+    reasons = []
+    for key, old in before.items():
+        new = _compat.dynamo_counters()[key] - old
+        reasons += [str(text).strip().splitlines()[0] + (f" ({text.strip().splitlines()[1].strip()})"
+                                                         if len(str(text).strip().splitlines()) > 1 else "")
+                    for text in new]
+    if reasons:
+        return "Dynamo captured no graph: " + "; ".join(dict.fromkeys(reasons))
+    return ("Dynamo captured no graph: the call ran no tensor operation it could trace (no tensor input, "
+            "or only Python-level work); nothing would be compiled, so nothing is rewritten")
 
 
 # --- comparing plans -----------------------------------------------------------------------

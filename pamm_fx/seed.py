@@ -45,15 +45,38 @@ def add_placeholder(graph: fx.Graph, fake_mode: Any, device: torch.device) -> fx
 
 
 class Source:
-    """A fresh int64 seed per call, drawn on the device the groups run on (no host round trip).
+    """A fresh int64 seed per call for one compiled graph, on the device its groups run on.
 
-    ``seed=None`` draws from that device's global generator (``torch.manual_seed`` makes runs
-    repeat); an int seeds a private generator on that device once.
+    The stream is a counter on that device, started from hash(root, stream id) and advanced in place
+    each call: it never draws from (so never consumes or shifts) any torch generator, needs no host
+    round trip after the first call, and is a pure function of (root, stream id, call number), so
+    seeded runs repeat across processes. ``root`` is ``config.seed``, or with ``seed=None`` the
+    default generator's ``torch.initial_seed()``, read on the host each call (it reads no random
+    state): ``torch.manual_seed(s)`` before training makes the draws repeat, and re-seeding with a
+    different value restarts the stream. ``stream`` tells apart the graphs of one program.
     """
 
-    def __init__(self, seed: int | None, device: torch.device) -> None:
+    def __init__(self, seed: int | None, device: torch.device, stream: int) -> None:
         self._device = device
-        self._gen = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        self._fixed = seed
+        self._stream = stream
+        self._root: int | None = None
+        self._counter: torch.Tensor | None = None
 
     def __call__(self) -> torch.Tensor:
-        return torch.randint(0, 2**62, (), generator=self._gen, device=self._device)
+        root = self._fixed if self._fixed is not None else torch.initial_seed()
+        if self._counter is None or root != self._root:
+            self._root = root
+            start = int(_mix64(root, self._stream))
+            self._counter = torch.tensor(start, dtype=torch.int64, device=self._device)
+        self._counter.add_(1)
+        # A copy: the graph (or a recomputation in its backward) may still hold last call's seed.
+        return self._counter.clone()
+
+
+def _mix64(root: int, stream: int) -> int:
+    """A 62-bit start value from the root seed and the stream id (splitmix64 finaliser, host ints)."""
+    z = (root * 0x9E3779B97F4A7C15 + stream * 0xBF58476D1CE4E5B9 + 1) & ((1 << 64) - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
+    return (z ^ (z >> 31)) >> 2

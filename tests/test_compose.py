@@ -157,9 +157,14 @@ def test_nan_and_inf_propagate_like_a_plain_linear():
 
 
 def test_fp16_large_magnitudes_do_not_overflow_the_compression():
-    x = torch.randn(64, D, dtype=torch.float16) * 3e4
+    # finite fp16 values near its maximum: their squares overflow fp16 but not the float32 similarity
+    x = (torch.randn(64, D) * 3e4).clamp(-6e4, 6e4).to(torch.float16)
+    assert torch.isfinite(x).all()
     c, f, alpha = torch.ops.pamm.compress(x, torch.tensor(0), 1, 8, 1, 1, math.inf, 0)
     assert torch.isfinite(alpha).all() and c.dtype == torch.float16 and alpha.dtype == torch.float32
+    x[5, 0] = math.inf  # a row that did overflow fp16 is not finite under plain either: NaN, not dropped
+    _, _, alpha = torch.ops.pamm.compress(x, torch.tensor(0), 1, 8, 1, 1, math.inf, 0)
+    assert torch.isnan(alpha[5]) and int(torch.isnan(alpha).sum()) in (1, 64)  # 64: the row was drawn as generator
 
 
 def test_double_backward_raises_a_clear_error():

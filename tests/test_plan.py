@@ -204,7 +204,7 @@ def test_rewritten_graph_takes_no_cpu_input_when_x_is_elsewhere() -> None:
         tokens = torch.zeros(2, 16, dtype=torch.long)
     torch.compile(model, backend=capture)(tokens, tokens)
     assert placeholders and all(v.device.type == "meta" for v in placeholders)
-    seed = pamm_fx.seed.Source(None, torch.device("meta"))()
+    seed = pamm_fx.seed.Source(None, torch.device("meta"), 0)()
     assert seed.device.type == "meta" and seed.dtype == torch.int64
 
 

@@ -299,14 +299,34 @@ def test_contract_balances_a_skewed_segment() -> None:
     assert torch.equal(out, again)
 
 
-def test_contract_skips_rows_with_zero_alpha() -> None:
-    """Rows with alpha = 0 (dropped, padding) are never read: a NaN there cannot poison B~."""
+def test_contract_propagates_nan_from_rows_with_zero_alpha() -> None:
+    """Rows with alpha = 0 (dropped, padding) are read like the rest: plain's dY^T X is NaN when a dY
+    row is NaN even where X's row is zero, so B~ must be NaN there too (and equal the reference)."""
     grads, f, alpha = _contract_inputs(90, [20], 4, torch.float32)
     alpha[::3] = 0
     poisoned = grads[0].clone()
-    poisoned[::3] = float("nan")
-    out = contract_triton.contract([poisoned.to(DEVICE)], f.to(DEVICE), alpha.to(DEVICE), 4)
-    torch.testing.assert_close(out.cpu(), contract.reference(grads, f, alpha, 4), rtol=1e-5, atol=1e-5)
+    poisoned[3, 5] = float("nan")
+    out = contract_triton.contract([poisoned.to(DEVICE)], f.to(DEVICE), alpha.to(DEVICE), 4).cpu()
+    ref = contract.reference([poisoned], f, alpha, 4)
+    assert torch.isnan(out[int(f[3]), 5]) and int(torch.isnan(out).sum()) == 1
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def test_assign_poisons_non_finite_rows_like_the_reference() -> None:
+    """A NaN/Inf row (or generator) gets alpha = NaN, so it reaches dW as under plain; the eps rule
+    does not hide it."""
+    x = _data(70, 40, dtype=torch.float32, seed=11)
+    x[5, 3] = float("nan")
+    x[60, 0] = float("inf")
+    c = x[[0, 10, 20]].clone()
+    for eps in (math.inf, 0.9):
+        f, alpha = assign_triton.assign(x.to(DEVICE), c.to(DEVICE), eps)
+        _, alpha_ref = assign.reference(x, c, eps)
+        assert (~torch.isfinite(alpha.cpu())).nonzero().flatten().tolist() == [5, 60]
+        torch.testing.assert_close(alpha.cpu(), alpha_ref, rtol=1e-4, atol=1e-5, equal_nan=True)
+    c[1, 0] = float("nan")
+    _, alpha = assign_triton.assign(x.to(DEVICE), c.to(DEVICE))
+    assert torch.isnan(alpha).all()
 
 
 def test_assign_eps_rule_over_several_generator_tiles() -> None:

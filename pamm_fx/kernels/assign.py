@@ -35,27 +35,30 @@ GEN_CHUNK = 1024
 def reference(x: Tensor, c: Tensor, eps: float = math.inf) -> tuple[Tensor, Tensor]:
     """Nearest generator (by absolute cosine) and projection scale for every row.
 
-    x: (b, n), c: (k, n), any floating dtype; accumulation is float32.
+    x: (b, n), c: (k, n), any floating dtype; accumulation is float32 (float64 for float64 X).
     Returns f (b,) int32 and alpha (b,) float32 with X~_i = alpha_i * c[f_i].
     Ties in the computed scores go to the smallest generator index (the Triton kernel
     promises the same on its own float32 scores, which may round exact ties apart).
-    Zero-norm generators and the eps rule: :mod:`~pamm_fx.kernels.assign_rule`.
+    Zero-norm generators, non-finite rows and the eps rule: :mod:`~pamm_fx.kernels.assign_rule`.
     """
     b, k = x.shape[0], c.shape[0]
     f = torch.zeros(b, dtype=torch.int32, device=x.device)
     alpha = torch.zeros(b, dtype=torch.float32, device=x.device)
     if b == 0 or k == 0:
         return f, alpha
-    inv_norm = assign_rule.inverse_norms(c)
-    cn = c.float() * inv_norm[:, None]
+    work = assign_rule.compute_dtype(x.dtype)
+    inv_norm = assign_rule.inverse_norms(c, work)
+    cn = c.to(work) * inv_norm[:, None]
     dropped = torch.zeros((), dtype=torch.int64, device=x.device)
     for r0 in range(0, b, ROW_CHUNK):
-        xc = x[r0 : r0 + ROW_CHUNK].float()
-        best = torch.full((xc.shape[0],), -1.0, device=x.device)
+        xc = x[r0 : r0 + ROW_CHUNK].to(work)
+        best = torch.full((xc.shape[0],), -1.0, dtype=work, device=x.device)
         arg = torch.zeros(xc.shape[0], dtype=torch.int64, device=x.device)
-        signed = torch.zeros(xc.shape[0], device=x.device)
+        signed = torch.zeros(xc.shape[0], dtype=work, device=x.device)
+        finite = torch.ones(xc.shape[0], dtype=torch.bool, device=x.device)
         for j0 in range(0, k, GEN_CHUNK):
             sim = xc @ cn[j0 : j0 + GEN_CHUNK].T
+            finite &= torch.isfinite(sim).all(dim=1)
             top, top_idx = sim.abs().max(dim=1)
             better = top > best
             best = torch.where(better, top, best)
@@ -67,7 +70,7 @@ def reference(x: Tensor, c: Tensor, eps: float = math.inf) -> tuple[Tensor, Tens
             a = torch.where(kept, a, torch.zeros_like(a))
             dropped += (~kept).sum()
         f[r0 : r0 + ROW_CHUNK] = arg.to(torch.int32)
-        alpha[r0 : r0 + ROW_CHUNK] = a
+        alpha[r0 : r0 + ROW_CHUNK] = assign_rule.poison_non_finite(a, finite)
     if math.isfinite(eps):
         alpha = assign_rule.rescale(alpha, dropped, b)
     return f, alpha
@@ -76,19 +79,20 @@ def reference(x: Tensor, c: Tensor, eps: float = math.inf) -> tuple[Tensor, Tens
 def aten(rows: Tensor, c: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """:func:`reference` in whole-tensor aten ops, for Inductor to fuse.
 
-    The b x k float32 similarity exists transiently (Inductor fuses |.|, the argmax and the gather
+    The b x k similarity exists transiently (Inductor fuses |.|, the argmax and the gather
     into one pass over it); the chunked eager kernel avoids it but measured slower on CPU.
     """
-    inv = assign_rule.inverse_norms(c)
-    xf = rows.float()
-    sim = xf @ (c.float() * inv[:, None]).t()
+    work = assign_rule.compute_dtype(rows.dtype)
+    inv = assign_rule.inverse_norms(c, work)
+    xf = rows.to(work)
+    sim = xf @ (c.to(work) * inv[:, None]).t()
     arg = sim.abs().argmax(dim=1)
     signed = sim.gather(1, arg[:, None]).squeeze(1)
     alpha = signed * inv[arg]
     if math.isfinite(eps):
         kept = assign_rule.keep((xf * xf).sum(dim=1), signed, eps)
         alpha = assign_rule.rescale(torch.where(kept, alpha, torch.zeros_like(alpha)), (~kept).sum(), rows.shape[0])
-    return arg.to(torch.int32), alpha
+    return arg.to(torch.int32), assign_rule.poison_non_finite(alpha, torch.isfinite(sim).all(dim=1))
 
 
 def assign(x: Tensor, c: Tensor, eps: float = math.inf) -> tuple[Tensor, Tensor]:

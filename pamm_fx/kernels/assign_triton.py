@@ -4,10 +4,12 @@ One program owns BLOCK_B rows of X and walks the k generators in BLOCK_K tiles,
 keeping a running (best score, index, dot) per row, so no b x k similarity matrix
 exists anywhere. Dot products accumulate in float32. Semantics are those of
 :func:`pamm_fx.kernels.assign.reference` and the rule of :mod:`pamm_fx.kernels.assign_rule`
-(zero-norm generators score 0, all-zero rows get f = 0 and alpha = 0, the eps/beta rule:
-the norms and beta come from there, the keep test is that module's ``keep`` written in-kernel).
-Ties: f maximises the *computed* float32 score, and among bitwise-equal computed scores
-it is the smallest index (a later tile wins only when strictly greater). Scores that are equal in exact arithmetic, e.g.
+(zero-norm generators score 0, all-zero rows get f = 0 and alpha = 0, the eps/beta rule,
+alpha = NaN for a row with a non-finite similarity: the norms and beta come from there, the
+keep test and the poisoning are that module's ``keep`` and ``poison_non_finite`` written
+in-kernel). Ties: f maximises the *computed* float32 score, and among bitwise-equal computed
+scores it is the smallest index (a later tile wins only when strictly greater). Scores that
+are equal in exact arithmetic, e.g.
 duplicate generators in different tiles, may round apart because ``tl.dot``'s summation
 order belongs to the backend, so either copy may win; both give the same X~.
 When k fits one tile (k <= BLOCK_K = 128) X is read exactly once, also with a
@@ -72,6 +74,7 @@ def _assign_kernel(
     arg = tl.zeros((BLOCK_B,), tl.int32)
     best_dot = tl.zeros((BLOCK_B,), tl.float32)
     row_sq = tl.zeros((BLOCK_B,), tl.float32)
+    bad = tl.zeros((BLOCK_B,), tl.int32)  # a similarity is NaN/Inf: the row or a generator is not finite
     for j0 in range(0, k, BLOCK_K):
         gens = j0 + tl.arange(0, BLOCK_K)
         gen_ok = gens < k
@@ -98,6 +101,7 @@ def _assign_kernel(
             else:
                 acc = tl.dot(xt, ct, acc)
         inv = tl.load(inv_ptr + gens, mask=gen_ok, other=0.0)
+        bad = tl.maximum(bad, tl.max(tl.where(gen_ok[None, :] & (acc * 0.0 != 0.0), 1, 0), axis=1))
         score = tl.where(gen_ok[None, :], tl.abs(acc) * inv[None, :], -1.0)
         top = tl.max(score, axis=1)
         top_idx = tl.min(tl.where(score == top[:, None], gens[None, :], k), axis=1)
@@ -113,6 +117,7 @@ def _assign_kernel(
         keep = tl.maximum(row_sq - sim * sim, 0.0) <= eps_sq * row_sq  # assign_rule.keep
         alpha = tl.where(keep, alpha, 0.0)
         tl.store(dropped_ptr + pid, tl.sum(tl.where(row_ok & (~keep), 1, 0), axis=0))
+    alpha = tl.where(bad > 0, float("nan"), alpha)  # assign_rule.poison_non_finite
     tl.store(f_ptr + rows, arg, mask=row_ok)
     tl.store(alpha_ptr + rows, alpha, mask=row_ok)
 
@@ -130,12 +135,15 @@ def dot_precision() -> str:
 def _blocks(k: int | torch.SymInt, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_B, BLOCK_K, BLOCK_N, num_warps): the register tile BLOCK_B x BLOCK_K stays <= 16K fp32.
 
+    Eight warps and 16-column float32 steps keep every contiguous launch within 255 registers
+    without spilling on sm_80 and sm_90 (four warps for small tiles and 32 float32 columns spilled
+    8-52 bytes in 8 of 64 (configuration, target) pairs: ``benchmarks/kernel_registers.py``,
+    checked by ``tests/test_kernel_compile.py``).
     A symbolic k (dynamic shapes) takes the widest tile instead of guarding on its size.
     """
     block_k = 128 if isinstance(k, torch.SymInt) else min(128, max(16, triton.next_power_of_2(k)))
     block_b = 128 if block_k <= 64 else 64
-    block_n = 32 if dtype == torch.float32 else 64
-    return block_b, block_k, block_n, 8 if block_b * block_k >= 8192 else 4
+    return block_b, block_k, 16 if dtype == torch.float32 else 64, 8
 
 
 @torch.library.triton_op("pamm::assign_triton", mutates_args=())

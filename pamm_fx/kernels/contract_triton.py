@@ -9,7 +9,8 @@ generator in chunk order. So a skewed f (a padded batch puts most rows on the
 generator of the padding) spreads over b / CHUNK programs instead of serialising
 on one, every output element is still summed in a fixed order (bitwise
 deterministic, no atomics), and dY is read exactly once (memory bound, as the cost
-model wants). Rows with alpha = 0 (dropped by eps, all-zero rows) are not read.
+model wants). Rows with alpha = 0 (dropped by eps, all-zero rows) are read and multiplied like
+the rest, so a NaN/Inf in their dY reaches B~ as it reaches plain's dY^T X.
 The grid is sized from shapes only (cdiv(b, CHUNK) + k programs bound the number of
 chunks), so nothing is synchronised with the host. Offsets are int64 throughout.
 
@@ -64,7 +65,7 @@ def _partial_kernel(
             a = tl.load(alpha_ptr + i, mask=row_ok, other=0.0)
             g = tl.load(
                 g_ptr + i[:, None] * stride_gb + cols[None, :] * stride_gm,
-                mask=(row_ok & (a != 0.0))[:, None] & col_ok[None, :],
+                mask=row_ok[:, None] & col_ok[None, :],
                 other=0.0,
             )
             acc += g.to(tl.float32) * a[:, None]

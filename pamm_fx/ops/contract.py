@@ -1,6 +1,6 @@
 """``pamm::contract(grads, f, alpha, k) -> B~``: the backward contraction, opaque to tracing.
 
-B~ (k, sum m_j) float32 = sum over rows i with f_i = j of alpha_i * [dY_1 | dY_2 | ...]_i. Called
+B~ (k, sum m_j) = sum over rows i with f_i = j of alpha_i * [dY_1 | dY_2 | ...]_i. Called
 only from :mod:`pamm_fx.ops.linear_group`'s backward (no graph pass writes it, so it has no
 ``emit``); :func:`weight_contraction` is that call. This module owns the schema, the fake kernel,
 the flop formula and :class:`Contract`, the typed form of its arguments that :func:`parse` reads
@@ -43,14 +43,16 @@ class Contract:
 
 @torch.library.custom_op("pamm::contract", mutates_args=())
 def contract(grads: Sequence[Tensor], f: Tensor, alpha: Tensor, k: int) -> Tensor:
-    """B~ (k, sum m_j) float32 = sum over rows i with f_i = j of alpha_i * [dY_1 | dY_2 | ...]_i."""
+    """B~ (k, sum m_j) = sum over rows i with f_i = j of alpha_i * [dY_1 | dY_2 | ...]_i, accumulated in
+    float32 (float64 when a dY is float64)."""
     return contract_kernels.contract(list(grads), f, alpha, k)
 
 
 @contract.register_fake
 def _(*args: Any) -> Tensor:
     call = Contract.from_op_args(args)
-    return call.f.new_empty(call.k, sum(g.shape[-1] for g in call.grads), dtype=torch.float32)
+    dtype = contract_kernels.accumulation_dtype([g.dtype for g in call.grads])
+    return call.f.new_empty(call.k, sum(g.shape[-1] for g in call.grads), dtype=dtype)
 
 
 @register_flop_formula(torch.ops.pamm.contract)

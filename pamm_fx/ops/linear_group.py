@@ -86,13 +86,17 @@ def _setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
     ctx.save_for_backward(call.c, call.f, call.alpha, *call.weights)
     ctx.has_bias = [b is not None for b in call.biases]
     ctx.num_inputs = len(inputs)
+    # An output that gets no gradient (detached, unused, non-differentiable use) must arrive as None, not
+    # zeros: its weight and bias gradients then stay None, exactly as plain leaves them (zeros would let
+    # AdamW's weight decay and moments move weights plain training leaves untouched).
+    ctx.set_materialize_grads(False)
 
 
 class DoubleBackwardError(RuntimeError):
     """Differentiating PAMM's backward would differentiate an approximation as if it were exact."""
 
 
-def _weight_grads(grads: list[Tensor], c: Tensor, f: Tensor, alpha: Tensor, weights: list[Tensor],
+def _weight_grads(grads: list[Tensor | None], c: Tensor, f: Tensor, alpha: Tensor, weights: list[Tensor],
                   needs_w: Sequence[bool]) -> list[Tensor | None]:
     """dW_j = B~_j^T C per projection that needs it, in C's dtype (float32 accumulation in the GEMM).
 
@@ -112,8 +116,8 @@ def _weight_grads(grads: list[Tensor], c: Tensor, f: Tensor, alpha: Tensor, weig
     return out
 
 
-def _backward(ctx: Any, grads: list[Tensor]) -> tuple:
-    if torch.is_grad_enabled() and any(g.requires_grad for g in grads):
+def _backward(ctx: Any, grads: list[Tensor | None]) -> tuple:
+    if torch.is_grad_enabled() and any(g is not None and g.requires_grad for g in grads):
         raise DoubleBackwardError(
             "pamm: double backward (create_graph=True, gradient penalties, Hessian-vector products) through a "
             "PAMM-compressed projection is not supported: its weight gradient is an approximation. Compile this "
@@ -123,14 +127,17 @@ def _backward(ctx: Any, grads: list[Tensor]) -> tuple:
     needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
     dx = None
     if needs_x:
-        dx = grads[0].matmul(weights[0])
-        for g, w in zip(grads[1:], weights[1:]):
-            dx = dx + g.matmul(w)
+        # Last member first: the order autograd accumulates the separate linears' dX in, so ratio 1 is
+        # bitwise plain.
+        for g, w in reversed(list(zip(grads, weights))):
+            if g is not None:
+                dx = g.matmul(w) if dx is None else dx + g.matmul(w)
     dweights: list[Tensor | None] = [None] * len(weights)
-    if any(needs_w):
-        dweights = _weight_grads(grads, c, f, alpha, weights, needs_w)
+    wanted_w = [need and g is not None for need, g in zip(needs_w, grads)]
+    if any(wanted_w):
+        dweights = _weight_grads(grads, c, f, alpha, weights, wanted_w)
     with_bias = [g for g, hb in zip(grads, ctx.has_bias) if hb]
-    dbiases = [rows_of(g).sum(0) if need else None for g, need in zip(with_bias, needs_b)]
+    dbiases = [rows_of(g).sum(0) if need and g is not None else None for g, need in zip(with_bias, needs_b)]
     return (dx, dweights, dbiases) + (None,) * (ctx.num_inputs - 3)
 
 
