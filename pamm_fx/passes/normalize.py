@@ -37,6 +37,7 @@ from torch import fx
 
 from pamm_fx.passes.checks import is_parameter
 from pamm_fx.passes.fxutil import LINEAR, op_name, val
+from pamm_fx.passes.structure import Region, regions
 
 __all__ = [
     "LINEAR_TARGETS", "NOT_DECOMPOSED", "decompose_attention", "normalize_linears", "unrecognised_products",
@@ -306,8 +307,8 @@ class _Emit:
     """Adds calls before ``anchor``, each with the example value its target computes on the fake inputs,
     so that the passes after this one see shapes as on Dynamo's own nodes."""
 
-    def __init__(self, graph: fx.Graph, anchor: fx.Node, fake_mode: Any) -> None:
-        self.graph, self.anchor, self.fake_mode = graph, anchor, fake_mode
+    def __init__(self, graph: fx.Graph, anchor: fx.Node, fake_mode: Any, region: Region) -> None:
+        self.graph, self.anchor, self.fake_mode, self.region = graph, anchor, fake_mode, region
         self.meta = {k: anchor.meta[k] for k in ("stack_trace", "nn_module_stack", "source_fn_stack")
                      if k in anchor.meta}
 
@@ -318,7 +319,12 @@ class _Emit:
         a, k = fx.node.map_arg((args, kwargs), val)
         fn = getattr(a[0], target) if op == "call_method" else target
         a = a[1:] if op == "call_method" else a
-        with self.fake_mode if self.fake_mode is not None else contextlib.nullcontext():
+        with contextlib.ExitStack() as stack:  # the example value as the call computes it in its region
+            if self.fake_mode is not None:
+                stack.enter_context(self.fake_mode)
+            stack.enter_context(torch.set_grad_enabled(self.region.grad_enabled))
+            for device, dtype in self.region.autocast:
+                stack.enter_context(torch.autocast(device, dtype=dtype))
             node.meta["example_value"] = fn(*a, **k)
         return node
 
@@ -459,6 +465,7 @@ def decompose_attention(gm: fx.GraphModule) -> int:
     own, in its order (same values, same random stream for dropout). Forms not written out keep their
     reason in ``node.meta[NOT_DECOMPOSED]``. Returns how many calls were written out."""
     graph, count = gm.graph, 0
+    where = regions(graph, torch.is_grad_enabled())
     fake_mode = next((v.fake_mode for n in graph.find_nodes(op="placeholder")
                       if isinstance(v := val(n), torch._subclasses.FakeTensor)), None)
     for node in list(graph.find_nodes(op="call_function", target=_MHA)):
@@ -480,7 +487,7 @@ def decompose_attention(gm: fx.GraphModule) -> int:
             node.meta[NOT_DECOMPOSED] = reason
             log.debug("left %s opaque: %s", node.name, reason)
             continue
-        out, weights = _write_mha(_Emit(graph, node, fake_mode), a)
+        out, weights = _write_mha(_Emit(graph, node, fake_mode, where[node]), a)
         for user in users:
             replacement = out if user.args[1] == 0 else weights
             if replacement is not None:
