@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import fx
 
+from pamm_fx.passes.fxutil import row_slice
+
 __all__ = ["param_name", "fmt_value"]
 
 _DTYPES = {
@@ -36,6 +38,8 @@ def param_name(node: fx.Node) -> str:
     """
     if node.op == "call_method" and node.target == "t" and isinstance(node.args[0], fx.Node):
         return f"{param_name(node.args[0])}.T"
+    if (part := row_slice(node)) is not None:  # a q/k/v part of nn.MultiheadAttention's packed in_proj_weight
+        return f"{param_name(part[0])}[{part[1]}:{part[2]}]"
     if node.op == "call_method" and node.target == "to" and isinstance(node.args[0], fx.Node):
         dtype = node.args[1] if len(node.args) > 1 else None
         return f"{param_name(node.args[0])}.to({_DTYPES.get(dtype, dtype)})"  # autocast's cast, made explicit

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from expecttest import TestCase
 from torch import nn
 
 import pamm_fx
@@ -279,3 +280,165 @@ def test_unrecognised_linear_like_node_has_an_explain_line() -> None:
     [skip] = report.skipped
     assert (skip.weight, skip.category) == ("w", "unrecognised")
     assert "einsum" in skip.reason and "[unrecognised] einsum" in str(report)
+
+
+# --- item 8: nn.MultiheadAttention and the layers built on it --------------------------------------
+
+
+class Attention(nn.Module):
+    """An ``nn.MultiheadAttention`` call with the options of the case; ``cross`` reads a trainable memory."""
+
+    def __init__(self, batch_first: bool = False, kdim: int | None = None, need_weights: bool = False,
+                 key_padding_mask: bool = False, attn_mask: str | None = None, cross: bool = False,
+                 dropout: float = 0.0, **extra: object) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=batch_first, kdim=kdim, vdim=kdim, dropout=dropout,
+                                         **extra)
+        self.bf, self.nw, self.kpm, self.am, self.cross = batch_first, need_weights, key_padding_mask, attn_mask, cross
+        self.memory = nn.Parameter(torch.randn(*((2, 5) if batch_first else (5, 2)), kdim or 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kv = self.memory if self.cross else x
+        tgt, src = (x.shape[1], kv.shape[1]) if self.bf else (x.shape[0], kv.shape[0])
+        kpm = torch.arange(src) >= src - 1 if self.kpm else None
+        mask = None
+        if self.am == "bool":
+            mask = torch.ones(tgt, src, dtype=torch.bool).triu(1)
+        elif self.am == "float":
+            mask = torch.arange(tgt * src, dtype=torch.float32).view(tgt, src).sin()
+        out, weights = self.mha(x, kv, kv, key_padding_mask=None if kpm is None else kpm.expand(2, src),
+                                need_weights=self.nw, attn_mask=mask)
+        return out if weights is None else out + weights.sum()
+
+
+MHA_CASES = {
+    "self": {},
+    "self_batch_first": {"batch_first": True},
+    "need_weights": {"need_weights": True},
+    "masks": {"key_padding_mask": True, "attn_mask": "bool"},
+    "float_mask_weights": {"attn_mask": "float", "need_weights": True},
+    "masks_weights": {"attn_mask": "bool", "need_weights": True, "key_padding_mask": True},
+    "cross_packed": {"cross": True},
+    "cross_kdim": {"cross": True, "kdim": 6},
+    "cross_kdim_weights_masks": {"cross": True, "kdim": 6, "need_weights": True, "key_padding_mask": True},
+    "dropout": {"dropout": 0.25, "need_weights": True},
+}
+
+
+def _x(batch_first: bool) -> torch.Tensor:
+    return torch.randn(2, 7, 8) if batch_first else torch.randn(7, 2, 8)
+
+
+@pytest.mark.parametrize("case", sorted(MHA_CASES))
+def test_multihead_attention_is_decomposed_and_compressed(case: str) -> None:
+    torch.manual_seed(0)
+    model = Attention(**MHA_CASES[case])
+    x = _x(model.bf)
+    with capture_rewrites() as records:
+        torch.manual_seed(1)
+        got = run(model, x, "pamm_aot_eager", **EXACT)
+    torch.manual_seed(1)
+    expected = run(model, x, "aot_eager")
+    if model.bf:
+        # batch_first: X is a transposed (non-contiguous) view; the ratio-1 op's matmul rounds differently
+        # from F.linear's there (the same holds for a plain nn.Linear on a transposed X), by an ulp or so
+        for a, b in zip([got[0], *got[1], got[2]], [expected[0], *expected[1], expected[2]], strict=True):
+            torch.testing.assert_close(a, b)
+    else:
+        assert_same(got, expected)
+    names = {p.weight_name for r in records for g in r.plan.groups for p in g.projections}
+    assert any("in_proj_weight" in n or n.endswith("q_proj_weight") for n in names), names
+    left = {r.weight_name: r.category for rec in records for r in rec.plan.rejections}
+    assert "mha.out_proj.weight" in names | set(left) and "unrecognised" not in left.values()
+
+
+@pytest.mark.parametrize("layer", ["encoder", "decoder", "transformer"])
+def test_transformer_layers_compress_attention_and_mlp(layer: str) -> None:
+    torch.manual_seed(0)
+    if layer == "encoder":
+        model: nn.Module = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+    elif layer == "decoder":
+        model = nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0)
+    else:
+        model = nn.Transformer(8, 2, 1, 1, 16, dropout=0.0)
+    memory = torch.randn(5, 2, 8)
+
+    class Call(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if layer == "encoder":
+                return self.layer(x)
+            return self.layer(x, memory) if layer == "decoder" else self.layer(memory, x)
+
+    wrapped, x = Call(), torch.randn(7, 2, 8)
+    with capture_rewrites() as records:
+        got = run(wrapped, x, "pamm_aot_eager", **EXACT)
+    assert_same(got, run(wrapped, x, "aot_eager"))
+    names = {p.weight_name for r in records for g in r.plan.groups for p in g.projections}
+    assert any(n.endswith("self_attn.in_proj_weight") for n in names)
+    assert any(n.endswith("linear1.weight") for n in names) and any(n.endswith("linear2.weight") for n in names)
+    if layer != "encoder":
+        assert any("multihead_attn.in_proj_weight[" in n for n in names)
+
+
+def test_explain_lists_multihead_attention_projections() -> None:
+    torch.manual_seed(0)
+    report = str(pamm_fx.explain(Attention(), _x(False), **EXACT))
+    assert "mha.in_proj_weight" in report and "mha.out_proj.weight" in report, report
+
+
+@pytest.mark.parametrize("extra", [{"add_bias_kv": True}, {"add_zero_attn": True}])
+def test_multihead_attention_forms_not_written_out_are_named(extra: dict) -> None:
+    torch.manual_seed(0)
+    cats = {r.weight_name: (r.category, r.reason) for p in planned(Attention(**extra), _x(False))
+            for r in p.rejections}
+    category, reason = cats["mha.in_proj_weight"]
+    assert category == "unrecognised" and "MultiheadAttention" in reason
+    assert ("bias_k is set" if "add_bias_kv" in extra else "add_zero_attn=True") in reason
+
+
+class TestGoldenMultiheadAttention(TestCase):
+    """The MHA rewrite as reviewable text (``EXPECTTEST_ACCEPT=1`` updates it after an intended change)."""
+
+    def summary(self, model: nn.Module, x: torch.Tensor) -> str:
+        torch._dynamo.reset()
+        with capture_rewrites() as records:
+            torch.compile(model, backend="pamm_aot_eager", options={**EXACT, "ratio": 1 / 4, "min_generators": 1})(x).sum().backward()
+        assert len(records) == 1
+        return records[0].summary
+
+    def test_packed_self_attention(self) -> None:
+        torch.manual_seed(0)
+        self.assertExpectedInline(self.summary(Attention(key_padding_mask=True), _x(False)), """\
+compress(x: f32[7, 2, 8], ratio=1/4, min_generators=1, eps=inf) -> (f32[4, 8], i32[14], f32[14])
+linear_group(x: f32[7, 2, 8])
+  mha.in_proj_weight + mha.in_proj_bias -> f32[7, 2, 24] -> unflatten
+untouched mha.out_proj.weight: X is the attention output (scaled_dot_product_attention) up to transposes and reshapes; the attention's backward saves it anyway, so compressing it would save no memory""")
+
+    def test_cross_attention_kdim(self) -> None:
+        torch.manual_seed(0)
+        self.assertExpectedInline(self.summary(Attention(cross=True, kdim=6, need_weights=True), _x(False)), """\
+compress(x: f32[7, 2, 8], ratio=1/4, min_generators=1, eps=inf) -> (f32[4, 8], i32[14], f32[14])
+linear_group(x: f32[7, 2, 8])
+  mha.q_proj_weight + mha.in_proj_bias[0:8] -> f32[7, 2, 8] -> view
+compress(memory: f32[5, 2, 6], ratio=1/4, min_generators=1, eps=inf) -> (f32[3, 6], i32[10], f32[10])
+linear_group(memory: f32[5, 2, 6])
+  mha.k_proj_weight + mha.in_proj_bias[8:16] -> f32[5, 2, 8] -> view_1
+  mha.v_proj_weight + mha.in_proj_bias[16:24] -> f32[5, 2, 8] -> view_2
+compress(reshape: f32[14, 8], ratio=1/4, min_generators=1, eps=inf) -> (f32[4, 8], i32[14], f32[14])
+linear_group(reshape: f32[14, 8])
+  mha.out_proj.weight + mha.out_proj.bias -> f32[14, 8] -> view_3""")
+
+    def test_cross_attention_packed(self) -> None:
+        torch.manual_seed(0)
+        self.assertExpectedInline(self.summary(Attention(cross=True), _x(False)), """\
+compress(x: f32[7, 2, 8], ratio=1/4, min_generators=1, eps=inf) -> (f32[4, 8], i32[14], f32[14])
+linear_group(x: f32[7, 2, 8])
+  mha.in_proj_weight[0:8] + mha.in_proj_bias[0:8] -> f32[7, 2, 8] -> view
+compress(memory: f32[5, 2, 8], ratio=1/4, min_generators=1, eps=inf) -> (f32[3, 8], i32[10], f32[10])
+linear_group(memory: f32[5, 2, 8])
+  mha.in_proj_weight[8:24] + mha.in_proj_bias[8:24] -> f32[5, 2, 16] -> unflatten
+untouched mha.out_proj.weight: X is the attention output (scaled_dot_product_attention) up to transposes and reshapes; the attention's backward saves it anyway, so compressing it would save no memory""")

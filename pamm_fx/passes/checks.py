@@ -28,7 +28,7 @@ from torch import fx
 
 from pamm_fx import _compat
 from pamm_fx.config import PammConfig
-from pamm_fx.passes.fxutil import hint, is_static, op_name, rows, storage, val, written
+from pamm_fx.passes.fxutil import hint, is_static, op_name, row_slice, rows, storage, val, written
 from pamm_fx.passes.structure import Candidate, attention_output_of
 
 __all__ = [
@@ -105,10 +105,12 @@ def disabled(*names: str) -> Iterator[None]:
 
 
 def _base_weight(node: object) -> object:
-    """W for ``W.t()`` (a (in, out) weight that normalize transposed), else the node itself."""
+    """W for ``W.t()`` (a (in, out) weight that normalize transposed) or a row slice of W (a q/k/v part
+    of a packed in-projection weight), else the node itself."""
     if isinstance(node, fx.Node) and node.op == "call_method" and node.target == "t" and node.args:
         return node.args[0]
-    return node
+    part = row_slice(node)
+    return part[0] if part is not None else node
 
 
 def is_parameter(gm: fx.GraphModule, node: object) -> bool:

@@ -17,7 +17,7 @@ from pamm_fx import _compat
 
 __all__ = [
     "LINEAR", "MATMUL_FUNCTIONS", "MATMUL_METHODS", "UNBACKED_HINT", "hint", "is_linear", "is_static", "op_name",
-    "rows", "storage", "val", "written",
+    "row_slice", "rows", "storage", "val", "written",
 ]
 
 #: The one call form of a projection after :func:`pamm_fx.passes.normalize.normalize_linears`.
@@ -68,6 +68,25 @@ def is_static(value: Any) -> bool:
 def rows(t: torch.Tensor) -> Any:
     """b: the number of rows of a (..., n) activation (symbolic when a leading size is)."""
     return math.prod(t.shape[:-1]) if t.dim() > 1 else 1
+
+
+_SPLITS = frozenset({"split", "chunk"})
+
+
+def row_slice(node: Any) -> tuple[fx.Node, int, int] | None:
+    """(W, start, stop) for ``W.split(...)[i]`` or ``W.chunk(n)[i]`` along dim 0, else None: how
+    ``nn.MultiheadAttention`` cuts q/k/v weights and biases out of its packed ``in_proj_weight``."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem):
+        return None
+    parts, i = node.args
+    if not isinstance(parts, fx.Node) or op_name(parts) not in _SPLITS or not isinstance(i, int):
+        return None
+    dim = parts.kwargs.get("dim", parts.args[2] if len(parts.args) > 2 else 0)
+    values = val(parts)
+    if dim != 0 or not isinstance(values, (tuple, list)) or not isinstance(parts.args[0], fx.Node):
+        return None
+    start = sum(hint(v.shape[0]) for v in values[:i])
+    return parts.args[0], start, start + hint(values[i].shape[0])
 
 
 #: Python's augmented assignments: in place on a tensor (``x += y`` is ``operator.iadd`` in Dynamo's graph).
