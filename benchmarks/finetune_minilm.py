@@ -148,7 +148,7 @@ def train_one(label: str, args: argparse.Namespace) -> dict[str, Any]:
         if step == 0:
             with capture_rewrites() as records:
                 loss, _ = fn(*batch)
-            groups = sum(len(r.result.groups) for r in records)
+            groups = sum(len(r.plan.groups) for r in records)
         elif step == 1:
             m = saved_for_backward(lambda xs=batch: fn(*xs), model)
             saved, loss = m.nbytes, m.output[0]
