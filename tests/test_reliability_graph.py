@@ -154,6 +154,17 @@ def test_write_before_every_member_keeps_the_group(write: str) -> None:
     assert_same(run(model, x, "pamm_aot_eager", **EXACT), run(model, x, "aot_eager"))
 
 
+def test_written_finds_aten_writes_by_schema() -> None:
+    """A mutating ATen overload in a torch-level graph (rare, but legal) is found from its schema."""
+    from pamm_fx.passes.fxutil import written
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    x.meta["example_value"] = torch.zeros(2)
+    assert written(graph.call_function(torch.ops.aten.add_.Tensor, (x, x))) == [x]
+    assert written(graph.call_function(torch.ops.aten.add.Tensor, (x, x))) == []
+
+
 # --- item 6: nothing in planning runs outside the fallback guard --------------------------------------
 
 

@@ -131,7 +131,12 @@ def written(node: fx.Node) -> list[fx.Node]:
         return []
     targets: list[Any] = []
     name = op_name(node)
-    if node.op == "call_function" and (node.target is operator.setitem or node.target in _AUGMENTED):
+    if isinstance(node.target, torch._ops.OpOverload):  # an ATen op: its schema says which arguments it writes
+        schema = node.target._schema
+        writes = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+        targets += [node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
+                    for i, a in enumerate(schema.arguments) if a.name in writes]
+    elif node.op == "call_function" and (node.target is operator.setitem or node.target in _AUGMENTED):
         targets.append(node.args[0] if node.args else None)
     elif name.endswith("_") and not name.endswith("__") and name not in _NOT_WRITES:
         targets.append(node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self")))
