@@ -19,6 +19,7 @@ __all__ = [
     "NN_LINEAR",
     "NN_SDPA",
     "DynamoException",
+    "OpOverload",
     "activation_memory_budget",
     "aot_eager_compile",
     "artifact_logger",
@@ -45,6 +46,8 @@ __all__ = [
 NN_LINEAR = torch._C._nn.linear
 #: How Dynamo records ``F.scaled_dot_product_attention`` (``torch._C._nn.scaled_dot_product_attention``).
 NN_SDPA = torch._C._nn.scaled_dot_product_attention
+#: The type of an ATen op overload in a traced graph, whose ``_schema`` says what it writes (``torch._ops.OpOverload``).
+OpOverload = torch._ops.OpOverload
 #: Dynamo's own control-flow exceptions (``torch._dynamo.exc.TorchDynamoException``): never a failure of ours.
 DynamoException = torch._dynamo.exc.TorchDynamoException
 

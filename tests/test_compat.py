@@ -96,6 +96,7 @@ def test_graph_targets_counters_fake_mode_and_trace_artifacts() -> None:
     _compat.dynamo_counters()["pamm_compat_test"]["n"] += 1
     assert _compat.dynamo_counters()["pamm_compat_test"]["n"] == 1
     assert issubclass(_compat.DynamoException, Exception)
+    assert isinstance(torch.ops.aten.add_.Tensor, _compat.OpOverload) and torch.ops.aten.add_.Tensor._schema.is_mutable
     _compat.trace_artifact("pamm_compat_test", lambda: "payload")  # a no-op without TORCH_TRACE
     assert isinstance(_compat.artifact_logger("pamm_fx", "pamm_graphs"), logging.Logger)
     with _compat.observe_pass(gm, "pamm_compat_test"):

@@ -131,7 +131,7 @@ def written(node: fx.Node) -> list[fx.Node]:
         return []
     targets: list[Any] = []
     name = op_name(node)
-    if isinstance(node.target, torch._ops.OpOverload):  # an ATen op: its schema says which arguments it writes
+    if isinstance(node.target, _compat.OpOverload):  # an ATen op: its schema says which arguments it writes
         schema = node.target._schema
         writes = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
         targets += [node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
