@@ -116,9 +116,9 @@ untouched lm_head.weight: output does not feed attention (targets='qkv')""")
 
     def test_gpt2_conv1d(self) -> None:
         self.assertExpectedInline(plan(gpt2(), ids()), """\
-compress(view_1: f32[24, 32], ratio=1/4, min_generators=1, eps=inf) -> (f32[6, 32], i32[24], f32[24])
-linear_group(view_1: f32[24, 32])
-  transformer.h.0.attn.c_attn.weight.T + transformer.h.0.attn.c_attn.bias -> f32[24, 96] -> x_1
+compress(view: f32[24, 32], ratio=1/4, min_generators=1, eps=inf) -> (f32[6, 32], i32[24], f32[24])
+linear_group(view: f32[24, 32])
+  transformer.h.0.attn.c_attn.weight.T + transformer.h.0.attn.c_attn.bias -> f32[24, 96] -> x
 untouched transformer.h.0.attn.c_proj.weight.T: output does not feed attention (targets='qkv')
 untouched transformer.h.0.mlp.c_fc.weight.T: output does not feed attention (targets='qkv')
 untouched transformer.h.0.mlp.c_proj.weight.T: output does not feed attention (targets='qkv')
@@ -192,11 +192,11 @@ linear_group(normed_hidden_states_1: f32[2, 7, 32])
   decoder.block.0.layer.0.SelfAttention.v.weight -> f32[2, 7, 32] -> view_5
 compress(normed_hidden_states_2: f32[2, 7, 32], ratio=1/4, min_generators=1, eps=inf) -> (f32[4, 32], i32[14], f32[14])
 linear_group(normed_hidden_states_2: f32[2, 7, 32])
-  decoder.block.0.layer.1.EncDecAttention.q.weight -> f32[2, 7, 32] -> view_7
+  decoder.block.0.layer.1.EncDecAttention.q.weight -> f32[2, 7, 32] -> view_6
 compress(hidden_states_10: f32[2, 12, 32], ratio=1/4, min_generators=1, eps=inf) -> (f32[6, 32], i32[24], f32[24])
 linear_group(hidden_states_10: f32[2, 12, 32])
-  decoder.block.0.layer.1.EncDecAttention.k.weight -> f32[2, 12, 32] -> view_8
-  decoder.block.0.layer.1.EncDecAttention.v.weight -> f32[2, 12, 32] -> view_9
+  decoder.block.0.layer.1.EncDecAttention.k.weight -> f32[2, 12, 32] -> view_7
+  decoder.block.0.layer.1.EncDecAttention.v.weight -> f32[2, 12, 32] -> view_8
 untouched encoder.block.0.layer.0.SelfAttention.o.weight: output does not feed attention (targets='qkv')
 untouched encoder.block.0.layer.1.DenseReluDense.wi.weight: output does not feed attention (targets='qkv')
 untouched encoder.block.0.layer.1.DenseReluDense.wo.weight: output does not feed attention (targets='qkv')
