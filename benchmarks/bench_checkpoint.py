@@ -61,7 +61,16 @@ from pamm_fx.demo.measure import saved_for_backward
 from pamm_fx.testing import capture_rewrites
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine, markdown_table, parse_common_args, read_json, run_resumable  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS,
+    compile_fresh,
+    demo_config,
+    machine,
+    markdown_table,
+    parse_common_args,
+    read_json,
+    run_resumable,
+)
 
 OUT = RESULTS / "checkpoint"
 MODES = ["none", "full", "sac", "budget"]
@@ -204,12 +213,6 @@ def variants_for(mode: str) -> list[Variant]:
     return PAMM_VARIANTS + (INSIDE_VARIANTS if mode in ("full", "sac") else [])
 
 
-def _fresh_code(fn: Callable[..., Any], tag: str) -> Callable[..., Any]:
-    """A wrapper with its own code object: Dynamo's cache would otherwise share one graph between copies."""
-    fn.__code__ = fn.__code__.replace(co_name=f"run_{tag}")
-    return fn
-
-
 def rewrite_summary(records: list[Any]) -> dict[str, Any]:
     """Groups the backend rewrote and linears it left exact, by category, over all captured graphs."""
     groups = [", ".join(p.weight_name.rsplit(".", 2)[-2] for p in g.projections)
@@ -259,9 +262,8 @@ def _build_demo(mode: str, v: Variant, base: Llama, tag: str) -> tuple[nn.Module
     def run(tokens: Tensor, targets: Tensor, seed: Tensor) -> Tensor:
         return model(tokens, targets, seed)
 
-    run = _fresh_code(run, tag)
     opts = dict(v.options, seed=0) if v.backend == "pamm" else None
-    return model, torch.compile(run, backend=v.backend, options=opts)
+    return model, compile_fresh(run, tag, v.backend, opts)
 
 
 def _hf_llama(cfg: LlamaConfig) -> nn.Module:
@@ -285,9 +287,8 @@ def _build_hf(mode: str, v: Variant, base: nn.Module, tag: str) -> tuple[nn.Modu
     def run(tokens: Tensor, targets: Tensor, seed: Tensor) -> Tensor:
         return model(input_ids=tokens, labels=targets).loss
 
-    run = _fresh_code(run, tag)
     opts = dict(v.options, seed=0) if v.backend == "pamm" else None
-    return model, torch.compile(run, backend=v.backend, options=opts)
+    return model, compile_fresh(run, tag, v.backend, opts)
 
 
 @torch.no_grad()
@@ -307,8 +308,7 @@ def _val_loss(r: Run, val: Tensor, batch: int, seq: int, hf: bool) -> float:
 
 def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     hf = mode.startswith("hf")
-    cfg = LlamaConfig(dim=args.dim, n_layers=args.layers, n_heads=8, n_kv_heads=4,
-                      hidden_dim=int(args.dim * 2.6875), max_seq_len=args.seq)
+    cfg = demo_config(args.dim, args.layers, max_seq_len=args.seq)
     torch.manual_seed(0)
     base = _hf_llama(cfg) if hf else Llama(cfg)
     variants = PAMM_VARIANTS if hf else variants_for(mode)

@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import time
 from collections.abc import Callable
 from functools import partial
 
 import torch
+from _common import median_s
 
 import pamm_fx.ops  # noqa: F401  (registers the pamm:: ops)
 from pamm_fx.kernels import assign as assign_kernels
@@ -31,18 +31,6 @@ from pamm_fx.kernels import contract as contract_kernels
 CPU_SHAPES = [(8192, 512, 128), (8192, 512, 16), (8192, 1024, 128), (8192, 1024, 16), (8192, 512, 2048)]
 ROW_CHUNKS = [512, 1024, 2048, 4096, 8192]
 GEN_CHUNKS = [256, 1024, 4096]
-
-
-def _median_s(fn: Callable[[], object], runs: int, sync: Callable[[], None] = lambda: None) -> float:
-    fn()
-    sync()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def bench_cpu(runs: int) -> None:
@@ -60,7 +48,7 @@ def bench_cpu(runs: int) -> None:
             for row in ROW_CHUNKS:
                 for gc in gens:
                     assign_kernels.ROW_CHUNK, assign_kernels.GEN_CHUNK = row, gc
-                    ms = 1e3 * _median_s(partial(assign_kernels.reference, x, c), runs)
+                    ms = 1e3 * median_s(partial(assign_kernels.reference, x, c), runs)
                     mark = " (default)" if (row, gc) == defaults else ""
                     print(f"| assign | {b} | {n} | {k} | {row} | {gc}{mark} | {ms:.1f} |")
             if k > max(GEN_CHUNKS):
@@ -68,7 +56,7 @@ def bench_cpu(runs: int) -> None:
             dys = [torch.randn(b, n, generator=gen) for _ in range(3)]
             f, alpha = assign_kernels.reference(x, c)
             for name, fn in _contract_alternatives(dys, f, alpha, k, x).items():
-                ms = 1e3 * _median_s(fn, runs)
+                ms = 1e3 * median_s(fn, runs)
                 print(f"| contract 3x{n}: {name} | {b} | {n} | {k} | - | - | {ms:.1f} |")
     finally:
         assign_kernels.ROW_CHUNK, assign_kernels.GEN_CHUNK = defaults

@@ -34,44 +34,46 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Large tensors must be mmap-ed so that freeing them lowers RSS (else RSS deltas mean nothing).
-if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+import torch
 
-import torch  # noqa: E402
-
-from pamm_fx.config import PammConfig  # noqa: E402
-from pamm_fx.demo.llama import Llama, LlamaConfig  # noqa: E402
-from pamm_fx.demo.measure import saved_for_backward  # noqa: E402
+from pamm_fx.config import PammConfig
+from pamm_fx.demo.llama import Llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     DOCS,
     RESULTS,
+    PeakRss,
+    compile_fresh,
     machine,
     markdown_table,
+    mib,
+    mmap_large_blocks,
+    model_config,
     parse_common_args,
+    parse_size,
     read_json,
+    rss,
     run_resumable,
+    saved_for_backward,
     spread,
+    train_step,
 )
+
+mmap_large_blocks()  # large tensors mmap-ed, so that RSS deltas mean something
 
 OUT = RESULTS / "memory_speed"
 #: The three benchmark sizes (the demo's SwiGLU/GQA model at 2.6875 x dim) and, ``-mha``, the model
 #: of issue 13's goals: multi-head attention (8 kv heads) and a SwiGLU MLP of 4 x dim.
 DEFAULT_SIZES = ["d256-L4-b2048-fp32", "d512-L2-b8192-fp32", "d512-L2-b4096-bf16", "d512-L2-b4096-fp32-mha"]
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass(frozen=True)
@@ -110,71 +112,15 @@ EXTRA = [Variant("all", None, 16), Variant("all", 0.5, 16), Variant("defaults", 
 SITE_VARIANTS = [Variant(site) for site in ("attn_out", "mlp_up", "mlp_down", "head")]
 
 
-def parse_size(label: str) -> dict[str, Any]:
-    """``d512-L2-b8192-bf16`` -> dim 512, 2 layers, 8192 tokens (batch x 512 or x 256), bfloat16;
-    a ``-mha`` suffix: 8 kv heads (no GQA) and an MLP hidden size of 4 x dim."""
-    d, layers, b, dt, *kind = label.split("-")
-    tokens = int(b[1:])
-    seq = 512 if tokens >= 4096 else 256
-    return {"dim": int(d[1:]), "layers": int(layers[1:]), "batch": tokens // seq, "seq": seq, "tokens": tokens,
-            "dtype": {"fp32": torch.float32, "bf16": torch.bfloat16}[dt], "mha": kind == ["mha"]}
-
-
-def model_config(size: dict[str, Any]) -> LlamaConfig:
-    """The benchmark model of a size: the demo's (GQA 8/4, hidden 2.6875 x dim) or, mha, issue 13's."""
-    if size.get("mha"):
-        return LlamaConfig(dim=size["dim"], n_layers=size["layers"], n_heads=8, n_kv_heads=8,
-                           hidden_dim=4 * size["dim"], max_seq_len=size["seq"])
-    return LlamaConfig(dim=size["dim"], n_layers=size["layers"], n_heads=8, n_kv_heads=4,
-                       hidden_dim=int(size["dim"] * 2.6875), max_seq_len=size["seq"])
-
-
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
-
-
-class PeakRss:
-    """Sample RSS every ~1 ms in a thread; ``peak`` is the maximum seen."""
-
-    def __enter__(self) -> PeakRss:
-        self.peak, self._stop = rss(), threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.001):
-            self.peak = max(self.peak, rss())
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, rss())
-
-
 def compile_variant(model: torch.nn.Module, v: Variant, tag: int) -> Callable[..., torch.Tensor]:
-    """``torch.compile`` of a wrapper with its own code object.
-
-    Dynamo caches compiled code per code object and, with inlined nn.Modules, its
-    guards do not tell two copies of the same model apart: without a fresh code
-    object a second plain-Inductor variant would silently reuse the first one's
-    graph (and its partition, whatever the memory budget).
-    """
+    """The model compiled as variant ``v`` under a code object of its own (see ``compile_fresh``)."""
 
     def run(tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return model(tokens, targets)
 
-    run.__code__ = run.__code__.replace(co_name=f"run_variant_{tag}")
     if v.targets is None:
-        return torch.compile(run, backend="inductor")
-    return torch.compile(run, backend="pamm", options=v.options)
-
-
-def step(fn: Callable[..., torch.Tensor], model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> None:
-    fn(tokens, targets).backward()
-    for p in model.parameters():
-        p.grad = None
+        return compile_fresh(run, f"variant_{tag}")
+    return compile_fresh(run, f"variant_{tag}", "pamm", v.options)
 
 
 def qkv_bytes(v: Variant, saved: list[tuple[tuple[int, ...], torch.dtype, int]], size: dict[str, Any]) -> int | None:
@@ -211,11 +157,11 @@ def run_size(label: str, rounds: int, warmup: int, variants: list[Variant],
         try:
             if v.budget is not None:
                 with torch._functorch.config.patch(activation_memory_budget=v.budget):
-                    step(fn, model, tokens, targets)
+                    train_step(fn, model, tokens, targets)
             else:
-                step(fn, model, tokens, targets)
+                train_step(fn, model, tokens, targets)
             for _ in range(warmup - 1):
-                step(fn, model, tokens, targets)
+                train_step(fn, model, tokens, targets)
         except Exception as e:  # record the failure, go on with the other variants
             print(f"  {v.name}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
             results[v.name] = {"variant": v.__dict__, "error": f"{type(e).__name__}: {e}"[:2000]}
@@ -232,7 +178,7 @@ def run_size(label: str, rounds: int, warmup: int, variants: list[Variant],
         gc.collect()
         before_peak = rss()
         with PeakRss() as pk:
-            step(fn, model, tokens, targets)
+            train_step(fn, model, tokens, targets)
         results[v.name] = {
             "variant": v.__dict__, "compile_s": compile_s, "saved_bytes": m.nbytes,
             "qkv_bytes": qkv_bytes(v, m.tensors, size), "rss_after_forward_bytes": after_fwd - before,
@@ -241,7 +187,7 @@ def run_size(label: str, rounds: int, warmup: int, variants: list[Variant],
             "saved_tensors": [[list(s), str(d), nb] for s, d, nb in m.tensors],
         }
         live[v.name] = (model, fn)
-        print(f"  {v.name}: compiled+warm-up {compile_s:.1f} s, saved {m.nbytes / 2**20:.2f} MiB", flush=True)
+        print(f"  {v.name}: compiled+warm-up {compile_s:.1f} s, saved {mib(m.nbytes)} MiB", flush=True)
     times: dict[str, list[float]] = {name: [] for name in live}
     names = list(live)
     if hooks[0]:
@@ -251,7 +197,7 @@ def run_size(label: str, rounds: int, warmup: int, variants: list[Variant],
         for name in order:
             model, fn = live[name]
             t0 = time.perf_counter()
-            step(fn, model, tokens, targets)
+            train_step(fn, model, tokens, targets)
             times[name].append(time.perf_counter() - t0)
         print(f"  round {r + 1}/{rounds}: " + " ".join(f"{n}={times[n][-1] * 1e3:.0f}ms" for n in names), flush=True)
     if hooks[1]:
@@ -271,7 +217,7 @@ def report(out: Path = OUT, plot: bool = True) -> None:
     if not files:
         print("no results yet")
         return
-    mib = lambda x: "-" if x is None else f"{x / 2**20:.2f}"  # noqa: E731
+    cell = lambda x: "-" if x is None else mib(x)  # noqa: E731
     data = [read_json(p) for p in files]
     for d in data:
         res, base = d["variants"], d["variants"].get("plain", {})
@@ -287,8 +233,8 @@ def report(out: Path = OUT, plot: bool = True) -> None:
             qkv_vs = (f"{r['qkv_bytes'] / base['qkv_bytes'] - 1:+.1%}"
                       if r.get("qkv_bytes") is not None and base.get("qkv_bytes") else "-")
             rows.append([
-                name, r["k"] if r["k"] is not None else "-", mib(r["saved_bytes"]), saved_vs, mib(r["qkv_bytes"]),
-                qkv_vs, mib(r["rss_after_forward_bytes"]), mib(r["peak_rss_step_bytes"]),
+                name, r["k"] if r["k"] is not None else "-", cell(r["saved_bytes"]), saved_vs, cell(r["qkv_bytes"]),
+                qkv_vs, cell(r["rss_after_forward_bytes"]), cell(r["peak_rss_step_bytes"]),
                 f"{r['median_s'] * 1e3:.0f} ({r['p20_s'] * 1e3:.0f}-{r['p80_s'] * 1e3:.0f})",
                 f"{r['median_s'] / base['median_s']:.3f}x" if base.get("median_s") else "-",
                 f"{min(r['step_s']) * 1e3:.0f}",

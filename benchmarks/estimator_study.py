@@ -382,7 +382,8 @@ SITES = {0: "qkv", 1: "attn_out", 2: "mlp_up", 3: "mlp_down"}
 GQ_NAMES = ["pamm", "pamm-r4", "d2", "rows", "sketch", "sr2", "sr4", "sr2-only", "sr4-only", "sr8-only"]
 
 
-def grad_quality(args: argparse.Namespace, train_steps: int = 100, draws: int = 16) -> None:
+def grad_quality(args: argparse.Namespace, tokens: int = 2048, names: list[str] = GQ_NAMES, train_steps: int = 100,
+                 draws: int = 16) -> None:
     """Bias and noise of each estimator's dW on real (X, dY) of the proxy after ``train_steps`` exact steps.
 
     The error of one draw, ||dW^ - dW|| / ||dW||, and of the mean of ``draws`` draws: an unbiased
@@ -399,7 +400,7 @@ def grad_quality(args: argparse.Namespace, train_steps: int = 100, draws: int = 
     for step in range(train_steps + 1):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        x, y = batches(train, 2048 // args.seq, args.seq, gen)
+        x, y = batches(train, (2048 if step < train_steps else tokens) // args.seq, args.seq, gen)
         est.record = [] if step == train_steps else None
         model(x, y).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -407,7 +408,7 @@ def grad_quality(args: argparse.Namespace, train_steps: int = 100, draws: int = 
         opt.zero_grad(set_to_none=True)
     captured = est.record or []
     result: dict[str, dict[str, list[float]]] = {}
-    for name in GQ_NAMES:
+    for name in names:
         e = Estimator(name, torch.Generator().manual_seed(1))
         for salt, xs, dy in captured:
             exact = dy.T @ xs
@@ -420,11 +421,12 @@ def grad_quality(args: argparse.Namespace, train_steps: int = 100, draws: int = 
     sites = ["qkv", "attn_out", "mlp_up", "mlp_down", "head"]
     rows = [[name] + [
         "{:.3f} / {:.3f}".format(*(statistics.fmean(v[i] for v in result[name][site]) for i in (0, 1)))
-        for site in sites] for name in GQ_NAMES]
-    print(f"relative error of dW, one draw / mean of {draws} draws, after {train_steps} exact steps (2,048 tokens):")
+        for site in sites] for name in names]
+    print(f"relative error of dW at {tokens:,} tokens, one draw / mean of {draws} draws, after {train_steps} exact "
+          "steps at 2,048 tokens:")
     print(markdown_table(["estimator", *sites], rows))
-    write_json(OUT / "grad_quality" / "grad_quality.json",
-               {"train_steps": train_steps, "draws": draws, "result": result, "machine": machine()})
+    write_json(OUT / "grad_quality" / f"grad_quality_b{tokens}.json",
+               {"tokens": tokens, "train_steps": train_steps, "draws": draws, "result": result, "machine": machine()})
 
 
 def smoke(args: argparse.Namespace) -> None:
@@ -462,63 +464,75 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def report(out: Path, plot: bool) -> None:
-    runs = load(out)
-    if not runs:
-        print("no results yet")
-        return
+def table(summary: list[dict[str, Any]]) -> str:
     rows = []
-    summary = summarise(runs)
     for s in summary:
-        paired = s["paired"]
-        losses = s["losses"]
+        paired, losses = s["paired"], s["losses"]
         spread = (max(losses) - min(losses)) / statistics.fmean(losses) * 100 if len(losses) > 1 else None
+        exact = s["estimator"] == "exact"
         rows.append([
             s["estimator"], s["targets"], f"{s['tokens']:,}",
-            "-" if s["estimator"] == "exact" or s["estimator"].endswith("-only") else s["k"],
+            "-" if exact or s["estimator"].endswith("-only") else s["k"],
             f"{s['saved_fraction']:.3f}", ",".join(map(str, s["seeds"])),
-            " ".join(f"{v:.4f}" for v in s["losses"]),
-            "-" if s["estimator"] == "exact" or not paired else f"{statistics.fmean(paired):+.2f}%",
-            "-" if s["estimator"] == "exact" or len(paired) < 2 else f"{max(paired) - min(paired):.2f}",
-            f"{spread:.2f}%" if spread is not None and s["estimator"] == "exact" else "",
+            " ".join(f"{v:.4f}" for v in losses),
+            "-" if exact or not paired else f"{statistics.fmean(paired):+.2f}%",
+            "-" if exact or not paired else " ".join(f"{v:+.2f}" for v in paired),
+            "-" if exact or len(paired) < 2 else f"{max(paired) - min(paired):.2f}",
+            f"{spread:.2f}%" if spread is not None and exact else "",
             f"{s['min']:.1f}",
         ])
     header = ["estimator", "targets", "tokens/step", "k", "saved bytes / X", "seeds", "final val loss per seed",
-              "paired vs exact (mean)", "paired spread (max-min, points)", "exact's seed spread", "min/run"]
-    print(markdown_table(header, rows))
-    if plot:
-        frontier(summary, DOCS / "estimator_frontier.png")
+              "paired vs exact (mean)", "paired per seed (%)", "paired spread (max-min, points)",
+              "exact's seed spread", "min/run"]
+    return markdown_table(header, rows)
 
 
-def frontier(summary: list[dict[str, Any]], path: Path) -> None:
+#: result folders (the d=128 proxy, the d=256 confirmation) and how the plot marks them
+MODELS = {"": "d=128, 2 layers (proxy)", "d256": "d=256, 4 layers"}
+
+
+def report(out: Path, plot: bool) -> None:
+    series = {}
+    for sub, title in MODELS.items():
+        runs = load(out / sub) if (out / sub).is_dir() else []
+        if runs:
+            series[title] = summarise(runs)
+            print(f"### {title}\n\n{table(series[title])}\n")
+    if not series:
+        print("no results yet")
+    elif plot:
+        frontier(series, DOCS / "estimator_frontier.png")
+
+
+def frontier(series: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Paired loss difference against saved bytes: one point per estimator, model, tokens and targets."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = sorted({(s["tokens"], s["targets"]) for s in summary if s["estimator"] != "exact"})
-    fig, ax = plt.subplots(figsize=(8, 5))
-    markers = {2048: "o", 8192: "s"}
-    for tokens, targets in cells:
-        pts = [s for s in summary if s["tokens"] == tokens and s["targets"] == targets and s["paired"]
-               and s["estimator"] != "exact"]
-        for s in pts:
+    fig, axes = plt.subplots(1, len(series), figsize=(6.5 * len(series), 5), squeeze=False)
+    for ax, (title, summary) in zip(axes[0], series.items()):
+        for s in summary:
+            if s["estimator"] == "exact" or not s["paired"]:
+                continue
             mean = statistics.fmean(s["paired"])
-            err = (mean - min(s["paired"]), max(s["paired"]) - mean)
-            colour = "C0" if tokens == 2048 else "C3"
-            ax.errorbar(s["saved_fraction"], mean, yerr=[[err[0]], [err[1]]], fmt=markers[tokens],
-                        color=colour, mfc="none" if targets == "qkv" else colour, capsize=2)
-            ax.annotate(s["estimator"] + ("/qkv" if targets == "qkv" else ""), (s["saved_fraction"], mean),
-                        fontsize=6, xytext=(3, 2), textcoords="offset points")
-    for tokens, colour in ((2048, "C0"), (8192, "C3")):
-        ax.plot([], [], markers[tokens], color=colour, label=f"{tokens:,} tokens/step, all linears")
-    ax.axhline(0.5, color="grey", ls="--", lw=0.8, label="+0.5% goal")
-    ax.axhline(0, color="black", lw=0.5)
-    ax.set_xscale("log")
-    ax.set(xlabel="bytes saved for dW / bytes of X in fp32 (compressed groups)",
-           ylabel="final validation loss vs exact, paired (%)",
-           title="estimators on the d=128 proxy (2-core CPU); bars: min-max over seeds")
-    ax.legend(fontsize=7)
+            colour = "C0" if s["tokens"] == 2048 else "C3"
+            ax.errorbar(s["saved_fraction"], mean, yerr=[[mean - min(s["paired"])], [max(s["paired"]) - mean]],
+                        fmt="o" if s["targets"] == "all" else "s", color=colour,
+                        mfc=colour if s["targets"] == "all" else "none", capsize=2)
+            ax.annotate(f"{s['estimator']}{'/qkv' if s['targets'] == 'qkv' else ''} ({len(s['paired'])})",
+                        (s["saved_fraction"], mean), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        for tokens, colour in ((2048, "C0"), (8192, "C3")):
+            if any(s["tokens"] == tokens for s in summary):
+                ax.plot([], [], "o", color=colour, label=f"{tokens:,} tokens/step, all linears")
+        ax.axhline(0.5, color="grey", ls="--", lw=0.8, label="+0.5% goal")
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set_xscale("log")
+        ax.set(xlabel="bytes kept for dW / bytes of X in fp32", ylabel="final val loss vs exact, paired (%)",
+               title=f"{title}; mean and min-max over (n) seeds")
+        ax.legend(fontsize=7)
+    fig.suptitle("weight-gradient estimators, eager prototype, 2-core CPU", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
@@ -538,9 +552,11 @@ def main() -> None:
     p.add_argument("--check", action="store_true", help="unbiasedness check and a 20-step smoke run")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--grad-quality", action="store_true", help="bias and noise of each estimator's dW on real X, dY")
+    p.add_argument("--gq-tokens", type=int, default=2048, help="tokens of the batch --grad-quality measures")
+    p.add_argument("--gq-names", default=",".join(GQ_NAMES), help="estimators --grad-quality measures")
     args = parse_common_args(p, OUT)
     if args.grad_quality:
-        grad_quality(args)
+        grad_quality(args, args.gq_tokens, args.gq_names.split(","))
         return
     if args.check:
         check_unbiased()

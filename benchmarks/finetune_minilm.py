@@ -31,7 +31,15 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from _common import RESULTS, machine, markdown_table, parse_common_args, read_json, run_resumable  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS,
+    compile_model,
+    machine,
+    markdown_table,
+    parse_common_args,
+    read_json,
+    run_resumable,
+)
 from torch import Tensor, nn  # noqa: E402
 
 from pamm_fx.config import PammConfig  # noqa: E402
@@ -126,11 +134,8 @@ def train_one(label: str, args: argparse.Namespace) -> dict[str, Any]:
     encoder = AutoModel.from_pretrained(model_dir(), attn_implementation="sdpa")
     model = Classifier(encoder, len(PACKAGES))
     b = args.batch * args.max_len
-    if ratio is None:
-        fn, k = torch.compile(model, backend="inductor"), None
-    else:
-        fn = torch.compile(model, backend="pamm", options=options)
-        k = PammConfig(**options).num_generators(b)
+    fn = compile_model(model, None if ratio is None else options)
+    k = None if ratio is None else PammConfig(**options).num_generators(b)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed + 1000)

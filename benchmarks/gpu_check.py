@@ -13,6 +13,8 @@ Sections, each timed and recorded even when it fails (the next one still runs):
 5. LLaMA-1B-shaped layer (dim 2048, 32 heads, 8 kv heads, hidden 8192, bf16, 8 x 2048 tokens): step time
    and ``torch.cuda.max_memory_allocated`` of plain ``torch.compile`` and of pamm with targets "qkv",
    "all", and "all" under ``activation_memory_budget=0.5``.
+6. kernel compile: ``benchmarks/kernel_registers.py`` (every Triton kernel it lists, new ones included)
+   compiled for sm_80, sm_90 and this device's capability; registers and spills per configuration.
 
 Without CUDA it prints "no CUDA device" and exits 0 (with a note in the results if --out is given).
 
@@ -36,11 +38,12 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, markdown_table  # noqa: E402
+from _common import demo_config, machine, markdown_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Wall-clock plan (seconds) per section; a section starting with less than its plan left is skipped.
-PLAN = {"kernels": 150, "end_to_end": 120, "past_2_31": 40, "bandwidth": 30, "llama_1b_layer": 150}
+PLAN = {"kernels": 150, "end_to_end": 120, "past_2_31": 40, "bandwidth": 30, "llama_1b_layer": 150,
+        "kernel_compile": 60}
 DEADLINE_S = 7.5 * 60
 
 
@@ -78,11 +81,10 @@ def check_kernels() -> dict[str, Any]:
 
 
 def _small_llama(dtype: torch.dtype) -> torch.nn.Module:
-    from pamm_fx.demo.llama import Llama, LlamaConfig
+    from pamm_fx.demo.llama import Llama
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, dim=256, n_layers=2, n_heads=8, n_kv_heads=4, hidden_dim=688, max_seq_len=512)
-    return Llama(cfg).to(device="cuda", dtype=dtype)
+    return Llama(demo_config(256, 2, vocab_size=256, max_seq_len=512)).to(device="cuda", dtype=dtype)
 
 
 def _e2e_case(dtype: torch.dtype, mode: str | None, seqs: tuple[int, ...]) -> dict[str, Any]:
@@ -230,12 +232,36 @@ def check_llama_1b_layer() -> dict[str, Any]:
     return {"ok": True, "rows": rows}
 
 
+def check_kernel_compile() -> dict[str, Any]:
+    """``benchmarks/kernel_registers.py`` (every kernel it lists, every shipped configuration) compiled for
+    sm_80, sm_90 and this device's capability: no compile error, no spill in a contiguous launch."""
+    major, minor = torch.cuda.get_device_capability()
+    targets = sorted({80, 90, 10 * major + minor})
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/kernel_registers.py", "--json", "--jobs", str(min(8, os.cpu_count() or 1)),
+         *(f"--target={t}" for t in targets)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=PLAN["kernel_compile"] + 120,
+    )
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    table = [{"kernel": r["kernel"], "config": r["config"], "target": r["target"],
+              "registers": r.get("registers", "-"),
+              "spill B": "-" if "error" in r else r["spill_stores"] + r["spill_loads"],
+              "error": r.get("error", "")[:200]} for r in rows]
+    bad = [r for r in table if r["error"] or (r["config"].startswith("contiguous") and r["spill B"])]
+    _log(f"  {len(rows)} compilations for {targets}: {len(bad)} with a compile error or a contiguous spill")
+    if not rows:
+        _log(proc.stderr[-4000:])
+    return {"ok": bool(rows) and not bad, "rows": table, "summary": proc.stderr[-2000:] if not rows else ""}
+
+
 SECTIONS: dict[str, Callable[[], dict[str, Any]]] = {
     "kernels": check_kernels,
     "end_to_end": check_end_to_end,
     "past_2_31": check_past_2_31,
     "bandwidth": check_bandwidth,
     "llama_1b_layer": check_llama_1b_layer,
+    "kernel_compile": check_kernel_compile,
 }
 
 

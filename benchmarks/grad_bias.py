@@ -11,16 +11,17 @@ large as the first, the error is a bias and does not average out over training s
 from __future__ import annotations
 
 import torch
+from _common import demo_config
 
 from pamm_fx.demo.data import batches, byte_dataset
-from pamm_fx.demo.llama import Llama, LlamaConfig
+from pamm_fx.demo.llama import Llama
 from pamm_fx.kernels.assign import reference as assign
 from pamm_fx.ops import sample_generators
 
 
 def main() -> None:
     torch.manual_seed(0)
-    m = Llama(LlamaConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, hidden_dim=688))
+    m = Llama(demo_config(256, 4))
     train, _ = byte_dataset()
     gen = torch.Generator().manual_seed(0)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)

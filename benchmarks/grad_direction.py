@@ -29,10 +29,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine, markdown_table, parse_common_args, write_json  # noqa: E402
+from _common import RESULTS, demo_config, machine, markdown_table, parse_common_args, write_json  # noqa: E402
 
 from pamm_fx.demo.data import batches, byte_dataset  # noqa: E402
-from pamm_fx.demo.llama import Llama, LlamaConfig  # noqa: E402
+from pamm_fx.demo.llama import Llama  # noqa: E402
 from pamm_fx.demo.measure import saved_for_backward  # noqa: E402
 from pamm_fx.passes import checks  # noqa: E402
 
@@ -97,7 +97,7 @@ def main() -> None:
     args = parse_common_args(p, OUT)
     train, _ = byte_dataset()
     torch.manual_seed(0)
-    model = Llama(LlamaConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, hidden_dim=688))
+    model = Llama(demo_config(256, 4))
     gen = torch.Generator().manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
     t0 = time.perf_counter()

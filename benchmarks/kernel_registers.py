@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -136,7 +137,9 @@ def contract_configs(layouts: tuple[str, ...] = LAYOUTS) -> Iterator[Config]:
                      constexprs=units | dict(BLOCK_M=mod.BLOCK_M), aligned=aligned, num_warps=4)
 
 
-#: Kernel name -> (module, configuration generator). A new kernel joins here (and ``gpu_check.py`` with it).
+#: Kernel name -> (module, configuration generator). A new kernel joins here, with a generator of its
+#: shipped configurations (the signature as :func:`_sig` specializes it, constexprs, num_warps), and
+#: with that the CPU test and ``gpu_check.py`` compile it too.
 KERNELS = {
     "_assign_kernel": (ASSIGN_MODULE, assign_configs),
     "_partial_kernel": (CONTRACT_MODULE, contract_configs),
@@ -198,12 +201,14 @@ def _row(job: tuple[Config, int]) -> dict[str, Any]:
     return row
 
 
-def run(kernels: list[str] | None = None, layouts: tuple[str, ...] = LAYOUTS, jobs: int = 1) -> list[dict[str, Any]]:
+def run(kernels: list[str] | None = None, layouts: tuple[str, ...] = LAYOUTS, jobs: int = 1,
+        targets: tuple[int, ...] = TARGETS) -> list[dict[str, Any]]:
     """One row per (configuration, target), in order; ``jobs`` processes compile in parallel."""
-    work = [(cfg, cap) for cfg in configs(kernels, layouts) for cap in TARGETS]
+    work = [(cfg, cap) for cfg in configs(kernels, layouts) for cap in targets]
     if jobs <= 1:
         return [_row(job) for job in work]
-    with ProcessPoolExecutor(jobs) as pool:
+    # spawn, not fork: the parent has imported torch (thread pools), which a forked child may inherit locked
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         return list(pool.map(_row, work))
 
 
@@ -222,10 +227,11 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         return f"{r['registers']} regs, " + (f"**spills {r['spill_stores']}/{r['spill_loads']} B**" if spill
                                              else "no spill")
 
-    header = ["kernel", "configuration", *(f"sm_{cap}" for cap in TARGETS)]
+    targets = list(dict.fromkeys(row["target"] for row in rows))
+    header = ["kernel", "configuration", *targets]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (kernel, label), per in by_cfg.items():
-        lines.append("| " + " | ".join([f"`{kernel}`", label, *(cell(per.get(f"sm_{cap}")) for cap in TARGETS)])
+        lines.append("| " + " | ".join([f"`{kernel}`", label, *(cell(per.get(t)) for t in targets)])
                      + " |")
     return "\n".join(lines)
 
@@ -235,13 +241,15 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON row per configuration and target")
     parser.add_argument("--kernel", action="append", choices=sorted(KERNELS), help="only these kernels")
     parser.add_argument("--layout", action="append", choices=LAYOUTS, help="only these layouts")
+    parser.add_argument("--target", type=int, action="append",
+                        help=f"compute capability to compile for, e.g. 100 (default: {TARGETS})")
     parser.add_argument("--jobs", type=int, default=1, help="compiling processes (each compile is one core)")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET"):  # @triton.jit reads it at import: restart without it
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         return subprocess.run([sys.executable, *sys.argv], env=env).returncode
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    rows = run(args.kernel, tuple(args.layout or LAYOUTS), args.jobs)
+    rows = run(args.kernel, tuple(args.layout or LAYOUTS), args.jobs, tuple(args.target or TARGETS))
     if args.json:
         for row in rows:
             print(json.dumps(row))

@@ -30,11 +30,23 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine, markdown_table, parse_common_args, write_json  # noqa: E402
-from bench_memory_speed import model_config, parse_size  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS,
+    compile_model,
+    machine,
+    markdown_table,
+    mmap_large_blocks,
+    model_config,
+    parse_common_args,
+    parse_size,
+    train_step,
+    write_json,
+)
 
 from pamm_fx.config import SITES, PammConfig  # noqa: E402
 from pamm_fx.demo.llama import Llama  # noqa: E402
+
+mmap_large_blocks()  # the allocator set-up of bench_memory_speed.py, whose sizes it profiles
 
 OUT = RESULTS / "profile_step"
 VARIANTS: dict[str, dict[str, Any] | None] = {"plain": None, "pamm qkv": {"targets": "qkv"},
@@ -91,13 +103,10 @@ def profile_variant(name: str, options: dict[str, Any] | None, size: dict[str, A
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 256, (size["batch"], size["seq"]), generator=gen)
     targets = torch.randint(0, 256, (size["batch"], size["seq"]), generator=gen)
-    fn = (torch.compile(model, backend="inductor") if options is None
-          else torch.compile(model, backend="pamm", options=options))
+    fn = compile_model(model, options)
 
     def step() -> None:
-        fn(tokens, targets).backward()
-        for p in model.parameters():
-            p.grad = None
+        train_step(fn, model, tokens, targets)
 
     for _ in range(3):
         step()

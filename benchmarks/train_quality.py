@@ -31,11 +31,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import DOCS, RESULTS, machine, markdown_table, parse_common_args, read_json, run_resumable
+from _common import (
+    DOCS,
+    RESULTS,
+    compile_model,
+    demo_config,
+    machine,
+    markdown_table,
+    parse_common_args,
+    read_json,
+    run_resumable,
+)
 
 from pamm_fx.config import PammConfig
 from pamm_fx.demo.data import batches, byte_dataset
-from pamm_fx.demo.llama import Llama, LlamaConfig
+from pamm_fx.demo.llama import Llama
 from pamm_fx.demo.measure import saved_for_backward
 
 OUT = RESULTS / "train_quality"
@@ -99,17 +109,15 @@ def train_one(label: str, args: argparse.Namespace) -> dict[str, Any]:
     variant, seed, tokens = parse_run(label)
     options = VARIANTS[variant]
     train, val = byte_dataset()
-    cfg = LlamaConfig(dim=args.dim, n_layers=args.layers, n_heads=8, n_kv_heads=4, hidden_dim=int(args.dim * 2.6875))
+    cfg = demo_config(args.dim, args.layers)
     torch.manual_seed(seed)
     model = Llama(cfg)
     batch = args.batch if tokens is None else tokens // args.seq
     steps = args.steps * args.batch // batch
     b = batch * args.seq
-    if options is None:
-        fn = torch.compile(model, backend="inductor")
-        ks = None
-    else:
-        fn = torch.compile(model, backend="pamm", options=options)
+    fn = compile_model(model, options)
+    ks = None
+    if options is not None:
         pcfg = PammConfig(**options)
         ks = {site: pcfg.num_generators(b, site) for site in ("qkv", "attn_out", "mlp_up", "mlp_down", "head")
               if pcfg.site_ratio(site) is not None}
