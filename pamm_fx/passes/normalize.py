@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from pamm_fx import _compat
 from pamm_fx.passes.checks import is_parameter
 from pamm_fx.passes.fxutil import LINEAR, op_name, val
 from pamm_fx.passes.structure import Region, regions
@@ -322,6 +323,7 @@ class _Emit:
         with contextlib.ExitStack() as stack:  # the example value as the call computes it in its region
             if self.fake_mode is not None:
                 stack.enter_context(self.fake_mode)
+                stack.enter_context(_compat.python_dispatcher())
             stack.enter_context(torch.set_grad_enabled(self.region.grad_enabled))
             for device, dtype in self.region.autocast:
                 stack.enter_context(torch.autocast(device, dtype=dtype))
