@@ -217,3 +217,11 @@ def shapes_as_first_compile() -> Any:
 def activation_memory_budget() -> float:
     """The budget the min-cut partitioner will use for this compile (1.0: recompute only what is free)."""
     return float(torch._functorch.config.activation_memory_budget)
+
+
+def python_dispatcher() -> Any:
+    """Python meta kernels and decompositions, which fake tensors with symbolic sizes need for some ops
+    (``baddbmm`` broadcasting a mask); Dynamo computes its own example values under the same context."""
+    from torch._dispatch.python import enable_python_dispatcher
+
+    return enable_python_dispatcher()

@@ -2,7 +2,9 @@
 
 Not a test module. :func:`random_spec` turns a seed into a :class:`ModelSpec` (layouts, grad-mode
 and autocast islands, graph breaks, tied/frozen weights, a sequence of input shapes, the backend
-options), :func:`build` into an ``nn.Module``, :func:`make_inputs` into the inputs of each call.
+options; and, drawn from a second stream so that older seeds keep their cases: writes to X between
+projections, detached and unused projections, dropout, non-finite inputs, float64,
+``nn.MultiheadAttention`` blocks), :func:`build` into an ``nn.Module``, :func:`make_inputs` into the inputs of each call.
 Every linear whose weight is a parameter goes through :class:`Proj`, which, inside
 :func:`recording`, logs the X it read and the gradient of its output (dY) in eager mode, so that
 the fuzzer can recompute a PAMM weight gradient from a recorded compression.
@@ -57,8 +59,22 @@ class BlockSpec:
     seq_mlp: bool  # a pre-norm MLP after the attention
     graph_break: str  # "none", "after_norm" or "after_attention"
     act_weight: str  # "none"; "param" or "arg": Q += F.linear(X, w) with w an activation requiring grad
+    #: a write to X (the normed input) after the first projection read it: "data" (``X.data[...] = 0``),
+    #: "inplace" (``X[...] = 0``: plain autograd refuses the program) or "before" (in place, before every projection)
+    write: str = "none"
+    detach_last: bool = False  # the block's last Q/K/V projection's output is detached (its weight gets no grad)
+    unused: bool = False  # a trainable projection of X whose output is never used
+    dropout: float = 0.0  # dropout on the attention output and in the MLPs (an MHA block: MHA's own dropout)
+    #: an ``nn.MultiheadAttention`` instead of the Q/K/V/O projections: "self", "cross" (K/V read the memory,
+    #: or X without one) or "kdim" (K/V read 12 features: separate q/k/v_proj_weight)
+    mha: str = "none"
+    mha_batch_first: bool = True
+    mha_weights: bool = False  # need_weights=True (the explicit softmax path)
+    mha_padding: bool = False  # a key_padding_mask hiding the last key
 
     def projections(self) -> tuple[str, ...]:
+        if self.mha != "none":
+            return ("mha",)
         if self.fused:
             return ("q", "kv") if self.cross else ("qkv",)
         return ("q", "k") if self.kv_shared else ("q", "k", "v")
@@ -79,6 +95,17 @@ class ModelSpec:
     min_generators: int
     targets: str | tuple[str, ...]
     backend: str  # the plain backend; pamm runs with its twin ("eager" / "pamm_aot_eager", "inductor" / "pamm")
+    nonfinite: str = "none"  # "nan" or "inf": one entry of the first call's x
+    dtype: str = "float32"  # or "float64": the model and its inputs
+    seed_none: bool = False  # options seed=None: PAMM must not touch the user's generator
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def dropout(self) -> bool:
+        return any(b.dropout > 0 for b in self.blocks)
 
     @property
     def weight_arg(self) -> bool:
@@ -97,7 +124,7 @@ class ModelSpec:
     def options(self) -> dict[str, object]:
         targets = self.targets if isinstance(self.targets, str) else list(self.targets)
         return {"ratio": self.ratio, "min_tokens": self.min_tokens, "min_generators": self.min_generators,
-                "targets": targets, "seed": self.seed}
+                "targets": targets, "seed": None if self.seed_none else self.seed}
 
     @property
     def pamm_backend(self) -> str:
@@ -109,6 +136,7 @@ class ModelSpec:
             f"fuzz case seed={self.seed}: backend {self.backend} vs {self.pamm_backend}, options {self.options}",
             f"  calls (batch, seq): {list(self.shapes)}, dynamic={self.dynamic}",
             f"  memory={self.memory}, repeat={self.repeat}, tie_qk={self.tie_qk}, frozen={list(self.frozen)}",
+            f"  nonfinite={self.nonfinite}, dtype={self.dtype}, seed_none={self.seed_none}",
         ]
         for i, b in enumerate(self.blocks):
             fields = ", ".join(f"{f.name}={getattr(b, f.name)!r}" for f in dataclasses.fields(b))
@@ -175,10 +203,48 @@ def random_spec(seed: int) -> ModelSpec:
         targets=rng.choice(["qkv", "qkv", "all", ("qkv", "mlp"), "mlp"]),
         backend="inductor" if inductor else "eager",
     )
+    spec = _program_features(spec, random.Random(seed * 7919 + 1), inductor)
     if spec.dynamic == "mark" and not inductor:
         # Dynamo's eager backend raises ConstraintViolationError on a marked dim after a graph break (torch 2.13),
         # where aot_eager does not: a plain-side failure, not ours.
         spec = dataclasses.replace(spec, backend="aot_eager")
+    return spec
+
+
+def _program_features(spec: ModelSpec, rng: random.Random, inductor: bool) -> ModelSpec:
+    """Issue 18's program features, from their own random stream (the older fields of a seed stay as they were).
+
+    Dropout and MHA cases run at ratio 1 against ``aot_eager`` (the same dropout lowering on both sides, and
+    no eager record of MHA's projections to build a PAMM reference from); float64 cases have no autocast.
+    """
+    blocks = []
+    for b in spec.blocks:
+        mha = rng.choice(["none"] * 5 + ["self", "cross", "kdim"]) if not inductor else "none"
+        b = dataclasses.replace(
+            b,
+            write=rng.choice(["none"] * 6 + ["data", "inplace", "before"]),
+            detach_last=rng.random() < 0.12,
+            unused=rng.random() < 0.12,
+            dropout=rng.choice([0.0] * 4 + [0.2]) if not inductor else 0.0,
+            mha=mha,
+            mha_batch_first=rng.random() < 0.5,
+            mha_weights=rng.random() < 0.4,
+            mha_padding=rng.random() < 0.4,
+        )
+        blocks.append(b)
+    spec = dataclasses.replace(
+        spec,
+        blocks=tuple(blocks),
+        nonfinite=rng.choice(["none"] * 8 + ["nan", "inf"]),
+        dtype=rng.choice(["float32"] * 5 + ["float64"]),
+    )
+    if spec.dtype == "float64":
+        spec = dataclasses.replace(spec, blocks=tuple(
+            dataclasses.replace(b, autocast_block=False, modes=tuple("grad" if m == "autocast" else m for m in b.modes))
+            for b in spec.blocks))
+    if spec.dropout or any(b.mha != "none" for b in spec.blocks):
+        spec = dataclasses.replace(spec, ratio=1.0, seed_none=spec.dropout and rng.random() < 0.5,
+                                   backend=spec.backend if inductor else "aot_eager")
     return spec
 
 
@@ -250,8 +316,16 @@ def _call(proj: Proj, x: Tensor, mode: str) -> Tensor:
         return proj(x.detach())
     if mode == "autocast":
         with _autocast(True):
-            return proj(x).float()
+            return proj(x).to(x.dtype)
     return proj(x)
+
+
+def _write_after(x: Tensor, write: str) -> None:
+    """Write X's storage: through ``.data`` (no version bump: plain sees the new values everywhere) or in place."""
+    if write == "data":
+        x.data[..., 0] = 0
+    elif write == "inplace":
+        x[..., 0] = 0
 
 
 class Block(nn.Module):
@@ -264,7 +338,14 @@ class Block(nn.Module):
             return Proj(n_in, n_out, spec.bias, role, spec.matmul)
 
         self.norm = nn.RMSNorm(DIM)
-        if spec.fused and not spec.cross:
+        if spec.unused:
+            self.unused = proj(DIM, DIM, "extra")
+        if spec.mha != "none":
+            kdim = 12 if spec.mha == "kdim" else None
+            self.mha = nn.MultiheadAttention(DIM, HEADS, dropout=spec.dropout, bias=spec.bias,
+                                             batch_first=spec.mha_batch_first, kdim=kdim, vdim=kdim)
+            self.mha.out_proj.role = "o"
+        elif spec.fused and not spec.cross:
             self.qkv = proj(DIM, DIM + 2 * kvd, "qkv")
         else:
             self.q = proj(DIM, DIM, "q")
@@ -274,7 +355,8 @@ class Block(nn.Module):
                 self.k = proj(DIM, kvd, "k")
                 if not spec.kv_shared:
                     self.v = proj(DIM, kvd, "v")
-        self.o = proj(DIM, DIM, "o")
+        if spec.mha == "none":
+            self.o = proj(DIM, DIM, "o")
         if spec.extra == "linear":
             self.extra = proj(DIM, DIM, "extra")
         if spec.parallel_mlp:
@@ -291,17 +373,27 @@ class Block(nn.Module):
         kvd = s.kv_heads * HEAD_DIM
         src = memory if s.cross else n
         modes = iter(s.modes)
+        n_proj = len(s.modes)
+        # the write follows the first projection computed with grad, so that it often falls between two members
+        write_at = next((i for i, m in enumerate(s.modes) if m == "grad"), 0)
+
+        def call(proj: Proj, x: Tensor, index: int) -> Tensor:
+            y = _call(proj, x, next(modes))
+            if index == write_at:
+                _write_after(n, s.write)
+            return y.detach() if s.detach_last and index == n_proj - 1 else y
+
         if s.fused and not s.cross:
-            qkv = _call(self.qkv, n, next(modes))
+            qkv = call(self.qkv, n, 0)
             q, k, v = qkv.chunk(3, dim=-1) if s.split == "chunk" else qkv.split([DIM, kvd, kvd], dim=-1)
         else:
-            q = _call(self.q, n, next(modes))
+            q = call(self.q, n, 0)
             if s.fused:
-                k, v = _call(self.kv, src, next(modes)).chunk(2, dim=-1)
+                k, v = call(self.kv, src, 1).chunk(2, dim=-1)
             elif s.kv_shared:
-                k = v = _call(self.k, src, next(modes))
+                k = v = call(self.k, src, 1)
             else:
-                k, v = _call(self.k, src, next(modes)), _call(self.v, src, next(modes))
+                k, v = call(self.k, src, 1), call(self.v, src, 2)
         if w is not None:
             q = q + F.linear(n, w)  # an activation used as a weight: its gradient must stay exact
         return q, k, v
@@ -318,7 +410,22 @@ class Block(nn.Module):
             out = torch.softmax(q @ k.transpose(-2, -1) * HEAD_DIM**-0.5, dim=-1) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=s.attention == "sdpa_causal" and not s.cross)
-        return out.transpose(1, 2).reshape(bsz, seq, DIM)
+        out = out.transpose(1, 2).reshape(bsz, seq, DIM)
+        return F.dropout(out, s.dropout) if s.dropout else out
+
+    def _mha(self, n: Tensor, memory: Tensor | None) -> Tensor:
+        s = self.spec
+        kv = memory if s.mha == "cross" and memory is not None else n
+        if s.mha == "kdim":
+            kv = (memory if memory is not None else n)[..., :12]
+        if not s.mha_batch_first:
+            n, kv = n.transpose(0, 1), kv.transpose(0, 1)
+        src = kv.shape[1] if s.mha_batch_first else kv.shape[0]
+        bsz = n.shape[0] if s.mha_batch_first else n.shape[1]
+        padding = (torch.arange(src, device=n.device) >= src - 1).expand(bsz, src) if s.mha_padding else None
+        out, weights = self.mha(n, kv, kv, key_padding_mask=padding, need_weights=s.mha_weights)
+        out = out if s.mha_batch_first else out.transpose(0, 1)
+        return out if weights is None else out + weights.sum() * 1e-3
 
     def forward(self, h: Tensor, memory: Tensor | None, w_arg: Tensor | None) -> Tensor:
         s = self.spec
@@ -327,19 +434,26 @@ class Block(nn.Module):
         n = self.norm(h)
         if s.graph_break == "after_norm":
             torch._dynamo.graph_break()
+        if s.write == "before":
+            _write_after(n, "inplace")
+        if s.unused:
+            self.unused(n)
         with _autocast(s.autocast_block):
-            attn = self._attend(*self._project(n, memory, w))
-        out = h + self.o(attn.float())
+            if s.mha != "none":
+                attn = self._mha(n, memory)
+            else:
+                attn = self._attend(*self._project(n, memory, w))
+        out = h + (attn.to(h.dtype) if s.mha != "none" else self.o(attn.to(h.dtype)))
         if s.extra == "linear":
             out = out + self.extra(n)
         elif s.extra == "residual":
             out = out + n
         if s.parallel_mlp:
-            out = out + self.down(F.gelu(self.up(n)))
+            out = out + self.down(F.dropout(F.gelu(self.up(n)), s.dropout))
         if s.graph_break == "after_attention":
             torch._dynamo.graph_break()
         if s.seq_mlp:
-            out = out + self.down2(F.gelu(self.up2(self.norm2(out))))
+            out = out + self.down2(F.dropout(F.gelu(self.up2(self.norm2(out))), s.dropout))
         return out
 
 
@@ -356,7 +470,7 @@ class FuzzModel(nn.Module):
         if spec.tie_qk:
             for blk in self.blocks:
                 b = blk.spec
-                if not (b.fused or b.kv_shared or b.cross) and b.kv_heads == HEADS:
+                if not (b.fused or b.kv_shared or b.cross) and b.kv_heads == HEADS and b.mha == "none":
                     blk.k.weight = blk.q.weight
         for mod in self.modules():
             if isinstance(mod, Proj) and (mod.role in spec.frozen or (mod.role == "enc" and spec.memory == "frozen")):
@@ -377,17 +491,20 @@ class FuzzModel(nn.Module):
 
 
 def build(spec: ModelSpec) -> FuzzModel:
-    return FuzzModel(spec)
+    return FuzzModel(spec).to(spec.torch_dtype)
 
 
 def make_inputs(spec: ModelSpec, call: int) -> tuple[dict[str, Tensor], Tensor]:
     """The inputs of call ``call`` (leaves that require grad) and the fixed projection its loss uses."""
     gen = torch.Generator().manual_seed(spec.seed * 1000 + call)
     batch, seq = spec.shapes[call]
-    inputs = {"x": torch.randn(batch, seq, DIM, generator=gen)}
+    dtype = spec.torch_dtype
+    inputs = {"x": torch.randn(batch, seq, DIM, generator=gen, dtype=dtype)}
     if spec.memory != "none":
-        inputs["mem"] = torch.randn(batch, MEM_SEQ, DIM, generator=gen)
+        inputs["mem"] = torch.randn(batch, MEM_SEQ, DIM, generator=gen, dtype=dtype)
     if spec.weight_arg:
-        inputs["w"] = torch.randn(DIM, DIM, generator=gen) / DIM
+        inputs["w"] = torch.randn(DIM, DIM, generator=gen, dtype=dtype) / DIM
     loss_proj = torch.randn(batch, seq, VOCAB, generator=gen)
+    if spec.nonfinite != "none" and call == 0:
+        inputs["x"][-1, -1, 1] = float(spec.nonfinite)
     return {k: v.requires_grad_(True) for k, v in inputs.items()}, loss_proj

@@ -15,7 +15,11 @@ every call:
 - every compression has the k of the k formula for its row count, and the compressions of a call
   are those a fresh compile at that call's shape makes (a decision never outlives a size change);
 - every linear of every graph is in a group or left exact with a reason, and only projections
-  whose role ``targets`` selects are grouped, with weights that are parameters of the model.
+  whose role ``targets`` selects are grouped, with weights that are parameters of the model;
+- non-finite values compare as values (NaN where plain has NaN, the same infinities), and a compressed
+  weight gradient is non-finite wherever plain's is; a program plain refuses (an in-place write to a
+  saved X) is refused by pamm with the same error; every call starts from the same ``torch.manual_seed``
+  on both sides, so dropout masks and the user's later random numbers must agree.
 
 Failures print the case's ``describe()``; ``random_spec(seed)`` rebuilds it. 50 cases by default,
 500 with ``--runslow``.
@@ -35,6 +39,7 @@ from torch import Tensor, fx
 
 from pamm_fx.config import PammConfig
 from pamm_fx.ops import record_compressions
+from pamm_fx.passes.fxutil import row_slice
 from pamm_fx.testing import capture_rewrites
 
 DEFAULT_CASES, SLOW_CASES = 50, 500
@@ -66,8 +71,8 @@ def _graph_plans(records: list) -> list[GraphPlan]:
 
 def _tensor(node: fx.Node) -> Tensor | None:
     """The real tensor behind a graph input (names alone are relative to the frame after a graph break)."""
-    while node.op == "call_method" and node.target in ("t", "to"):
-        node = node.args[0]
+    while (node.op == "call_method" and node.target in ("t", "to")) or row_slice(node) is not None:
+        node = node.args[0] if row_slice(node) is None else row_slice(node)[0]
     grapharg = node.meta.get("grapharg")
     return getattr(grapharg, "example", None) if grapharg is not None else None
 
@@ -112,10 +117,12 @@ def _run(spec: ModelSpec, model: torch.nn.Module, backend: str | None) -> tuple[
                     torch._dynamo.mark_dynamic(inputs["mem"], 0)
             model.zero_grad(set_to_none=True)
             start = len(compressions)
+            torch.manual_seed(spec.seed * 1000 + i)  # the same dropout masks on every side
             with recording() if backend is None else contextlib.nullcontext([]) as sites:
                 out = fn(**inputs)
                 (out.float() * loss_proj).sum().backward()
-            calls.append(Call(out.detach(), _grads(model, inputs), compressions[start:], sites))
+            out = torch.cat([out.detach().flatten().double(), torch.rand(4, dtype=torch.double)])  # later draws too
+            calls.append(Call(out, _grads(model, inputs), compressions[start:], sites))
     return calls, records
 
 
@@ -130,7 +137,9 @@ def _fresh_compressions(spec: ModelSpec, model: torch.nn.Module, call: int) -> l
 
 
 def _tol(spec: ModelSpec) -> float:
-    return 3e-2 if spec.autocast else 1e-4
+    if spec.autocast:
+        return 3e-2
+    return 1e-9 if spec.dtype == "float64" else 1e-4
 
 
 def _diff(actual: Tensor | None, expected: Tensor | None, tol: float) -> str | None:
@@ -140,8 +149,16 @@ def _diff(actual: Tensor | None, expected: Tensor | None, tol: float) -> str | N
             "one" if actual is None else "none")
     if actual.shape != expected.shape:
         return f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    actual, expected = actual.double(), expected.double()
+    finite = expected.isfinite()
+    if not torch.equal(finite, actual.isfinite()) or not torch.equal(expected[~finite].isnan(), actual[~finite].isnan()):
+        return (f"non-finite entries differ: {int((~finite).sum())} under plain, {int((~actual.isfinite()).sum())} here "
+                f"(NaN: {int(expected.isnan().sum())} vs {int(actual.isnan().sum())})")
+    if not torch.equal(expected[expected.isinf()], actual[expected.isinf()]):
+        return "infinities of a different sign"
+    expected, actual = expected[finite], actual[finite]
     scale = max(expected.abs().max().item(), 1.0) if expected.numel() else 1.0
-    err = (actual.float() - expected.float()).abs().max().item() if expected.numel() else 0.0
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
     return None if err <= tol * scale else f"max abs error {err:.3g} (scale {scale:.3g})"
 
 
@@ -161,7 +178,7 @@ def _reference_error(param: Tensor, actual: Tensor, sites: list[Site], comps: li
     if not used:
         return "no call site received a gradient in eager mode"
     for choice in itertools.islice(itertools.product(*options), 256):
-        why = _diff(actual, sum(s.dy.float().T @ xt.float() for s, xt in zip(used, choice)), tol)
+        why = _diff(actual, sum(s.dy.double().T @ xt.double() for s, xt in zip(used, choice)), tol)
         if why is None:
             return None
     if all(len(o) == 1 for o in options):
@@ -169,8 +186,37 @@ def _reference_error(param: Tensor, actual: Tensor, sites: list[Site], comps: li
     return f"differs from the PAMM reference of every matching compression: {why}"
 
 
+def _root(exc: BaseException) -> BaseException:
+    """The error under Dynamo's wrappers (BackendCompilerFailed and the like)."""
+    while exc.__cause__ is not None or getattr(exc, "inner_exception", None) is not None:
+        exc = exc.__cause__ or exc.inner_exception
+    return exc
+
+
+def _refused(spec: ModelSpec, model: torch.nn.Module) -> list[str] | None:
+    """When plain refuses the program (e.g. an in-place write to a saved X), pamm must refuse it the same way."""
+    try:
+        _run(spec, model, spec.backend)
+    except Exception as exc:  # noqa: BLE001 - any refusal, compared below
+        plain = _root(exc)
+    else:
+        return None
+    try:
+        _run(spec, model, spec.pamm_backend)
+    except Exception as exc:  # noqa: BLE001
+        ours = _root(exc)
+        if type(ours) is type(plain) and str(ours).split(":")[0] == str(plain).split(":")[0]:
+            return []
+        return [f"plain refuses the program ({type(plain).__name__}: {plain}), pamm differently "
+                f"({type(ours).__name__}: {ours})"]
+    return [f"plain refuses the program ({type(plain).__name__}: {plain}); pamm runs it"]
+
+
 def _check(spec: ModelSpec) -> list[str]:
     model = build(spec)
+    refused = _refused(spec, model)
+    if refused is not None:
+        return refused
     plain, _ = _run(spec, model, spec.backend)
     pamm, records = _run(spec, model, spec.pamm_backend)
     eager, _ = _run(spec, model, None) if spec.ratio < 1 else ([], [])
@@ -188,6 +234,10 @@ def _check(spec: ModelSpec) -> list[str]:
     for mod in model.modules():
         if hasattr(mod, "role"):
             roles[id(mod.weight)].add(mod.role)
+        if isinstance(mod, torch.nn.MultiheadAttention):
+            for w in (mod.in_proj_weight, mod.q_proj_weight, mod.k_proj_weight, mod.v_proj_weight):
+                if w is not None:
+                    roles[id(w)].add("qkv")
     allowed = allowed_roles(spec.targets)
     grouped: set[int] = set()
     for g, plan in enumerate(_graph_plans(records)):
@@ -210,7 +260,10 @@ def _check(spec: ModelSpec) -> list[str]:
         for name, expected in base.grads.items():
             actual = got.grads[name]
             param = params.get(name)
-            if param is not None and id(param) in grouped and spec.ratio < 1 and actual is not None and expected is not None:
+            compressed = param is not None and id(param) in grouped and spec.ratio < 1
+            if compressed and actual is not None and expected is not None and not expected.isfinite().all():
+                why = None if not actual.isfinite().all() else "finite, where plain's gradient is not"
+            elif compressed and actual is not None and expected is not None:
                 why = _reference_error(param, actual, eager[i].sites, recorded[i].compressions, tol)
             else:
                 why = _diff(actual, expected, tol)

@@ -317,7 +317,8 @@ class Attention(nn.Module):
             mask = torch.ones(tgt, src, dtype=torch.bool).triu(1)
         elif self.am == "float":
             mask = torch.arange(tgt * src, dtype=torch.float32).view(tgt, src).sin()
-        out, weights = self.mha(x, kv, kv, key_padding_mask=None if kpm is None else kpm.expand(2, src),
+        bsz = x.shape[0] if self.bf else x.shape[1]
+        out, weights = self.mha(x, kv, kv, key_padding_mask=None if kpm is None else kpm.expand(bsz, src),
                                 need_weights=self.nw, attn_mask=mask)
         return out if weights is None else out + weights.sum()
 
@@ -393,6 +394,33 @@ def test_transformer_layers_compress_attention_and_mlp(layer: str) -> None:
     assert any(n.endswith("linear1.weight") for n in names) and any(n.endswith("linear2.weight") for n in names)
     if layer != "encoder":
         assert any("multihead_attn.in_proj_weight[" in n for n in names)
+
+
+class TwoLayers(nn.Module):
+    """Two MHA calls in a row: under dynamic shapes the second one's views read sizes of the first's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = Attention(need_weights=True, key_padding_mask=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x + self.attn(x))
+
+
+def test_multihead_attention_dynamic_shapes() -> None:
+    """Symbolic batch sizes: the written-out attention computes its fake values as Dynamo does (baddbmm's mask
+    broadcast needs the Python dispatcher), and a size read from out_proj's output does not make it a qkv site
+    (found by fuzz seeds 31, 36, 47)."""
+    torch.manual_seed(0)
+    model = TwoLayers()
+    for batch in (2, 3):  # the second call recompiles with a symbolic batch
+        x = torch.randn(7, batch, 8)
+        with capture_rewrites() as records:
+            got = run(model, x, "pamm_aot_eager", ratio=1.0, min_tokens=1, targets="qkv")
+        assert_same(got, run(model, x, "aot_eager"))
+        assert all(r.plan.error is None for r in records)
+        sites = {p.weight_name: p.site for r in records for g in r.plan.groups for p in g.projections}
+        assert sites == {"attn.mha.in_proj_weight": "qkv"}, sites
 
 
 def test_explain_lists_multihead_attention_projections() -> None:

@@ -321,6 +321,7 @@ class _Emit:
         with contextlib.ExitStack() as stack:  # the example value as the call computes it in its region
             if self.fake_mode is not None:
                 stack.enter_context(self.fake_mode)
+                stack.enter_context(_compat.python_dispatcher())
             stack.enter_context(torch.set_grad_enabled(self.region.grad_enabled))
             for device, dtype in self.region.autocast:
                 stack.enter_context(torch.autocast(device, dtype=dtype))

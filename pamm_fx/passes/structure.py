@@ -187,7 +187,7 @@ def _reaches(node: fx.Node, found: Callable[[fx.Node], bool], stop: Callable[[fx
     while queue:
         cur, depth = queue.popleft()
         for user in cur.users:
-            if user in seen:
+            if user in seen or _is_size(user):
                 continue
             seen.add(user)
             if found(user):
@@ -195,6 +195,12 @@ def _reaches(node: fx.Node, found: Callable[[fx.Node], bool], stop: Callable[[fx
             if not stop(user) and depth + 1 < hops:
                 queue.append((user, depth + 1))
     return False
+
+
+def _is_size(node: fx.Node) -> bool:
+    """A size computed from a tensor (``x.size(0)``, ``bsz * heads``): under dynamic shapes such nodes link
+    a tensor to the view of an unrelated one, which is not data flow."""
+    return isinstance(val(node), (int, float, torch.SymInt, torch.SymFloat, torch.SymBool, torch.Size))
 
 
 def _feeds_attention(node: fx.Node) -> bool:
