@@ -35,6 +35,7 @@ __all__ = [
     "init_logs_with",
     "observe_pass",
     "outside_tracing",
+    "python_dispatcher",
     "register_inductor_decomposition",
     "register_log_alias",
     "shapes_as_first_compile",

@@ -101,6 +101,8 @@ def test_graph_targets_counters_fake_mode_and_trace_artifacts() -> None:
     assert isinstance(_compat.artifact_logger("pamm_fx", "pamm_graphs"), logging.Logger)
     with _compat.observe_pass(gm, "pamm_compat_test"):
         gm.graph.lint()
+    with _compat.python_dispatcher():
+        assert torch.ones(2).add(1).tolist() == [2.0, 2.0]
 
 
 def test_compile_entry_points_and_explain_backend() -> None:
