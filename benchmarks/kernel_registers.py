@@ -5,8 +5,9 @@ compiler rejects (layouts, dot shapes, register pressure), so this compiles each
 ``triton.compile`` for an explicit ``GPUTarget("cuda", 80 | 90, 32)`` down to PTX and cubin, and reads
 registers and spills from the wheel's bundled ``ptxas -v``. No GPU or driver is needed.
 
-Configurations are the ones the launchers ship: every tile ``_blocks`` picks (small to large k) for each
-dtype, with and without eps, each ``tl.dot`` precision, and the contraction's fixed tiles. Arguments are
+Configurations are the ones the launchers ship: every tile the assignment's ``_blocks`` picks (small to
+large k) for each dtype, with and without eps, each ``tl.dot`` precision; the contraction's fixed tiles;
+the residual quantize/dequantize tiles per dtype and bit width. Arguments are
 specialized as a typical launch is (16-byte aligned pointers, sizes and row strides divisible by 16,
 unit column strides folded to the constant 1), which is what the JIT compiles for contiguous tensors.
 
