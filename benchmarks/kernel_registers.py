@@ -5,8 +5,9 @@ compiler rejects (layouts, dot shapes, register pressure), so this compiles each
 ``triton.compile`` for an explicit ``GPUTarget("cuda", 80 | 90, 32)`` down to PTX and cubin, and reads
 registers and spills from the wheel's bundled ``ptxas -v``. No GPU or driver is needed.
 
-Configurations are the ones the launchers ship: every tile ``_blocks`` picks (small to large k) for each
-dtype, with and without eps, each ``tl.dot`` precision, and the contraction's fixed tiles. Arguments are
+Configurations are the ones the launchers ship: every tile the assignment's ``_blocks`` picks (small to
+large k) for each dtype, with and without eps, each ``tl.dot`` precision; the contraction's fixed tiles;
+the residual quantize/dequantize tiles per dtype and bit width. Arguments are
 specialized as a typical launch is (16-byte aligned pointers, sizes and row strides divisible by 16,
 unit column strides folded to the constant 1), which is what the JIT compiles for contiguous tensors.
 
@@ -41,8 +42,11 @@ TARGETS = (80, 90)
 #: The kernel modules, by primitive: the one place a rename of a module changes.
 ASSIGN_MODULE = "pamm_fx.kernels.assign_triton"
 CONTRACT_MODULE = "pamm_fx.kernels.contract_triton"
+RESIDUAL_MODULE = "pamm_fx.kernels.residual_triton"
 #: Generator counts whose tiles are compiled (``_blocks`` dedupes them): every BLOCK_K it can pick.
 K_VALUES = (1, 32, 64, 128, 4096)
+#: Row widths n whose residual tiles are compiled: one that fits a tile, one that loops over tiles.
+RESIDUAL_N_VALUES = (512, 8192)
 #: torch dtype name -> Triton pointer element type.
 ELEMENT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -137,6 +141,37 @@ def contract_configs(layouts: tuple[str, ...] = LAYOUTS) -> Iterator[Config]:
                      constexprs=units | dict(BLOCK_M=mod.BLOCK_M), aligned=aligned, num_warps=4)
 
 
+def residual_configs(layouts: tuple[str, ...] = LAYOUTS) -> Iterator[Config]:
+    """``_quantize_kernel`` and ``_dequantize_kernel`` per dtype and bit width, at the tiles ``_blocks`` picks
+    for a row that fits one tile and for one that loops over tiles."""
+    mod = importlib.import_module(RESIDUAL_MODULE)
+    tiles = dict.fromkeys(mod._blocks(n) for n in RESIDUAL_N_VALUES)
+    for layout in layouts:
+        for dtype_name, elem in ELEMENT.items():
+            q_sig = _sig(
+                dict(x_ptr=f"*{elem}", c_ptr=f"*{elem}", f_ptr="*i32", alpha_ptr="*fp32", key_ptr="*i64",
+                     q_ptr="*u8", lo_ptr="*fp32", scale_ptr="*fp32", b="i32", n="i32", width="i32",
+                     stride_xb="i32", stride_xn="i32", stride_cb="i32", stride_cn="i32", stride_qb="i32",
+                     BITS="constexpr", ONE_TILE="constexpr", BLOCK_R="constexpr", BLOCK_N="constexpr"),
+                ("stride_xn", "stride_cn"), layout,
+            )
+            d_sig = _sig(
+                dict(q_ptr="*u8", lo_ptr="*fp32", scale_ptr="*fp32", out_ptr=f"*{elem}", b="i32", n="i32",
+                     stride_qb="i32", stride_ob="i32", BITS="constexpr", BLOCK_R="constexpr", BLOCK_N="constexpr"),
+                (), layout,
+            )
+            for bits in mod.BITS:
+                for block_r, block_n, one_tile in tiles:
+                    tile = f"{bits}-bit R{block_r} N{block_n} w4"
+                    signature, units, aligned = q_sig
+                    yield Config("_quantize_kernel", f"{layout} {dtype_name} {tile}{' one-tile' * one_tile}",
+                                 signature, units | dict(BITS=bits, ONE_TILE=one_tile, BLOCK_R=block_r,
+                                                         BLOCK_N=block_n), aligned, 4)
+                    signature, units, aligned = d_sig
+                    yield Config("_dequantize_kernel", f"{layout} {dtype_name} {tile}", signature,
+                                 units | dict(BITS=bits, BLOCK_R=block_r, BLOCK_N=block_n), aligned, 4)
+
+
 #: Kernel name -> (module, configuration generator). A new kernel joins here, with a generator of its
 #: shipped configurations (the signature as :func:`_sig` specializes it, constexprs, num_warps), and
 #: with that the CPU test and ``gpu_check.py`` compile it too.
@@ -144,6 +179,8 @@ KERNELS = {
     "_assign_kernel": (ASSIGN_MODULE, assign_configs),
     "_partial_kernel": (CONTRACT_MODULE, contract_configs),
     "_reduce_kernel": (CONTRACT_MODULE, contract_configs),
+    "_quantize_kernel": (RESIDUAL_MODULE, residual_configs),
+    "_dequantize_kernel": (RESIDUAL_MODULE, residual_configs),
 }
 
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
