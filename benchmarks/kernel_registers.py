@@ -142,8 +142,8 @@ def contract_configs(layouts: tuple[str, ...] = LAYOUTS) -> Iterator[Config]:
 
 
 def residual_configs(layouts: tuple[str, ...] = LAYOUTS) -> Iterator[Config]:
-    """``_quantize_kernel`` and ``_dequantize_kernel`` per dtype and bit width, at the tiles ``_blocks`` picks
-    for a row that fits one tile and for one that loops over tiles."""
+    """``_quantize_kernel``, ``_dequantize_kernel`` and ``_reconstruct_kernel`` per dtype and bit width, at
+    the tiles ``_blocks`` picks for a row that fits one tile and for one that loops over tiles."""
     mod = importlib.import_module(RESIDUAL_MODULE)
     tiles = dict.fromkeys(mod._blocks(n) for n in RESIDUAL_N_VALUES)
     for layout in layouts:
@@ -160,6 +160,12 @@ def residual_configs(layouts: tuple[str, ...] = LAYOUTS) -> Iterator[Config]:
                      stride_qb="i32", stride_ob="i32", BITS="constexpr", BLOCK_R="constexpr", BLOCK_N="constexpr"),
                 (), layout,
             )
+            r_sig = _sig(
+                dict(q_ptr="*u8", lo_ptr="*fp32", scale_ptr="*fp32", c_ptr=f"*{elem}", f_ptr="*i32",
+                     alpha_ptr="*fp32", out_ptr=f"*{elem}", b="i32", n="i32", stride_qb="i32", stride_cb="i32",
+                     stride_cn="i32", stride_ob="i32", BITS="constexpr", BLOCK_R="constexpr", BLOCK_N="constexpr"),
+                ("stride_cn",), layout,
+            )
             for bits in mod.BITS:
                 for block_r, block_n, one_tile in tiles:
                     tile = f"{bits}-bit R{block_r} N{block_n} w4"
@@ -169,6 +175,9 @@ def residual_configs(layouts: tuple[str, ...] = LAYOUTS) -> Iterator[Config]:
                                                          BLOCK_N=block_n), aligned, 4)
                     signature, units, aligned = d_sig
                     yield Config("_dequantize_kernel", f"{layout} {dtype_name} {tile}", signature,
+                                 units | dict(BITS=bits, BLOCK_R=block_r, BLOCK_N=block_n), aligned, 4)
+                    signature, units, aligned = r_sig
+                    yield Config("_reconstruct_kernel", f"{layout} {dtype_name} {tile}", signature,
                                  units | dict(BITS=bits, BLOCK_R=block_r, BLOCK_N=block_n), aligned, 4)
 
 
@@ -181,6 +190,7 @@ KERNELS = {
     "_reduce_kernel": (CONTRACT_MODULE, contract_configs),
     "_quantize_kernel": (RESIDUAL_MODULE, residual_configs),
     "_dequantize_kernel": (RESIDUAL_MODULE, residual_configs),
+    "_reconstruct_kernel": (RESIDUAL_MODULE, residual_configs),
 }
 
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["num_generators", "PammConfig", "SITES", "SITE_FAMILIES", "TARGETS", "OPTIONS", "defaults", "resolve"]
+__all__ = ["num_generators", "PammConfig", "ESTIMATORS", "RESIDUAL_BITS", "SITES", "SITE_FAMILIES", "TARGETS",
+           "OPTIONS", "defaults", "resolve"]
 
 #: The site a projection is classified as (:mod:`pamm_fx.passes.structure`): attention's Q/K/V
 #: projections, attention's output projection, an MLP's up/gate and down projections, a head
@@ -34,6 +35,11 @@ SITE_FAMILIES = {"mlp": ("mlp_up", "mlp_down"), "all": SITES}
 #: Valid values of the ``targets`` option (also the keys of its dict form): a site, ``"mlp"`` (both
 #: MLP sites) or ``"all"`` (every trainable linear; in a dict, every site not named otherwise).
 TARGETS = ("qkv", "attn_out", "mlp", "mlp_up", "mlp_down", "head", "other", "all")
+#: Weight-gradient estimators: ``"pamm"`` (the paper: dW = B~^T C, biased) and ``"pamm_sr"`` (PAMM plus
+#: the residual X - X~ at ``residual_bits`` bits with stochastic rounding: unbiased given C).
+ESTIMATORS = ("pamm", "pamm_sr")
+#: Valid ``residual_bits``: a whole number of codes per byte.
+RESIDUAL_BITS = (2, 4, 8)
 
 # Ratios are kept as exact fractions p/q so that k = ceil(p*b/q) is integer
 # arithmetic on (possibly symbolic) b; floats like 1/3 are snapped to the nearest
@@ -133,6 +139,13 @@ class PammConfig:
         them, or a dict of them to per-site ratios (``{"qkv": 1/256, "mlp": 1/32}``;
         a dict's ``"all"`` covers every site not named). Stored as given for a name,
         else as sorted ``(site, ratio_or_None)`` pairs.
+    estimator: how the weight gradient is formed from what the forward kept, one of
+        :data:`ESTIMATORS`. ``"pamm"`` (the paper) keeps C, f, alpha; ``"pamm_sr"`` also keeps the
+        residual R = X - alpha C_f at ``residual_bits`` bits per element with stochastic rounding
+        and adds dY^T deq(R), so dW is unbiased (PAMM alone is biased: docs/benchmarks.md), for
+        ceil(n * bits / 8) + 8 more bytes per row of X and plain's weight-gradient FLOPs
+        (docs/options.md).
+    residual_bits: bits per residual element under ``"pamm_sr"``, one of :data:`RESIDUAL_BITS`.
     """
 
     ratio: float = 1 / 64
@@ -141,6 +154,8 @@ class PammConfig:
     min_tokens: int = 128
     min_generators: int = 256
     targets: str | tuple[tuple[str, float | None], ...] = "qkv"
+    estimator: str = "pamm"
+    residual_bits: int = 4
 
     def __post_init__(self) -> None:
         frac = _parse_ratio(self.ratio)
@@ -158,6 +173,12 @@ class PammConfig:
         _check_int("min_tokens", self.min_tokens, 1)
         _check_int("min_generators", self.min_generators, 1)
         object.__setattr__(self, "targets", _parse_targets(self.targets))
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"pamm option 'estimator' must be one of {list(ESTIMATORS)}, got {self.estimator!r}")
+        if type(self.residual_bits) is not int or self.residual_bits not in RESIDUAL_BITS:
+            raise ValueError(
+                f"pamm option 'residual_bits' must be one of {list(RESIDUAL_BITS)}, got {self.residual_bits!r}"
+            )
         named = {self.targets: None} if isinstance(self.targets, str) else dict(self.targets)
         object.__setattr__(self, "_site_fractions", {
             site: frac if r is None else Fraction(r).limit_denominator(_MAX_DENOMINATOR) for site, r in named.items()})
@@ -232,6 +253,8 @@ _FROM_ENV: dict[str, Callable[[str], Any]] = {
     "min_tokens": int,
     "min_generators": int,
     "targets": _targets_from_env,
+    "estimator": str,
+    "residual_bits": int,
 }
 assert set(_FROM_ENV) == set(OPTIONS)
 

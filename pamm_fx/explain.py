@@ -313,6 +313,10 @@ def _group(p: Plan, g: Group) -> GroupInfo:
         site=g.site,
         **{f: getattr(est, f) for f in _ESTIMATE_FIELDS},
     )
+    if est.residual_bytes:
+        info.notes.append(f"estimator pamm_sr: the saved bytes include the residual at {p.config.residual_bits} bits, "
+                          f"{_mib(est.residual_bytes)} (codes, lo and scale per row); its weight gradients are "
+                          "plain's GEMMs on X^ = X~ + deq(R)")
     if est.dynamic:
         info.notes.append(f"b = {est.b_expr} changes from call to call: k is decided on every call by the op "
                           f"(numbers here are for b = {est.b})")

@@ -27,6 +27,7 @@ _DTYPES = {
     torch.int32: "i32",
     torch.int64: "i64",
     torch.bool: "b8",
+    torch.uint8: "u8",
 }
 
 

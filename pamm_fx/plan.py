@@ -26,7 +26,7 @@ from torch import fx
 from pamm_fx import _compat, seed
 from pamm_fx.config import PammConfig
 from pamm_fx.names import fmt_value
-from pamm_fx.passes.checks import INDEX_BYTES_PER_ROW
+from pamm_fx.passes.checks import INDEX_BYTES_PER_ROW, residual_bytes_per_row
 from pamm_fx.passes.fxutil import hint, is_static, rows, val
 from pamm_fx.passes.match import Group, Rejection, find_groups
 from pamm_fx.passes.normalize import normalize_linears
@@ -41,8 +41,10 @@ log = logging.getLogger(__name__)
 class Estimate:
     """What a group changes, at the example sizes (``dynamic``: b differs from call to call).
 
-    Saved for backward: X (b x n) before; C (k x n), f (b, int32), alpha (b, fp32) after.
-    Weight-gradient FLOPs: dW = dY^T X, 2*b*n*m before; B~ = P^T dY (b*m adds) then B~^T C after.
+    Saved for backward: X (b x n) before; C (k x n), f (b, int32), alpha (b, fp32) after, plus
+    ``residual_bytes`` under ``estimator="pamm_sr"`` (packed codes, lo and scale per row).
+    Weight-gradient FLOPs: dW = dY^T X, 2*b*n*m before; B~ = P^T dY (b*m adds) then B~^T C after,
+    or under ``pamm_sr`` dY^T X^ (2*b*n*m, as before) on the reconstruction X^ = X~ + deq(R).
     """
 
     b: int
@@ -56,6 +58,7 @@ class Estimate:
     saved_bytes_after: int
     wgrad_flops_before: int
     wgrad_flops_after: int
+    residual_bytes: int = 0
 
 
 @dataclasses.dataclass
@@ -92,15 +95,17 @@ class Plan:
         formula = f"k = min(b, max({cfg.min_generators}, ceil(b*{frac})))"
         if cfg.min_tokens > 1:
             formula += f", b if b < {cfg.min_tokens}"
+        residual = b * residual_bytes_per_row(cfg, n, group.dtype or xv.dtype)
         return Estimate(
             b=b, n=n, m=m, k=k,
             dynamic=not is_static(b_sym),
             b_expr=str(b_sym),
             k_formula=formula,
             saved_bytes_before=b * n * item,
-            saved_bytes_after=k * n * item + INDEX_BYTES_PER_ROW * b,
+            saved_bytes_after=k * n * item + INDEX_BYTES_PER_ROW * b + residual,
             wgrad_flops_before=2 * b * n * m,
-            wgrad_flops_after=2 * k * n * m + 2 * b * m,
+            wgrad_flops_after=2 * b * n * m if residual else 2 * k * n * m + 2 * b * m,
+            residual_bytes=residual,
         )
 
 

@@ -30,6 +30,8 @@ from pamm_fx.config import resolve
 from pamm_fx.names import fmt_value, param_name
 from pamm_fx.ops.compress import parse as parse_compress
 from pamm_fx.ops.linear_group import parse as parse_linear_group
+from pamm_fx.ops.residual import QuantizeResidual
+from pamm_fx.ops.residual import parse as parse_residual
 from pamm_fx.passes.fxutil import val
 from pamm_fx.plan import Plan, apply
 
@@ -119,8 +121,12 @@ def _describe(record: RewriteRecord) -> str:
                 f"compress({_arg(comp.x.args[0], names)}, ratio={comp.ratio.numerator}/{comp.ratio.denominator}, "
                 f"min_generators={comp.min_generators}, eps={comp.eps}) -> {fmt_value(val(node))}"
             )
+        elif isinstance(quant := parse_residual(node), QuantizeResidual):
+            lines.append(f"quantize_residual({_arg(quant.x.args[0], names)}, bits={quant.bits}) -> "
+                         f"{fmt_value(val(node))}")
         elif (group := parse_linear_group(node)) is not None:
-            lines.append(f"linear_group({_arg(group.x, names)})")
+            residual = f", residual={group.residual.bits} bits" if group.residual is not None else ""
+            lines.append(f"linear_group({_arg(group.x, names)}{residual})")
             outs = sorted((u for u in node.users if u.target is operator.getitem), key=lambda u: u.args[1])
             for w, b, out in zip(group.weights, group.biases, outs):
                 bias = f" + {param_name(b)}" if b is not None else ""

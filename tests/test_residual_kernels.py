@@ -46,7 +46,7 @@ def _quantize(impl: str, x: torch.Tensor, c: torch.Tensor, f: torch.Tensor, alph
               salt: int, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, lo, scale (on the CPU) from the reference or from the Triton kernel on DEVICE."""
     if impl == "reference":
-        return residual.quantize_residual(x, c, f, alpha, torch.tensor(seed), salt, bits)
+        return residual.quantize_reference(x, c, f, alpha, torch.tensor(seed), salt, bits)
     out = residual_triton.quantize_residual(x.to(DEVICE), c.to(DEVICE), f.to(DEVICE), alpha.to(DEVICE),
                                             torch.tensor(seed, device=DEVICE), salt, bits)
     return tuple(t.cpu() for t in out)
@@ -55,7 +55,7 @@ def _quantize(impl: str, x: torch.Tensor, c: torch.Tensor, f: torch.Tensor, alph
 def _dequantize(impl: str, q: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, n: int, bits: int,
                 dtype: torch.dtype) -> torch.Tensor:
     if impl == "reference":
-        return residual.dequantize_residual(q, lo, scale, n, bits, dtype)
+        return residual.dequantize_reference(q, lo, scale, n, bits, dtype)
     return residual_triton.dequantize_residual(q.to(DEVICE), lo.to(DEVICE), scale.to(DEVICE), n, bits, dtype).cpu()
 
 
@@ -111,6 +111,27 @@ def test_quantize_matches_reference(dtype: torch.dtype, bits: int, b: int, n: in
     assert deq.dtype == dtype and deq.shape == (b, n)
     # One rounding of the output dtype (the interpreter truncates float32 -> bfloat16).
     torch.testing.assert_close(deq.float(), deq_ref.float(), rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_reconstruct_matches_reference_and_is_x_at_ratio_one(dtype: torch.dtype) -> None:
+    """X^ = alpha * C_f + deq(q): the backward's operand; at ratio 1 it is X bit for bit."""
+    x, c, f, alpha = _inputs(37, 45, 5, dtype, seed=3)
+    q, lo, scale = _quantize("reference", x, c, f, alpha, 4, 1, 4)
+    ref = residual.reconstruct_reference(q, lo, scale, c, f, alpha, 4)
+    got = residual_triton.reconstruct(q.to(DEVICE), lo.to(DEVICE), scale.to(DEVICE), c.to(DEVICE), f.to(DEVICE),
+                                      alpha.to(DEVICE), 4).cpu()
+    assert got.dtype == ref.dtype == dtype
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
+    deq = residual.dequantize_reference(q, lo, scale, 45, 4, torch.float32)
+    torch.testing.assert_close(ref.float(), (alpha[:, None] * c.float()[f.long()] + deq).to(dtype).float())
+    ident = torch.arange(37, dtype=torch.int32)
+    for impl in IMPLS:
+        q, lo, scale = _quantize(impl, x, x, ident, torch.ones(37), 4, 1, 2)
+        args = (q, lo, scale, x, ident, torch.ones(37), 2)
+        x_hat = residual.reconstruct_reference(*args) if impl == "reference" else \
+            residual_triton.reconstruct(*(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args)).cpu()
+        assert torch.equal(x_hat, x)
 
 
 def test_format_packs_codes_little_end_first() -> None:
@@ -213,23 +234,23 @@ def test_reference_chunks_match_the_whole_tensor_form(monkeypatch: pytest.Monkey
     monkeypatch.setattr(residual, "ROW_CHUNK", 7)
     x, c, f, alpha = _inputs(30, 17, 3, torch.bfloat16, seed=7)
     for bits in residual.BITS:
-        chunked = residual.quantize_residual(x, c, f, alpha, torch.tensor(5), 1, bits)
-        whole = residual.quantize_residual_aten(x, c, f, alpha, torch.tensor(5), 1, bits)
+        chunked = residual.quantize_reference(x, c, f, alpha, torch.tensor(5), 1, bits)
+        whole = residual.quantize_aten(x, c, f, alpha, torch.tensor(5), 1, bits)
         assert all(torch.equal(a, b) for a, b in zip(chunked, whole))
-        assert torch.equal(residual.dequantize_residual(*chunked, 17, bits, torch.bfloat16),
-                           residual.dequantize_residual_aten(*whole, 17, bits, torch.bfloat16))
+        assert torch.equal(residual.reconstruct_reference(*chunked, c, f, alpha, bits),
+                           residual.reconstruct_aten(*whole, c, f, alpha, bits))
 
 
 def test_float64_stays_float64_on_the_reference() -> None:
     x, c, f, alpha = _inputs(9, 10, 2, torch.float64, seed=8)
-    q, lo, scale = residual.quantize_residual(x, c, f, alpha, torch.tensor(1), 0, 8)
+    q, lo, scale = residual.quantize_reference(x, c, f, alpha, torch.tensor(1), 0, 8)
     assert lo.dtype == scale.dtype == torch.float64
-    deq = residual.dequantize_residual(q, lo, scale, 10, 8, torch.float64)
+    deq = residual.dequantize_reference(q, lo, scale, 10, 8, torch.float64)
     assert deq.dtype == torch.float64
     assert ((deq - _exact_residual(x, c, f, alpha)).abs() <= scale[:, None] * (1 + 1e-12)).all()
     const = torch.full((2, 10), 0.1, dtype=torch.float64)  # not a float32 value
-    q, lo, scale = residual.quantize_residual(const, c, f[:2], torch.zeros(2), torch.tensor(1), 0, 2)
-    assert torch.equal(residual.dequantize_residual(q, lo, scale, 10, 2, torch.float64), const)
+    q, lo, scale = residual.quantize_reference(const, c, f[:2], torch.zeros(2), torch.tensor(1), 0, 2)
+    assert torch.equal(residual.dequantize_reference(q, lo, scale, 10, 2, torch.float64), const)
     with pytest.raises(TypeError, match="float64"):
         residual_triton.quantize_residual(x.to(DEVICE), c.to(DEVICE), f.to(DEVICE), alpha.to(DEVICE),
                                           torch.tensor(1, device=DEVICE), 0, 8)
@@ -238,7 +259,7 @@ def test_float64_stays_float64_on_the_reference() -> None:
 def test_bits_are_validated() -> None:
     x, c, f, alpha = _inputs(3, 4, 1, torch.float32)
     with pytest.raises(ValueError, match=r"\(2, 4, 8\)"):
-        residual.quantize_residual(x, c, f, alpha, torch.tensor(0), 0, 3)
+        residual.quantize_reference(x, c, f, alpha, torch.tensor(0), 0, 3)
     with pytest.raises(ValueError, match=r"\(2, 4, 8\)"):
         residual_triton.quantize_residual(x.to(DEVICE), c.to(DEVICE), f.to(DEVICE), alpha.to(DEVICE),
                                           torch.tensor(0, device=DEVICE), 0, 1)
@@ -276,6 +297,7 @@ def test_triton_ops_opcheck() -> None:
     torch.library.opcheck(torch.ops.pamm.quantize_residual_triton.default, (x, c, f, alpha, seed, 1, 2))
     q, lo, scale = torch.ops.pamm.quantize_residual_triton(x, c, f, alpha, seed, 1, 2)
     torch.library.opcheck(torch.ops.pamm.dequantize_residual_triton.default, (q, lo, scale, 19, 2, torch.bfloat16))
+    torch.library.opcheck(torch.ops.pamm.reconstruct_residual_triton.default, (q, lo, scale, c, f, alpha, 2))
 
 
 @pytest.mark.usefixtures("traceable_kernel")
@@ -292,9 +314,10 @@ def test_triton_ops_trace_into_their_kernels() -> None:
 
     def roundtrip(x: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
         q, lo, scale = torch.ops.pamm.quantize_residual_triton(x, c, f, alpha, seed, 1, 4)
-        return torch.ops.pamm.dequantize_residual_triton(q, lo, scale, 19, 4, torch.float32)
+        return (torch.ops.pamm.dequantize_residual_triton(q, lo, scale, 19, 4, torch.float32),
+                torch.ops.pamm.reconstruct_residual_triton(q, lo, scale, c, f, alpha, 4))
 
     out = torch.compile(roundtrip, backend=aot_autograd(fw_compiler=keep), fullgraph=True)(x, seed)
     code = graphs[0].code
-    assert code.count("triton_kernel_wrapper_functional(") == 2 and "pamm" not in code
-    assert torch.equal(out, roundtrip(x, seed))
+    assert code.count("triton_kernel_wrapper_functional(") == 3 and "pamm" not in code
+    assert all(torch.equal(a, b) for a, b in zip(out, roundtrip(x, seed)))

@@ -13,7 +13,7 @@ Format, per row i of R (n elements):
   P(q = ceil v) = frac(v) up to 2^-24;
 * 8 // bits codes per byte, element j in byte j // (8 // bits) at bit (j % (8 // bits)) * bits,
   each row padded with zero bits to ``ceil(n * bits / 8)`` bytes;
-* ``deq_ij = lo_i + q_ij * scale_i``.
+* ``deq_ij = lo_i + q_ij * scale_i``; the backward uses X^ = alpha * C_f + deq(q) (:func:`reconstruct`).
 
 Exactness: a row with scale 0 (R == 0, e.g. at ratio 1 where X~ = X, or any constant row)
 stores q = 0 and dequantizes to lo exactly. A row holding NaN or Inf (or whose range overflows)
@@ -23,9 +23,14 @@ the whole computation, lo and scale in float64; every other dtype works in float
 The noise is a pure function of its inputs on X's device (no torch RNG, no host
 synchronisation): a recomputation, or another kernel for the same format, draws the same bits.
 
-:func:`quantize_residual` / :func:`dequantize_residual` are the CPU path, chunked over rows so
-that no b x n float32 temporary exists in full; the ``*_aten`` forms are the same code on the
-whole tensor, for Inductor to fuse into one pass.
+:func:`quantize_reference` and :func:`reconstruct_reference` (X^ = X~ + deq(q), what the
+backward multiplies dY by) are the CPU path, chunked over rows so that no b x n float32 temporary
+exists in full, and what :mod:`~pamm_fx.kernels.residual_triton` must match;
+:func:`dequantize_reference` decodes the format alone. :func:`quantize_aten` /
+:func:`reconstruct_aten` are the same code on the whole tensor, for Inductor to fuse into one
+pass. :func:`quantize` / :func:`reconstruct` (eager) and :func:`quantize_traceable` /
+:func:`reconstruct_traceable` (what Inductor compiles) are the dispatchers: the only places that
+choose Triton or torch for this primitive.
 """
 
 from __future__ import annotations
@@ -35,15 +40,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pamm_fx.kernels.device import use_triton
+
 __all__ = [
     "BITS",
     "ROW_CHUNK",
-    "dequantize_residual",
-    "dequantize_residual_aten",
+    "dequantize_reference",
     "noise_key",
     "packed_bytes",
-    "quantize_residual",
-    "quantize_residual_aten",
+    "payload_bytes_per_row",
+    "quantize",
+    "quantize_aten",
+    "quantize_reference",
+    "quantize_traceable",
+    "reconstruct",
+    "reconstruct_aten",
+    "reconstruct_reference",
+    "reconstruct_traceable",
     "work_dtype",
 ]
 
@@ -80,6 +93,11 @@ def packed_bytes(n: Any, bits: int) -> Any:
     return (n * bits + 7) // 8
 
 
+def payload_bytes_per_row(n: int, bits: int, dtype: torch.dtype) -> int:
+    """Bytes kept per row of an X of ``dtype``: ceil(n * bits / 8) packed codes plus lo and scale."""
+    return packed_bytes(n, bits) + 2 * work_dtype(dtype).itemsize
+
+
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the residual math, lo and scale: float64 for float64 X, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -94,13 +112,18 @@ def _shifts(bits: int, device: torch.device) -> Tensor:
     return torch.arange(0, 8, bits, dtype=torch.int32, device=device)
 
 
+def _projection(c: Tensor, f: Tensor, alpha: Tensor, wd: torch.dtype) -> Tensor:
+    """X~ = alpha[:, None] * C[f] in ``wd``: one expression for the quantization and the reconstruction."""
+    return alpha.to(wd)[:, None] * c.index_select(0, f.long()).to(wd)
+
+
 def _quantize_rows(x: Tensor, c: Tensor, f: Tensor, alpha: Tensor, key: Tensor, row0: int,
                    bits: int) -> tuple[Tensor, Tensor, Tensor]:
     """q, lo, scale of rows row0 .. row0 + len(x) of X (the row index feeds the noise)."""
     b, n = x.shape
     wd = work_dtype(x.dtype)
     levels = (1 << bits) - 1
-    r = x.to(wd) - alpha.to(wd)[:, None] * c.index_select(0, f.long()).to(wd)
+    r = x.to(wd) - _projection(c, f, alpha, wd)
     if n == 0:
         zero = torch.zeros(b, dtype=wd, device=x.device)
         return torch.zeros(b, 0, dtype=torch.uint8, device=x.device), zero, zero.clone()
@@ -124,15 +147,18 @@ def _quantize_rows(x: Tensor, c: Tensor, f: Tensor, alpha: Tensor, key: Tensor, 
     return packed, lo, scale
 
 
-def _dequantize_rows(q: Tensor, lo: Tensor, scale: Tensor, n: int, bits: int, dtype: torch.dtype) -> Tensor:
+def _dequantize_rows(q: Tensor, lo: Tensor, scale: Tensor, n: int, bits: int, dtype: torch.dtype,
+                     base: Tensor | None = None) -> Tensor:
+    """deq(q) rows (plus ``base``, X~ in lo's dtype, when given) in ``dtype``."""
     b = q.shape[0]
     levels = (1 << bits) - 1
     codes = (q.to(torch.int32)[:, :, None] >> _shifts(bits, q.device)) & levels
     codes = codes.reshape(b, -1)[:, :n]
-    return (lo[:, None] + codes.to(lo.dtype) * scale[:, None]).to(dtype)
+    deq = lo[:, None] + codes.to(lo.dtype) * scale[:, None]
+    return (deq if base is None else base + deq).to(dtype)
 
 
-def quantize_residual(x: Tensor, c: Tensor, f: Tensor, alpha: Tensor, seed: Tensor, salt: int,
+def quantize_reference(x: Tensor, c: Tensor, f: Tensor, alpha: Tensor, seed: Tensor, salt: int,
                       bits: int) -> tuple[Tensor, Tensor, Tensor]:
     """Quantize R = X - alpha[:, None] * C[f] (the module docstring's format), ROW_CHUNK rows at a time.
 
@@ -152,7 +178,7 @@ def quantize_residual(x: Tensor, c: Tensor, f: Tensor, alpha: Tensor, seed: Tens
     return q, lo, scale
 
 
-def dequantize_residual(q: Tensor, lo: Tensor, scale: Tensor, n: int, bits: int, dtype: torch.dtype) -> Tensor:
+def dequantize_reference(q: Tensor, lo: Tensor, scale: Tensor, n: int, bits: int, dtype: torch.dtype) -> Tensor:
     """deq(q) = lo + q * scale as a (b, n) tensor of ``dtype``, ROW_CHUNK rows at a time."""
     _check_bits(bits)
     b = q.shape[0]
@@ -163,15 +189,71 @@ def dequantize_residual(q: Tensor, lo: Tensor, scale: Tensor, n: int, bits: int,
     return out
 
 
-def quantize_residual_aten(x: Tensor, c: Tensor, f: Tensor, alpha: Tensor, seed: Tensor, salt: int,
+def reconstruct_reference(q: Tensor, lo: Tensor, scale: Tensor, c: Tensor, f: Tensor, alpha: Tensor,
+                          bits: int) -> Tensor:
+    """X^ = alpha[:, None] * C[f] + deq(q), (b, n) in C's dtype, ROW_CHUNK rows at a time.
+
+    What the ``pamm_sr`` backward multiplies dY by: dY^T X^ = B~^T C + dY^T deq(q) in one GEMM. At
+    ratio 1 (C = X, f = identity, alpha = 1, R = 0) X^ is X bit for bit.
+    """
+    _check_bits(bits)
+    b, n = q.shape[0], c.shape[1]
+    wd = lo.dtype
+    out = torch.empty(b, n, dtype=c.dtype, device=q.device)
+    for r0 in range(0, b, ROW_CHUNK):
+        r1 = min(b, r0 + ROW_CHUNK)
+        base = _projection(c, f[r0:r1], alpha[r0:r1], wd)
+        out[r0:r1] = _dequantize_rows(q[r0:r1], lo[r0:r1], scale[r0:r1], n, bits, c.dtype, base)
+    return out
+
+
+def quantize_aten(x: Tensor, c: Tensor, f: Tensor, alpha: Tensor, seed: Tensor, salt: int,
                            bits: int) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`quantize_residual` in whole-tensor aten ops (bitwise the same), for Inductor to fuse."""
+    """:func:`quantize_reference` in whole-tensor aten ops (bitwise the same), for Inductor to fuse."""
     _check_bits(bits)
     return _quantize_rows(x, c, f, alpha, noise_key(seed.to(x.device), salt), 0, bits)
 
 
-def dequantize_residual_aten(q: Tensor, lo: Tensor, scale: Tensor, n: int, bits: int,
-                             dtype: torch.dtype) -> Tensor:
-    """:func:`dequantize_residual` in whole-tensor aten ops, for Inductor to fuse."""
+def reconstruct_aten(q: Tensor, lo: Tensor, scale: Tensor, c: Tensor, f: Tensor, alpha: Tensor, bits: int) -> Tensor:
+    """:func:`reconstruct_reference` in whole-tensor aten ops, for Inductor to fuse."""
     _check_bits(bits)
-    return _dequantize_rows(q, lo, scale, n, bits, dtype)
+    return _dequantize_rows(q, lo, scale, c.shape[1], bits, c.dtype, _projection(c, f, alpha, lo.dtype))
+
+
+def quantize(x: Tensor, c: Tensor, f: Tensor, alpha: Tensor, seed: Tensor, salt: int,
+             bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q, lo, scale, eagerly: the Triton kernel on CUDA, else :func:`quantize_reference`."""
+    if use_triton(x, x.dtype):
+        from pamm_fx.kernels import residual_triton
+
+        return residual_triton.quantize_residual(x, c, f, alpha, seed, salt, bits)
+    return quantize_reference(x, c, f, alpha, seed, salt, bits)
+
+
+def quantize_traceable(x: Tensor, c: Tensor, f: Tensor, alpha: Tensor, seed: Tensor, salt: int,
+                       bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The quantization Inductor can see: the Triton op on CUDA, whole-tensor aten ops elsewhere."""
+    if use_triton(x, x.dtype):
+        from pamm_fx.kernels import residual_triton
+
+        return residual_triton.quantize_residual_triton(x, c, f, alpha, seed, salt, bits)
+    return quantize_aten(x, c, f, alpha, seed, salt, bits)
+
+
+def reconstruct(q: Tensor, lo: Tensor, scale: Tensor, c: Tensor, f: Tensor, alpha: Tensor, bits: int) -> Tensor:
+    """X^ (b, n) in C's dtype, eagerly: the Triton kernel on CUDA, else :func:`reconstruct_reference`."""
+    if use_triton(q, c.dtype):
+        from pamm_fx.kernels import residual_triton
+
+        return residual_triton.reconstruct(q, lo, scale, c, f, alpha, bits)
+    return reconstruct_reference(q, lo, scale, c, f, alpha, bits)
+
+
+def reconstruct_traceable(q: Tensor, lo: Tensor, scale: Tensor, c: Tensor, f: Tensor, alpha: Tensor,
+                          bits: int) -> Tensor:
+    """The reconstruction Inductor can see: the Triton op on CUDA, whole-tensor aten ops elsewhere."""
+    if use_triton(q, c.dtype):
+        from pamm_fx.kernels import residual_triton
+
+        return residual_triton.reconstruct_triton(q, lo, scale, c, f, alpha, bits)
+    return reconstruct_aten(q, lo, scale, c, f, alpha, bits)

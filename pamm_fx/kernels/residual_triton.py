@@ -5,7 +5,8 @@ gathering C_f(i) by f and forming R = X - alpha * C_f in float32, for the row's 
 non-finite flag; pass 2 forms each tile again (a second read of X that L2 mostly serves; when the
 row fits one tile it stays in registers and X is read once), draws the hash noise, rounds and
 packs 8 // bits codes per byte, then stores whole bytes. Dequantize: one program per
-(BLOCK_R rows, BLOCK_N columns) tile unpacks and scales, storing in the requested dtype.
+(BLOCK_R rows, BLOCK_N columns) tile unpacks and scales, storing in the requested dtype; the
+reconstruction (the backward's X^ = alpha * C_f + deq) does the same and adds C_f, gathered by f.
 
 Agreement with the reference: the noise, lo, the scale and v = (R - lo) / scale use the same
 float32 operations (the division is ``div_rn``, IEEE like torch's, not Triton's approximate
@@ -32,6 +33,8 @@ __all__ = [
     "dequantize_residual_triton",
     "quantize_residual",
     "quantize_residual_triton",
+    "reconstruct",
+    "reconstruct_residual_triton",
 ]
 
 
@@ -147,6 +150,23 @@ def _quantize_kernel(
 
 
 @triton.jit
+def _deq_tile(q_ptr, lo_ptr, scale_ptr, b, n, stride_qb, BITS: tl.constexpr, BLOCK_R: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """This program's (BLOCK_R rows, BLOCK_N columns) tile of deq(q) in float32, with its indices and mask."""
+    per: tl.constexpr = 8 // BITS
+    levels: tl.constexpr = (1 << BITS) - 1
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < b
+    ok = row_ok[:, None] & (cols < n)[None, :]
+    byte = tl.load(q_ptr + rows[:, None] * stride_qb + (cols // per)[None, :], mask=ok, other=0).to(tl.int32)
+    code = (byte >> ((cols % per) * BITS).to(tl.int32)[None, :]) & levels
+    lo = tl.load(lo_ptr + rows, mask=row_ok, other=0.0)
+    scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
+    return lo[:, None] + code.to(tl.float32) * scale[:, None], rows, cols, row_ok, ok
+
+
+@triton.jit
 def _dequantize_kernel(
     q_ptr,
     lo_ptr,
@@ -160,17 +180,35 @@ def _dequantize_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    per: tl.constexpr = 8 // BITS
-    levels: tl.constexpr = (1 << BITS) - 1
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < b
-    ok = row_ok[:, None] & (cols < n)[None, :]
-    byte = tl.load(q_ptr + rows[:, None] * stride_qb + (cols // per)[None, :], mask=ok, other=0).to(tl.int32)
-    code = (byte >> ((cols % per) * BITS).to(tl.int32)[None, :]) & levels
-    lo = tl.load(lo_ptr + rows, mask=row_ok, other=0.0)
-    scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
-    out = lo[:, None] + code.to(tl.float32) * scale[:, None]
+    out, rows, cols, row_ok, ok = _deq_tile(q_ptr, lo_ptr, scale_ptr, b, n, stride_qb, BITS, BLOCK_R, BLOCK_N)
+    tl.store(out_ptr + rows[:, None] * stride_ob + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _reconstruct_kernel(
+    q_ptr,
+    lo_ptr,
+    scale_ptr,
+    c_ptr,
+    f_ptr,
+    alpha_ptr,
+    out_ptr,
+    b,
+    n,
+    stride_qb,
+    stride_cb,
+    stride_cn,
+    stride_ob,
+    BITS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """X^ = alpha * C_f + deq(q): C_f gathered by f, as the quantization formed R."""
+    deq, rows, cols, row_ok, ok = _deq_tile(q_ptr, lo_ptr, scale_ptr, b, n, stride_qb, BITS, BLOCK_R, BLOCK_N)
+    gen = tl.load(f_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    a = tl.load(alpha_ptr + rows, mask=row_ok, other=0.0)
+    c = tl.load(c_ptr + gen[:, None] * stride_cb + cols[None, :] * stride_cn, mask=ok, other=0.0)
+    out = a[:, None] * c.to(tl.float32) + deq
     tl.store(out_ptr + rows[:, None] * stride_ob + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -236,12 +274,35 @@ def dequantize_residual_triton(q: Tensor, lo: Tensor, scale: Tensor, n: int, bit
     return out
 
 
+@torch.library.triton_op("pamm::reconstruct_residual_triton", mutates_args=())
+def reconstruct_residual_triton(q: Tensor, lo: Tensor, scale: Tensor, c: Tensor, f: Tensor, alpha: Tensor,
+                                bits: int) -> Tensor:
+    """X^ = alpha * C[f] + deq(q), (b, n) in C's dtype, as a traceable op (the backward's operand)."""
+    _check(bits, c.dtype)
+    b, n = q.shape[0], c.shape[1]
+    out = torch.empty(b, n, dtype=c.dtype, device=q.device)
+    if b == 0 or n == 0:
+        return out
+    block_r, block_n, _ = _blocks(n)
+    q = q.contiguous()
+    wrap_triton(_reconstruct_kernel)[(triton.cdiv(b, block_r), triton.cdiv(n, block_n))](
+        q, lo.float(), scale.float(), c, f, alpha.float(), out, b, n, q.stride(0), c.stride(0), c.stride(1),
+        out.stride(0), BITS=bits, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4,
+    )
+    return out
+
+
 def quantize_residual(x: Tensor, c: Tensor, f: Tensor, alpha: Tensor, seed: Tensor, salt: int,
                       bits: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Triton twin of :func:`pamm_fx.kernels.residual.quantize_residual` (same arguments and format)."""
+    """Triton twin of :func:`pamm_fx.kernels.residual.quantize_reference` (same arguments and format)."""
     return quantize_residual_triton(x, c, f, alpha, seed, salt, bits)
 
 
 def dequantize_residual(q: Tensor, lo: Tensor, scale: Tensor, n: int, bits: int, dtype: torch.dtype) -> Tensor:
-    """Triton twin of :func:`pamm_fx.kernels.residual.dequantize_residual`."""
+    """Triton twin of :func:`pamm_fx.kernels.residual.dequantize_reference`."""
     return dequantize_residual_triton(q, lo, scale, n, bits, dtype)
+
+
+def reconstruct(q: Tensor, lo: Tensor, scale: Tensor, c: Tensor, f: Tensor, alpha: Tensor, bits: int) -> Tensor:
+    """Triton twin of :func:`pamm_fx.kernels.residual.reconstruct_reference`."""
+    return reconstruct_residual_triton(q, lo, scale, c, f, alpha, bits)

@@ -5,6 +5,8 @@
 * :mod:`pamm_fx.ops.linear_group`: ``pamm::linear_group``, the exact forward of a group of
   projections whose backward saves C, f, alpha instead of X.
 * :mod:`pamm_fx.ops.contract`: ``pamm::contract``, that backward's weight-gradient contraction.
+* :mod:`pamm_fx.ops.residual`: ``pamm::quantize_residual`` / ``pamm::reconstruct_residual``, the
+  low-bit residual R = X - X~ that ``estimator="pamm_sr"`` adds to the compression (unbiased dW).
 
 Each module owns its op's schema, fake kernel, decomposition, autograd, flop formula and a
 dataclass of its arguments with ``emit`` (what the rewrite calls) and ``parse`` (what the test
@@ -17,6 +19,7 @@ from pamm_fx.config import num_generators
 from pamm_fx.ops.compress import compress, record_compressions, sample_generators
 from pamm_fx.ops.contract import contract
 from pamm_fx.ops.linear_group import DoubleBackwardError, linear_group
+from pamm_fx.ops.residual import quantize_residual, reconstruct_residual
 
 __all__ = [
     "DoubleBackwardError",
@@ -24,6 +27,8 @@ __all__ = [
     "contract",
     "linear_group",
     "num_generators",
+    "quantize_residual",
+    "reconstruct_residual",
     "record_compressions",
     "sample_generators",
 ]

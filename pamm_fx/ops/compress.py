@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import operator
 from collections.abc import Callable, Iterator, Sequence
 from fractions import Fraction
 from typing import Any
@@ -42,6 +41,7 @@ from torch.utils.flop_counter import register_flop_formula
 from pamm_fx import _compat
 from pamm_fx.config import num_generators
 from pamm_fx.kernels import assign as assign_kernels
+from pamm_fx.ops.forward_only import emit_outputs, register_non_differentiable
 
 __all__ = ["Compress", "compress", "emit", "parse", "record_compressions", "sample_generators"]
 
@@ -181,17 +181,7 @@ def _(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
     return x.new_empty(call.k(b), n), x.new_empty(b, dtype=torch.int32), x.new_empty(b, dtype=torch.float32)
 
 
-def _compress_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    ctx.mark_non_differentiable(*output)
-    ctx.num_inputs = len(inputs)
-
-
-def _compress_backward(ctx: Any, *grads: Tensor) -> tuple:
-    """Unreachable in practice: C, f and alpha are non-differentiable by construction."""
-    return (None,) * ctx.num_inputs
-
-
-compress.register_autograd(_compress_backward, setup_context=_compress_setup_context)
+register_non_differentiable(compress)
 
 
 def _compress_decomposition(*args: Any) -> Any:
@@ -218,17 +208,8 @@ def _compress_flops(x_shape: Sequence[int], *args: Any, out_shape: Any = None, *
 def emit(graph: fx.Graph, call: Compress) -> tuple[fx.Node, tuple[fx.Node, fx.Node, fx.Node]]:
     """The op node for ``call`` (whose x and seed are nodes) at the graph's insertion point, and its
     C, f, alpha outputs; with example values when X has one (fake), so later passes see shapes."""
-    node = graph.call_function(torch.ops.pamm.compress.default, call.op_args())
-    parts = tuple(graph.call_function(operator.getitem, (node, i)) for i in range(3))
-    fake = _compat.fake_mode_of(call.x.meta.get("example_value"))
-    if fake is not None:
-        examples = [a.meta["example_value"] if isinstance(a, fx.Node) else a for a in call.op_args()]
-        with fake, torch.no_grad():
-            values = torch.ops.pamm.compress.default(*examples)
-        node.meta["example_value"] = values
-        for part, v in zip(parts, values):
-            part.meta["example_value"] = v
-    return node, parts  # type: ignore[return-value]
+    node, parts = emit_outputs(graph, torch.ops.pamm.compress.default, call.op_args(), call.x, 3)
+    return node, tuple(parts)  # type: ignore[return-value]
 
 
 def parse(node: fx.Node) -> Compress | None:

@@ -2,7 +2,10 @@
 
 The exact forward of every projection of a group. Its registered backward saves only C, f,
 alpha and the weights (never X): dX and bias gradients are exact, weight gradients come from
-one PAMM contraction (:mod:`pamm_fx.ops.contract`) shared by the whole group. This module owns
+one PAMM contraction (:mod:`pamm_fx.ops.contract`) shared by the whole group. Under
+``estimator="pamm_sr"`` it also saves the quantized residual (:mod:`pamm_fx.ops.residual`) and
+forms each weight gradient as dY_j^T X^, X^ = X~ + deq(q(R)) (= B~_j^T C + dY_j^T deq(q(R))).
+This module owns
 the schema, the fake kernel, the autograd, the flop formula and :class:`LinearGroup`, the typed
 form of its arguments that :func:`emit` writes into a graph and :func:`parse` reads back.
 """
@@ -22,6 +25,7 @@ from torch.utils.flop_counter import register_flop_formula
 from pamm_fx import _compat
 from pamm_fx.ops.compress import rows_of
 from pamm_fx.ops.contract import Contract, weight_contraction
+from pamm_fx.ops.residual import Reconstruct, Residual, reconstructed
 
 __all__ = ["DoubleBackwardError", "LinearGroup", "emit", "linear_group", "parse"]
 
@@ -32,7 +36,8 @@ class LinearGroup:
 
     The schema carries the biases present plus a ``has_bias`` mask instead (a list of optional
     tensors would lose per-element ``needs_input_grad``); only :meth:`op_args` and
-    :meth:`from_op_args` know that form and the positional order.
+    :meth:`from_op_args` know that form and the positional order. ``residual`` (``pamm_sr``) rides
+    in trailing optional arguments, absent for plain PAMM, so PAMM's graphs are unchanged.
     """
 
     x: Any
@@ -41,17 +46,22 @@ class LinearGroup:
     c: Any
     f: Any
     alpha: Any
+    residual: Residual | None = None
 
     def op_args(self) -> tuple[Any, ...]:
         present = [b for b in self.biases if b is not None]
-        return (self.x, list(self.weights), present, [b is not None for b in self.biases], self.c, self.f,
+        args = (self.x, list(self.weights), present, [b is not None for b in self.biases], self.c, self.f,
                 self.alpha)
+        r = self.residual
+        return args if r is None else (*args, r.q, r.lo, r.scale, r.bits)
 
     @classmethod
     def from_op_args(cls, args: Sequence[Any]) -> LinearGroup:
-        x, weights, present, has_bias, c, f, alpha = args
+        x, weights, present, has_bias, c, f, alpha, *rest = args
+        q, lo, scale, bits = (*rest, *(None, None, None, 0)[len(rest):])
         it = iter(present)
-        return cls(x, list(weights), [next(it) if hb else None for hb in has_bias], c, f, alpha)
+        residual = Residual(q, lo, scale, bits) if q is not None else None
+        return cls(x, list(weights), [next(it) if hb else None for hb in has_bias], c, f, alpha, residual)
 
 
 @torch.library.custom_op("pamm::linear_group", mutates_args=())
@@ -63,6 +73,10 @@ def linear_group(
     c: Tensor,
     f: Tensor,
     alpha: Tensor,
+    q: Tensor | None = None,
+    lo: Tensor | None = None,
+    scale: Tensor | None = None,
+    residual_bits: int = 0,
 ) -> list[Tensor]:
     """Y_j = X W_j^T + b_j for every projection of the group (exact); see :class:`LinearGroup`."""
     if _compat.forward_ad_active():
@@ -71,7 +85,7 @@ def linear_group(
             "pamm: forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) through a PAMM-compressed "
             "projection is not supported; compile this model with backend='inductor' for forward-mode AD."
         )
-    call = LinearGroup.from_op_args((x, weights, biases, has_bias, c, f, alpha))
+    call = LinearGroup.from_op_args((x, weights, biases, has_bias, c, f, alpha, q, lo, scale, residual_bits))
     return [torch.nn.functional.linear(x, w, b) for w, b in zip(call.weights, call.biases)]
 
 
@@ -83,9 +97,11 @@ def _(*args: Any) -> list[Tensor]:
 
 def _setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
     call = LinearGroup.from_op_args(inputs)
-    ctx.save_for_backward(call.c, call.f, call.alpha, *call.weights)
+    r = call.residual
+    ctx.save_for_backward(call.c, call.f, call.alpha, *call.weights, *((r.q, r.lo, r.scale) if r else ()))
+    ctx.num_weights = len(call.weights)
+    ctx.residual_bits = r.bits if r else 0
     ctx.has_bias = [b is not None for b in call.biases]
-    ctx.num_inputs = len(inputs)
     # An output that gets no gradient (detached, unused, non-differentiable use) must arrive as None, not
     # zeros: its weight and bias gradients then stay None, exactly as plain leaves them (zeros would let
     # AdamW's weight decay and moments move weights plain training leaves untouched).
@@ -97,12 +113,18 @@ class DoubleBackwardError(RuntimeError):
 
 
 def _weight_grads(grads: list[Tensor | None], c: Tensor, f: Tensor, alpha: Tensor, weights: list[Tensor],
-                  needs_w: Sequence[bool]) -> list[Tensor | None]:
-    """dW_j = B~_j^T C per projection that needs it, in C's dtype (float32 accumulation in the GEMM).
+                  needs_w: Sequence[bool], residual: Residual | None) -> list[Tensor | None]:
+    """dW_j per projection that needs it, in C's dtype (float32 accumulation in the GEMMs).
 
-    Only the projections that need a gradient are contracted, each dY is read as it is, and
-    neither C nor a (sum m) x n product is ever copied to float32.
+    PAMM: B~_j^T C, with only the projections that need a gradient contracted, each dY read as it
+    is, and neither C nor a (sum m) x n product ever copied to float32. ``pamm_sr``: dY_j^T X^, with
+    X^ = alpha * C_f + deq(q(R)) reconstructed once per group (a transient b x n in C's dtype), so
+    each projection costs one GEMM, as under plain.
     """
+    if residual is not None:
+        x_hat = reconstructed(Reconstruct(residual, c, f, alpha))
+        return [rows_of(g).t().to(c.dtype).mm(x_hat).to(w.dtype) if need else None
+                for g, w, need in zip(grads, weights, needs_w)]
     bt = weight_contraction(Contract([g for g, need in zip(grads, needs_w) if need], f, alpha, c.shape[0]))
     out: list[Tensor | None] = []
     offset = 0
@@ -123,7 +145,9 @@ def _backward(ctx: Any, grads: list[Tensor | None]) -> tuple:
             "PAMM-compressed projection is not supported: its weight gradient is an approximation. Compile this "
             "model with backend='inductor', or exclude the projection (e.g. freeze it)."
         )
-    c, f, alpha, *weights = ctx.saved_tensors
+    c, f, alpha, *rest = ctx.saved_tensors
+    weights, payload = rest[: ctx.num_weights], rest[ctx.num_weights :]
+    residual = Residual(*payload, ctx.residual_bits) if payload else None
     needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
     dx = None
     if needs_x:
@@ -135,10 +159,12 @@ def _backward(ctx: Any, grads: list[Tensor | None]) -> tuple:
     dweights: list[Tensor | None] = [None] * len(weights)
     wanted_w = [need and g is not None for need, g in zip(needs_w, grads)]
     if any(wanted_w):
-        dweights = _weight_grads(grads, c, f, alpha, weights, wanted_w)
+        dweights = _weight_grads(grads, c, f, alpha, weights, wanted_w, residual)
     with_bias = [g for g, hb in zip(grads, ctx.has_bias) if hb]
     dbiases = [rows_of(g).sum(0) if need and g is not None else None for g, need in zip(with_bias, needs_b)]
-    return (dx, dweights, dbiases) + (None,) * (ctx.num_inputs - 3)
+    # One entry per argument the caller passed: the dispatcher drops trailing ones equal to their
+    # defaults (plain PAMM passes no residual), while setup_context sees them filled in.
+    return (dx, dweights, dbiases) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
 linear_group.register_autograd(_backward, setup_context=_setup_context)

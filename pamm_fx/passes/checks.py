@@ -28,6 +28,7 @@ from torch import fx
 
 from pamm_fx import _compat
 from pamm_fx.config import PammConfig
+from pamm_fx.kernels.residual import payload_bytes_per_row
 from pamm_fx.passes.fxutil import hint, is_static, op_name, row_slice, rows, storage, val, written
 from pamm_fx.passes.structure import Candidate, attention_output_of
 
@@ -35,6 +36,7 @@ __all__ = [
     "AUTOCAST_DTYPES",
     "GROUP_CHECKS",
     "INDEX_BYTES_PER_ROW",
+    "residual_bytes_per_row",
     "PROJECTION_CHECKS",
     "Check",
     "GroupDraft",
@@ -47,6 +49,11 @@ __all__ = [
 AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 #: Bytes PAMM keeps per row of X whatever the ratio: f (int32) and alpha (float32).
 INDEX_BYTES_PER_ROW = 8
+
+
+def residual_bytes_per_row(config: PammConfig, n: int, dtype: torch.dtype) -> int:
+    """Bytes the estimator keeps per row of X on top of PAMM's: the ``pamm_sr`` residual, else none."""
+    return payload_bytes_per_row(n, config.residual_bits, dtype) if config.estimator == "pamm_sr" else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,13 +255,16 @@ def _min_tokens(d: GroupDraft, config: PammConfig) -> str | None:
     return f"X has {hint(b)} rows, below min_tokens={config.min_tokens}"
 
 
-@_check(GROUP_CHECKS, "small_rows", "a row of X is larger than f and alpha together")
+@_check(GROUP_CHECKS, "small_rows", "a row of X is larger than f and alpha together (and "
+        "the residual under pamm_sr)")
 def _row_bytes(d: GroupDraft, config: PammConfig) -> str | None:
     xv = val(d.x)
-    row_bytes = hint(xv.shape[-1]) * (d.dtype or xv.dtype).itemsize
-    if row_bytes > INDEX_BYTES_PER_ROW:
+    n, dtype = hint(xv.shape[-1]), d.dtype or xv.dtype
+    row_bytes = n * dtype.itemsize
+    kept = INDEX_BYTES_PER_ROW + residual_bytes_per_row(config, n, dtype)
+    if row_bytes > kept:
         return None
-    return f"a row of X is {row_bytes} bytes, no more than the {INDEX_BYTES_PER_ROW} PAMM keeps per row"
+    return f"a row of X is {row_bytes} bytes, no more than the {kept} PAMM keeps per row"
 
 
 @_check(GROUP_CHECKS, "all_rows_kept", "a static X has more rows than k (dynamic: decided per call)")

@@ -21,7 +21,8 @@ autocast's own casts do.
 
 The rewrite works on a copy of the graph, so the caller can still compile the
 untouched original if anything goes wrong. The ops' nodes are written by their owners
-(:func:`pamm_fx.ops.compress.emit`, :func:`pamm_fx.ops.linear_group.emit`); the per-call seed
+(:func:`pamm_fx.ops.compress.emit`, :func:`pamm_fx.ops.linear_group.emit`, and under
+``estimator="pamm_sr"`` :func:`pamm_fx.ops.residual.emit` between them); the per-call seed
 input by :func:`pamm_fx.seed.add_placeholder`.
 """
 
@@ -39,6 +40,8 @@ from pamm_fx.ops.compress import Compress
 from pamm_fx.ops.compress import emit as emit_compress
 from pamm_fx.ops.linear_group import LinearGroup
 from pamm_fx.ops.linear_group import emit as emit_linear_group
+from pamm_fx.ops.residual import QuantizeResidual
+from pamm_fx.ops.residual import emit as emit_quantize_residual
 from pamm_fx.passes.fxutil import val
 from pamm_fx.passes.match import Group
 
@@ -140,7 +143,11 @@ def _rewrite(new: fx.GraphModule, env: dict[fx.Node, fx.Node], groups: list[Grou
             _, (c, f, alpha) = emit_compress(graph, Compress(
                 detached, seed_node, group.ratio, config.min_generators, config.min_tokens, config.eps,
                 salt_base + salt))
-            fused, outs = emit_linear_group(graph, LinearGroup(x, weights, biases, c, f, alpha))
+            residual = None
+            if config.estimator == "pamm_sr":
+                _, residual = emit_quantize_residual(graph, QuantizeResidual(
+                    detached, c, f, alpha, seed_node, salt_base + salt, config.residual_bits))
+            fused, outs = emit_linear_group(graph, LinearGroup(x, weights, biases, c, f, alpha, residual))
             for proj, old, out in zip(group.projections, projs, outs):
                 out.meta = dict(old.meta)
                 old.replace_all_uses_with(out)
