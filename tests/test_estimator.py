@@ -290,8 +290,7 @@ def test_a_pamm_sr_step_never_syncs_with_the_host(decomposed: bool) -> None:
 
 @pytest.mark.parametrize("budget", [0.5, 0.1])
 def test_the_partitioner_saves_the_payload_and_never_quantizes_again_under_a_memory_budget(budget: float) -> None:
-    """The quantization's outputs are MUST_SAVE: under a budget the partitioner keeps q, lo, scale
-    rather than X plus a second quantization in the backward."""
+    """Under a budget the partitioner keeps q, lo, scale, and the backward never quantizes again."""
     model, x = _model(), _batch()
     torch._dynamo.reset()
     graphs: list[str] = []
@@ -311,6 +310,21 @@ def test_the_partitioner_saves_the_payload_and_never_quantizes_again_under_a_mem
     assert "amin" in forward and "amax" in forward  # the row range of R, visible to Inductor
     assert "amin" not in backward, "the backward quantizes again"
     assert "reconstruct" not in backward and "bitwise_and" in backward  # unpacked by the aten form
+
+
+def test_the_payload_is_tagged_must_save_for_the_partitioner() -> None:
+    """Under a budget the knapsack may recompute what is not MUST_SAVE; the test above passes without
+    the tag too (the min-cut partitioner also refuses to recompute the row reductions), so check the tag."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    x = _batch().reshape(-1, D)
+    c, f, alpha = _compressed(x, den=8)
+    gm = make_fx(lambda x, seed: torch.ops.pamm.quantize_residual(x, c, f, alpha, seed, 1, 4),
+                 decomposition_table=select_decomp_table())(x, torch.tensor(3))
+    (output,) = gm.graph.find_nodes(op="output")
+    producers = output.args[0]
+    assert len(producers) == 3 and all(n.meta.get("recompute") == CheckpointPolicy.MUST_SAVE for n in producers)
 
 
 def test_inductor_compiles_the_aten_forms_to_the_eager_ops_results() -> None:
