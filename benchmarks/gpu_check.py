@@ -2,7 +2,8 @@
 
 Sections, each timed and recorded even when it fails (the next one still runs):
 
-1. kernels: ``pytest tests/test_triton_kernels.py`` with the kernels compiled for real (no interpreter).
+1. kernels: ``pytest tests/test_triton_kernels.py tests/test_residual_kernels.py`` with the kernels compiled
+   for real (no interpreter).
 2. end-to-end: a small LLaMA (``pamm_fx.demo.llama``) compiled with ``backend="pamm"`` and run forward +
    backward in bf16, fp16 and fp32 with ``dynamic=True`` (two sequence lengths), and with
    ``mode="reduce-overhead"`` (CUDA graphs; whether Inductor really used them is reported).
@@ -70,7 +71,8 @@ def check_kernels() -> dict[str, Any]:
     """The interpreter tests, compiled for real on this GPU."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton_kernels.py"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton_kernels.py",
+         "tests/test_residual_kernels.py"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=PLAN["kernels"] + 60,
     )
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]
