@@ -33,6 +33,8 @@ class Captured:
 
     break_reasons: list[Any]
     touched: list[str]
+    #: ids of the tensors (parameters, buffers, inputs) some captured graph reads
+    graph_inputs: set[int] = dataclasses.field(default_factory=set)
 
 
 def capture(model: Any, inputs: Sequence[Any], config: PammConfig, on_graph: Callable[[Plan, fx.GraphModule], None],
@@ -44,7 +46,13 @@ def capture(model: Any, inputs: Sequence[Any], config: PammConfig, on_graph: Cal
     compiled before at other sizes. ``model`` may be the module or what ``torch.compile`` returned for it.
     """
 
+    seen: set[int] = set()
+
     def backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
+        for node in gm.graph.find_nodes(op="placeholder"):
+            example = getattr(node.meta.get("grapharg"), "example", None)
+            if isinstance(example, torch.Tensor):
+                seen.add(id(example))
         on_graph(plan(gm, example_inputs, config), gm)
         return gm.forward
 
@@ -52,4 +60,4 @@ def capture(model: Any, inputs: Sequence[Any], config: PammConfig, on_graph: Cal
     model = getattr(model, "_orig_mod", model)  # an OptimizedModule: capture the module it wraps
     with torch.enable_grad(), _compat.shapes_as_first_compile(), preserved(modules_of(model)) as touched:
         torch.compile(model, backend=wrapped)(*inputs, **dict(kwargs or {}))
-    return Captured(list(wrapped.break_reasons), list(touched))
+    return Captured(list(wrapped.break_reasons), list(touched), seen)

@@ -37,6 +37,7 @@ from pamm_fx.names import fmt_value, param_name
 from pamm_fx.passes.fxutil import is_linear, val
 from pamm_fx.passes.match import Group, Rejection
 from pamm_fx.plan import Plan, apply
+from pamm_fx.sideeffects import modules_of
 
 __all__ = [
     "ACCEPT_ENV",
@@ -458,10 +459,24 @@ def explain(
              for name in captured.touched]
     if not graphs:
         notes.append(_nothing_captured(seen))
+    if missed := _linears_not_captured(model, captured.graph_inputs):
+        notes.append(f"{short_names(missed)}: no captured graph reads these linear weights (Dynamo skipped their "
+                     "frame or ran it outside its graphs, e.g. a checkpoint wrapper it cannot trace); they run "
+                     "eagerly and stay exact, as under plain torch.compile")
     opts = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     opts["ratio"] = str(config.ratio_fraction)
     opts["eps"] = str(opts["eps"])
     return ExplainReport(options=opts, graphs=graphs, graph_breaks=breaks, notes=notes)
+
+
+def _linears_not_captured(model: Any, graph_inputs: set[int]) -> list[str]:
+    """Trainable ``nn.Linear`` weights of ``model`` that no captured graph reads (found by identity,
+    since a nested frame names its parameters relative to its own module)."""
+    return [f"{prefix}.{name}" if prefix else name
+            for root in modules_of(model) for prefix, module in root.named_modules()
+            if isinstance(module, torch.nn.Linear)
+            for name, p in module.named_parameters(recurse=False)
+            if name == "weight" and p.requires_grad and id(p) not in graph_inputs]
 
 
 def _nothing_captured(before: dict[str, collections.Counter]) -> str:

@@ -96,6 +96,13 @@ def test_hf_gradient_checkpointing_is_reported_as_checkpointed() -> None:
     (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     ids = torch.randint(1, 64, (2, 12), generator=torch.Generator().manual_seed(1))
     report = pamm_fx.explain(lambda t: model(input_ids=t).logits, ids, **OPTIONS)
+    assert not report.groups
     skipped = {s.weight.split("layers.0.", 1)[-1]: s for s in report.skipped}
+    if "self_attn.q_proj.weight" not in skipped:
+        # transformers >= 5.2x wraps the layer's forward in a checkpoint call Dynamo does not capture: the
+        # layer runs eagerly (exact under plain and pamm alike), and explain() names its linears in a note
+        note = next(n for n in report.notes if "no captured graph reads these linear weights" in n)
+        assert all(p in note for p in ("q_proj", "k_proj", "v_proj")), note
+        return
     for name in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"):
         assert skipped[name].category == "checkpointed", skipped

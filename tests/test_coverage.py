@@ -232,9 +232,9 @@ untouched o.weight: output does not feed attention (targets='qkv')""")
         self.assertExpectedInline(plan(LoRAAttention(), x_in()), """\
 compress(h: f32[2, 10, 32], ratio=1/4, min_generators=1, eps=inf) -> (f32[5, 32], i32[20], f32[20])
 linear_group(h: f32[2, 10, 32])
-  q.lora_a.weight -> f32[2, 10, 4] -> linear_2
-  k.lora_a.weight -> f32[2, 10, 4] -> linear_5
-  v.lora_a.weight -> f32[2, 10, 4] -> linear_8
+  q.lora_a.weight -> f32[2, 10, 4] -> linear_1
+  k.lora_a.weight -> f32[2, 10, 4] -> linear_3
+  v.lora_a.weight -> f32[2, 10, 4] -> linear_5
 untouched q.base.weight: frozen weight: no weight gradient, so X is not saved for it
 untouched q.lora_b.weight: a LoRA B: its X is A's r-wide output, small next to A's X, and its gradient is the adapter's update (measured in docs/benchmarks.md, LoRA)
 untouched k.base.weight: frozen weight: no weight gradient, so X is not saved for it
