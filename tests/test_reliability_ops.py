@@ -236,7 +236,8 @@ def test_explain_says_why_nothing_was_captured() -> None:
             return self.q(x) + self.k(x)
 
     report = pamm_fx.explain(Disabled(), _randn(2, 4, D))
-    assert report.graphs == [] and len(report.notes) == 1
+    assert report.graphs == [] and len(report.notes) == 2
     assert "torch.compiler.disable" in report.notes[0] and report.notes[0] in str(report)
+    assert report.notes[1].startswith("{q,k}.weight: no captured graph reads these linear weights")
     empty = pamm_fx.explain(lambda n: n + 1, 3)
     assert "no tensor operation" in empty.notes[0]
