@@ -41,6 +41,8 @@ import torch
 from torch import Tensor
 
 from pamm_fx.kernels.device import use_triton
+from pamm_fx.kernels.hashing import M32 as _M32
+from pamm_fx.kernels.hashing import mix32 as _mix32
 
 __all__ = [
     "BITS",
@@ -65,20 +67,8 @@ BITS = (2, 4, 8)
 #: Rows per chunk of the CPU path: bounds its float32 and int64 temporaries to ROW_CHUNK x n.
 ROW_CHUNK = 2048
 
-_M32 = (1 << 32) - 1
-#: The odd multiplier of pamm_fx.ops' 32-bit hash: a 32-bit value times it stays below 2^59 in int64.
-_HASH_MUL = 0x45D9F3B
 #: Separates this noise stream from the generator draw, which hashes the same (seed, salt).
 _DOMAIN = 0x7E51D0A1
-
-
-def _mix32(x: Any) -> Any:
-    """A 32-bit integer hash on int64 values in [0, 2^32) (tensors or Python ints)."""
-    x = x ^ (x >> 16)
-    x = (x * _HASH_MUL) & _M32
-    x = x ^ (x >> 16)
-    x = (x * _HASH_MUL) & _M32
-    return x ^ (x >> 16)
 
 
 def noise_key(seed: Tensor, salt: int) -> Tensor:

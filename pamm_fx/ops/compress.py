@@ -41,23 +41,11 @@ from torch.utils.flop_counter import register_flop_formula
 from pamm_fx import _compat
 from pamm_fx.config import num_generators
 from pamm_fx.kernels import assign as assign_kernels
+from pamm_fx.kernels.hashing import M32 as _M32
+from pamm_fx.kernels.hashing import mix32 as _mix32
 from pamm_fx.ops.forward_only import emit_outputs, register_non_differentiable
 
 __all__ = ["Compress", "compress", "emit", "parse", "record_compressions", "sample_generators"]
-
-_M32 = (1 << 32) - 1
-#: Odd 27-bit multiplier of a 32-bit integer hash (x ^= x >> 16; x *= H; ...): a 32-bit value times it
-#: stays below 2^59, so int64 arithmetic never overflows on any device or compiler.
-_HASH_MUL = 0x45D9F3B
-
-
-def _mix32(x: Tensor | int) -> Any:
-    """A 32-bit integer hash on int64 values in [0, 2^32) (tensors or Python ints alike)."""
-    x = x ^ (x >> 16)
-    x = (x * _HASH_MUL) & _M32
-    x = x ^ (x >> 16)
-    x = (x * _HASH_MUL) & _M32
-    return x ^ (x >> 16)
 
 
 def sample_generators(b: Any, k: Any, seed: Tensor, salt: int) -> Tensor:
