@@ -19,7 +19,8 @@ Estimators (``--runs`` labels ``<estimator>[-qkv]-b<2|8>k-s<seed>``; all sites u
 - ``sketch``: PAMM + a count-sketch of the residual along tokens: s = 256 hashed buckets with random
   signs, regenerated from a saved seed in backward; dW += (S dY)^T (S R). Unbiased, no rescaling.
 - ``sr2`` / ``sr4``: PAMM + R stored at 2 / 4 bits, per-row min/max, stochastic rounding; dW += dY^T deq(q(R)).
-  Unbiased. ``sr2-only`` / ``sr4-only``: no PAMM, X itself quantised (ActNN-style). Unbiased.
+  Unbiased. ``sr2-only`` / ``sr4-only`` / ``sr8-only``: no PAMM, X itself quantised (ActNN-style). Unbiased.
+- ``mix8`` / ``mix4``: per site (item e): ``pamm`` at q/k/v, ``sr8-only`` / ``sr4-only`` at every other linear.
 
 Bytes saved for backward are counted per row against X in fp32 (C fp32, f int32, alpha fp32, residual
 payload at its bit width, fp32 scales, row indices int32 and 1/pi fp32), over the compressed groups.
@@ -251,9 +252,24 @@ def _group(x: Tensor, linears: list[torch.nn.Linear], est: Estimator | None, sal
     return list(y.split([lin.weight.shape[0] for lin in linears], dim=-1))
 
 
-def install(model: Llama, est: Estimator, qkv_only: bool) -> None:
-    """Route the model's linears through ``est`` (all of them, or q/k/v only) by patching forwards."""
-    other = None if qkv_only else est
+#: per-site estimators (item e): ``mixN`` keeps PAMM (k = max(256, b/64)) at q/k/v and X at N bits elsewhere
+MIXES = {"mix8": ("pamm", "sr8-only"), "mix4": ("pamm", "sr4-only")}
+
+
+def estimators(name: str, gen: torch.Generator) -> tuple[Estimator, Estimator]:
+    """The estimator of the q/k/v groups and the one of every other linear (the same one unless ``mixN``)."""
+    if name in MIXES:
+        qkv, other = (Estimator(n, gen) for n in MIXES[name])
+        other.k = qkv.k  # type: ignore[method-assign]  # the run's k is its PAMM sites'
+        return qkv, other
+    est = Estimator(name, gen)
+    return est, est
+
+
+def install(model: Llama, est: Estimator, qkv_only: bool, rest: Estimator | None = None) -> None:
+    """Route the model's linears through ``est`` at q/k/v and ``rest`` (default ``est``) at every other
+    linear, or through nothing there under ``qkv_only``, by patching forwards."""
+    other = None if qkv_only else (rest or est)
     for i, layer in enumerate(model.layers):
         attn, mlp = layer.self_attn, layer.mlp
 
@@ -269,7 +285,7 @@ def install(model: Llama, est: Estimator, qkv_only: bool) -> None:
         mlp.forward = types.MethodType(mlp_forward, mlp)
     if not qkv_only:
         head = model.lm_head
-        head.forward = lambda x: _group(x, [head], est, 999)[0]  # type: ignore[method-assign]
+        head.forward = lambda x: _group(x, [head], other, 999)[0]  # type: ignore[method-assign]
 
 
 def parse_run(label: str) -> tuple[str, bool, int, int]:
@@ -306,8 +322,8 @@ def train_one(label: str, args: argparse.Namespace) -> dict[str, Any]:
     cfg = LlamaConfig(dim=args.dim, n_layers=args.layers, n_heads=8, n_kv_heads=4, hidden_dim=int(args.dim * 2.6875))
     torch.manual_seed(seed)
     model = Llama(cfg)
-    est = Estimator(name, torch.Generator().manual_seed(seed + 1000))
-    install(model, est, qkv_only)  # exact too: the same code path, so only the estimator differs
+    est, rest = estimators(name, torch.Generator().manual_seed(seed + 1000))
+    install(model, est, qkv_only, rest)  # exact too: the same code path, so only the estimator differs
     batch = tokens // args.seq
     scale = 2048 / tokens  # other batch sizes see the same tokens in total (train_quality.py's convention)
     steps, warmup, val_every = (max(1, round(v * scale)) for v in (args.steps, args.warmup, args.val_every))
@@ -320,7 +336,7 @@ def train_one(label: str, args: argparse.Namespace) -> dict[str, Any]:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, args.lr, warmup)
         x, y = batches(train, batch, args.seq, gen)
-        est.count = [0.0, 0.0] if step == 0 else None
+        est.count = rest.count = [0.0, 0.0] if step == 0 else None
         loss = model(x, y)
         if step == 0:
             saved = list(est.count)  # type: ignore[arg-type]
