@@ -20,7 +20,8 @@ Estimators (``--runs`` labels ``<estimator>[-qkv]-b<2|8>k-s<seed>``; all sites u
   signs, regenerated from a saved seed in backward; dW += (S dY)^T (S R). Unbiased, no rescaling.
 - ``sr2`` / ``sr4``: PAMM + R stored at 2 / 4 bits, per-row min/max, stochastic rounding; dW += dY^T deq(q(R)).
   Unbiased. ``sr2-only`` / ``sr4-only`` / ``sr8-only``: no PAMM, X itself quantised (ActNN-style). Unbiased.
-- ``mix8`` / ``mix4``: per site (item e): ``pamm`` at q/k/v, ``sr8-only`` / ``sr4-only`` at every other linear.
+- ``mix8`` / ``mix4``: per site (item e): ``pamm`` at q/k/v, ``sr8-only`` / ``sr4-only`` at every other linear;
+  ``mix84``: ``pamm`` at q/k/v, ``sr4-only`` at the MLP down-projection, ``sr8-only`` elsewhere.
 
 Bytes saved for backward are counted per row against X in fp32 (C fp32, f int32, alpha fp32, residual
 payload at its bit width, fp32 scales, row indices int32 and 1/pi fp32), over the compressed groups.
@@ -252,24 +253,29 @@ def _group(x: Tensor, linears: list[torch.nn.Linear], est: Estimator | None, sal
     return list(y.split([lin.weight.shape[0] for lin in linears], dim=-1))
 
 
-#: per-site estimators (item e): ``mixN`` keeps PAMM (k = max(256, b/64)) at q/k/v and X at N bits elsewhere
-MIXES = {"mix8": ("pamm", "sr8-only"), "mix4": ("pamm", "sr4-only")}
+#: per-site estimators (item e), (q/k/v, other linears, MLP down-projection): ``mixN`` keeps PAMM
+#: (k = max(256, b/64)) at q/k/v and X at N bits elsewhere; ``mix84`` X at 4 bits at the down-projection.
+MIXES = {"mix8": ("pamm", "sr8-only", "sr8-only"), "mix4": ("pamm", "sr4-only", "sr4-only"),
+         "mix84": ("pamm", "sr8-only", "sr4-only")}
 
 
-def estimators(name: str, gen: torch.Generator) -> tuple[Estimator, Estimator]:
-    """The estimator of the q/k/v groups and the one of every other linear (the same one unless ``mixN``)."""
+def estimators(name: str, gen: torch.Generator) -> tuple[Estimator, Estimator, Estimator]:
+    """The estimators of the q/k/v groups, of the other linears and of the down-projection (one unless ``mix*``)."""
     if name in MIXES:
-        qkv, other = (Estimator(n, gen) for n in MIXES[name])
-        other.k = qkv.k  # type: ignore[method-assign]  # the run's k is its PAMM sites'
-        return qkv, other
+        qkv, other, down = (Estimator(n, gen) for n in MIXES[name])
+        other.k = down.k = qkv.k  # type: ignore[method-assign]  # the run's k is its PAMM sites'
+        return qkv, other, down
     est = Estimator(name, gen)
-    return est, est
+    return est, est, est
 
 
-def install(model: Llama, est: Estimator, qkv_only: bool, rest: Estimator | None = None) -> None:
-    """Route the model's linears through ``est`` at q/k/v and ``rest`` (default ``est``) at every other
-    linear, or through nothing there under ``qkv_only``, by patching forwards."""
+def install(model: Llama, est: Estimator, qkv_only: bool, rest: Estimator | None = None,
+            down: Estimator | None = None) -> None:
+    """Route the model's linears through ``est`` at q/k/v, ``down`` at the MLP down-projection and ``rest`` at
+    every other linear (both default to ``est``), or through nothing there under ``qkv_only``, by patching
+    forwards."""
     other = None if qkv_only else (rest or est)
+    down_est = None if qkv_only else (down or other)
     for i, layer in enumerate(model.layers):
         attn, mlp = layer.self_attn, layer.mlp
 
@@ -279,7 +285,7 @@ def install(model: Llama, est: Estimator, qkv_only: bool, rest: Estimator | None
 
         def mlp_forward(self: Any, x: Tensor, i: int = i) -> Tensor:
             gate, up = _group(x, [self.gate_proj, self.up_proj], other, 10 * i + 2)
-            return _group(F.silu(gate) * up, [self.down_proj], other, 10 * i + 3)[0]
+            return _group(F.silu(gate) * up, [self.down_proj], down_est, 10 * i + 3)[0]
 
         attn.forward = types.MethodType(attn_forward, attn)
         mlp.forward = types.MethodType(mlp_forward, mlp)
@@ -322,8 +328,8 @@ def train_one(label: str, args: argparse.Namespace) -> dict[str, Any]:
     cfg = LlamaConfig(dim=args.dim, n_layers=args.layers, n_heads=8, n_kv_heads=4, hidden_dim=int(args.dim * 2.6875))
     torch.manual_seed(seed)
     model = Llama(cfg)
-    est, rest = estimators(name, torch.Generator().manual_seed(seed + 1000))
-    install(model, est, qkv_only, rest)  # exact too: the same code path, so only the estimator differs
+    est, rest, down = estimators(name, torch.Generator().manual_seed(seed + 1000))
+    install(model, est, qkv_only, rest, down)  # exact too: the same code path, so only the estimator differs
     batch = tokens // args.seq
     scale = 2048 / tokens  # other batch sizes see the same tokens in total (train_quality.py's convention)
     steps, warmup, val_every = (max(1, round(v * scale)) for v in (args.steps, args.warmup, args.val_every))
@@ -336,7 +342,7 @@ def train_one(label: str, args: argparse.Namespace) -> dict[str, Any]:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, args.lr, warmup)
         x, y = batches(train, batch, args.seq, gen)
-        est.count = rest.count = [0.0, 0.0] if step == 0 else None
+        est.count = rest.count = down.count = [0.0, 0.0] if step == 0 else None
         loss = model(x, y)
         if step == 0:
             saved = list(est.count)  # type: ignore[arg-type]
