@@ -79,17 +79,20 @@ DEFAULT_SIZES = ["d256-L4-b2048-fp32", "d512-L2-b8192-fp32", "d512-L2-b4096-bf16
 @dataclass(frozen=True)
 class Variant:
     """One way to compile the model: pamm targets (None: plain Inductor), memory budget (None: default 1.0),
-    and min_generators (None: the default)."""
+    min_generators and estimator (None: the defaults)."""
 
     targets: str | None = None
     budget: float | None = None
     min_generators: int | None = None
+    estimator: str | None = None
 
     @property
     def name(self) -> str:
         parts = ["plain" if self.targets is None else f"pamm {self.targets}"]
         if self.min_generators is not None:
             parts[0] += f" mg{self.min_generators}"
+        if self.estimator is not None:
+            parts[0] += f" {self.estimator}"
         if self.budget is not None:
             parts.append(f"budget {self.budget}")
         return " + ".join(parts)
@@ -99,6 +102,8 @@ class Variant:
         opts: dict[str, Any] = {} if self.targets == "defaults" else {"targets": self.targets}
         if self.min_generators is not None:
             opts["min_generators"] = self.min_generators
+        if self.estimator is not None:
+            opts["estimator"] = self.estimator
         return opts
 
 
@@ -108,6 +113,11 @@ VARIANTS = [
     Variant("all", 0.8), Variant("all", 0.5), Variant("all", 0.2),
 ]
 EXTRA = [Variant("all", None, 16), Variant("all", 0.5, 16), Variant("defaults", 0.5)]
+#: The weight-gradient estimators of issue 19 (``--estimators``), with plain and its budget to compare against.
+ESTIMATOR_VARIANTS = [
+    Variant(), Variant(None, 0.5), Variant("defaults"), Variant("all"),
+    Variant("all", None, None, "sr"), Variant("all", None, None, "auto"), Variant("all", 0.5, None, "auto"),
+]
 #: One site family at a time (``--sites``): what each costs and saves.
 SITE_VARIANTS = [Variant(site) for site in ("attn_out", "mlp_up", "mlp_down", "head")]
 
@@ -283,6 +293,8 @@ def main() -> None:
     p.add_argument("--extra", action="store_true", help="also pamm all at k = b/64 (min_generators=16), alone and "
                    "with budget 0.5")
     p.add_argument("--sites", action="store_true", help="also pamm on one site family at a time")
+    p.add_argument("--estimators", action="store_true", help="only plain, plain + budget 0.5, pamm defaults, and "
+                   "pamm all under the estimators pamm, sr and auto (auto also with budget 0.5); use a separate --out")
     p.add_argument("--only", help="comma-separated variant names to run (of all the above), e.g. "
                    "'plain,pamm defaults,pamm all,pamm all + budget 0.5'")
     p.add_argument("--before-timing", help="shell command run before the timed rounds of each size (e.g. to pause "
@@ -292,9 +304,10 @@ def main() -> None:
 
     def run(label: str) -> dict:
         t0 = time.perf_counter()
-        variants = VARIANTS + (EXTRA if args.extra else []) + (SITE_VARIANTS if args.sites else [])
+        variants = (ESTIMATOR_VARIANTS if args.estimators else
+                    VARIANTS + (EXTRA if args.extra else []) + (SITE_VARIANTS if args.sites else []))
         if args.only:
-            every = {v.name: v for v in VARIANTS + EXTRA + SITE_VARIANTS}
+            every = {v.name: v for v in VARIANTS + EXTRA + SITE_VARIANTS + ESTIMATOR_VARIANTS}
             unknown = sorted(set(args.only.split(",")) - set(every))
             if unknown:
                 raise SystemExit(f"unknown variant(s) {unknown}; valid: {sorted(every)}")
