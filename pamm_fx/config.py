@@ -17,14 +17,15 @@ import dataclasses
 import json
 import math
 import os
+import types
 from collections.abc import Callable, Iterator, Mapping
 from fractions import Fraction
 from typing import Any
 
 import torch
 
-__all__ = ["num_generators", "PammConfig", "ESTIMATORS", "RESIDUAL_BITS", "SITES", "SITE_FAMILIES", "TARGETS",
-           "OPTIONS", "defaults", "resolve"]
+__all__ = ["num_generators", "PammConfig", "AUTO_ESTIMATOR", "BITS", "DEFAULT_BITS", "ESTIMATORS", "SITES",
+           "SITE_FAMILIES", "TARGETS", "OPTIONS", "defaults", "resolve"]
 
 #: The site a projection is classified as (:mod:`pamm_fx.passes.structure`): attention's Q/K/V
 #: projections, attention's output projection, an MLP's up/gate and down projections, a head
@@ -35,11 +36,17 @@ SITE_FAMILIES = {"mlp": ("mlp_up", "mlp_down"), "all": SITES}
 #: Valid values of the ``targets`` option (also the keys of its dict form): a site, ``"mlp"`` (both
 #: MLP sites) or ``"all"`` (every trainable linear; in a dict, every site not named otherwise).
 TARGETS = ("qkv", "attn_out", "mlp", "mlp_up", "mlp_down", "head", "other", "all")
-#: Weight-gradient estimators: ``"pamm"`` (the paper: dW = B~^T C, biased) and ``"pamm_sr"`` (PAMM plus
-#: the residual X - X~ at ``residual_bits`` bits with stochastic rounding: unbiased given C).
-ESTIMATORS = ("pamm", "pamm_sr")
-#: Valid ``residual_bits``: a whole number of codes per byte.
-RESIDUAL_BITS = (2, 4, 8)
+#: Weight-gradient estimators of a group: ``"pamm"`` (the paper: dW = B~^T C, biased), ``"pamm_sr"`` (PAMM
+#: plus the residual X - X~ at ``bits`` bits with stochastic rounding: unbiased given C) and ``"sr"`` (no
+#: generators: X alone at ``bits`` bits with stochastic rounding, dW = dY^T deq(q(X)), unbiased).
+ESTIMATORS = ("pamm", "pamm_sr", "sr")
+#: What ``estimator="auto"`` means: PAMM at attention's Q/K/V, X at 8 bits everywhere else, the estimator
+#: study's best point (docs/estimator_study.md). Read only through :meth:`PammConfig.site_estimator`.
+AUTO_ESTIMATOR: Mapping[str, str] = types.MappingProxyType({"qkv": "pamm", "all": "sr"})
+#: Valid ``bits``: a whole number of codes per byte.
+BITS = (2, 4, 8)
+#: ``bits`` when the option is None, per estimator that keeps a quantized payload.
+DEFAULT_BITS: Mapping[str, int] = types.MappingProxyType({"pamm_sr": 4, "sr": 8})
 
 # Ratios are kept as exact fractions p/q so that k = ceil(p*b/q) is integer
 # arithmetic on (possibly symbolic) b; floats like 1/3 are snapped to the nearest
@@ -98,6 +105,35 @@ def _parse_targets(value: Any) -> str | tuple[tuple[str, float | None], ...]:
     return tuple(sorted(pairs.items()))
 
 
+def _parse_estimator(value: Any) -> str | tuple[tuple[str, str], ...]:
+    """A name stays a string (``"auto"`` included); a dict of sites/families to names becomes sorted pairs,
+    hashable like ``targets``' dict form."""
+    names = [*ESTIMATORS, "auto"]
+    if isinstance(value, str):
+        if value not in names:
+            raise ValueError(f"pamm option 'estimator' must be one of {names} or a dict of sites to "
+                             f"{list(ESTIMATORS)} such as {dict(AUTO_ESTIMATOR)}, got {value!r}")
+        return value
+    if not isinstance(value, Mapping) or not value:
+        raise ValueError(f"pamm option 'estimator' must be one of {names} or a non-empty dict of sites to "
+                         f"{list(ESTIMATORS)} such as {dict(AUTO_ESTIMATOR)}, got {value!r}")
+    for site, name in value.items():
+        if site not in TARGETS:
+            raise ValueError(f"pamm option 'estimator' has an unknown site {site!r}; valid sites are {list(TARGETS)}")
+        if name not in ESTIMATORS:
+            raise ValueError(f"pamm option 'estimator' maps {site!r} to {name!r}; valid estimators in a dict are "
+                             f"{list(ESTIMATORS)}")
+    return tuple(sorted(value.items()))
+
+
+def _most_specific(named: Mapping[str, Any], site: str) -> Any:
+    """``named``'s entry for ``site``: the site itself, else a family holding it, else ``"all"``; None if none."""
+    for name in (site, *(f for f, members in SITE_FAMILIES.items() if site in members and f != "all"), "all"):
+        if name in named:
+            return named[name]
+    return None
+
+
 def _check_int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"pamm option {name!r} must be an int >= {minimum}, got {value!r}")
@@ -139,13 +175,18 @@ class PammConfig:
         them, or a dict of them to per-site ratios (``{"qkv": 1/256, "mlp": 1/32}``;
         a dict's ``"all"`` covers every site not named). Stored as given for a name,
         else as sorted ``(site, ratio_or_None)`` pairs.
-    estimator: how the weight gradient is formed from what the forward kept, one of
-        :data:`ESTIMATORS`. ``"pamm"`` (the paper) keeps C, f, alpha; ``"pamm_sr"`` also keeps the
-        residual R = X - alpha C_f at ``residual_bits`` bits per element with stochastic rounding
-        and adds dY^T deq(R), so dW is unbiased (PAMM alone is biased: docs/benchmarks.md), for
-        ceil(n * bits / 8) + 8 more bytes per row of X and plain's weight-gradient FLOPs
-        (docs/options.md).
-    residual_bits: bits per residual element under ``"pamm_sr"``, one of :data:`RESIDUAL_BITS`.
+    estimator: how a group's weight gradient is formed from what the forward kept: one of
+        :data:`ESTIMATORS` for every group, ``"auto"`` (:data:`AUTO_ESTIMATOR`), or a dict of
+        sites/families (the keys of ``targets``) to names, most specific first, sites it does not
+        name taking ``"pamm"`` (stored as sorted pairs). ``"pamm"`` (the paper) keeps C, f, alpha;
+        ``"pamm_sr"`` also keeps the residual R = X - alpha C_f at ``bits`` bits per element with
+        stochastic rounding and adds dY^T deq(R), so dW is unbiased given C, for ceil(n * bits / 8)
+        + 8 more bytes per row of X; ``"sr"`` keeps X alone at ``bits`` bits (ceil(n * bits / 8) + 8
+        bytes per row, no generators), dW = dY^T deq(q(X)), unbiased. Both quantized estimators
+        cost plain's weight-gradient FLOPs (docs/options.md). Read per group with
+        :meth:`site_estimator` only.
+    bits: bits per element of the quantized payload (the residual under ``"pamm_sr"``, X under
+        ``"sr"``), one of :data:`BITS`; None takes each estimator's :data:`DEFAULT_BITS`.
     """
 
     ratio: float = 1 / 64
@@ -154,8 +195,8 @@ class PammConfig:
     min_tokens: int = 128
     min_generators: int = 256
     targets: str | tuple[tuple[str, float | None], ...] = "qkv"
-    estimator: str = "pamm"
-    residual_bits: int = 4
+    estimator: str | tuple[tuple[str, str], ...] = "pamm"
+    bits: int | None = None
 
     def __post_init__(self) -> None:
         frac = _parse_ratio(self.ratio)
@@ -173,12 +214,10 @@ class PammConfig:
         _check_int("min_tokens", self.min_tokens, 1)
         _check_int("min_generators", self.min_generators, 1)
         object.__setattr__(self, "targets", _parse_targets(self.targets))
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"pamm option 'estimator' must be one of {list(ESTIMATORS)}, got {self.estimator!r}")
-        if type(self.residual_bits) is not int or self.residual_bits not in RESIDUAL_BITS:
-            raise ValueError(
-                f"pamm option 'residual_bits' must be one of {list(RESIDUAL_BITS)}, got {self.residual_bits!r}"
-            )
+        object.__setattr__(self, "estimator", _parse_estimator(self.estimator))
+        if self.bits is not None and (type(self.bits) is not int or self.bits not in BITS):
+            raise ValueError(f"pamm option 'bits' must be one of {list(BITS)} or None (each estimator's default "
+                             f"{dict(DEFAULT_BITS)}), got {self.bits!r}")
         named = {self.targets: None} if isinstance(self.targets, str) else dict(self.targets)
         object.__setattr__(self, "_site_fractions", {
             site: frac if r is None else Fraction(r).limit_denominator(_MAX_DENOMINATOR) for site, r in named.items()})
@@ -193,11 +232,24 @@ class PammConfig:
 
         The most specific name wins: ``{"all": 1/64, "mlp": 1/16, "mlp_down": 1/4}``.
         """
-        named: dict[str, Fraction] = self._site_fractions  # type: ignore[attr-defined]
-        for name in (site, *(f for f, members in SITE_FAMILIES.items() if site in members and f != "all"), "all"):
-            if name in named:
-                return named[name]
-        return None
+        return _most_specific(self._site_fractions, site)  # type: ignore[attr-defined]
+
+    def site_estimator(self, site: str) -> str:
+        """The estimator (one of :data:`ESTIMATORS`) of groups of ``site``: the one place it is resolved.
+
+        ``"auto"`` is :data:`AUTO_ESTIMATOR`; in a dict the most specific name wins, as in :meth:`site_ratio`,
+        and a site it does not cover takes ``"pamm"``.
+        """
+        est = self.estimator
+        if isinstance(est, str) and est != "auto":
+            return est
+        return _most_specific(AUTO_ESTIMATOR if est == "auto" else dict(est), site) or "pamm"
+
+    def estimator_bits(self, estimator: str) -> int | None:
+        """Bits of ``estimator``'s quantized payload (``bits``, else its default); None for ``"pamm"``."""
+        if estimator not in DEFAULT_BITS:
+            return None
+        return self.bits if self.bits is not None else DEFAULT_BITS[estimator]
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> PammConfig:
@@ -237,6 +289,11 @@ def _validated(name: str, value: Any) -> Any:
     return getattr(PammConfig(**{name: value}), name)
 
 
+def _estimator_from_env(text: str) -> Any:
+    """``sr``, ``auto``, or JSON such as ``{"qkv": "pamm", "all": "sr"}``."""
+    return json.loads(text) if text[0] == "{" else text
+
+
 def _targets_from_env(text: str) -> Any:
     """``all``, ``qkv,mlp``, or JSON such as ``{"qkv": "1/256", "mlp": "1/32"}``."""
     if text[0] in "{[":
@@ -253,8 +310,8 @@ _FROM_ENV: dict[str, Callable[[str], Any]] = {
     "min_tokens": int,
     "min_generators": int,
     "targets": _targets_from_env,
-    "estimator": str,
-    "residual_bits": int,
+    "estimator": _estimator_from_env,
+    "bits": int,
 }
 assert set(_FROM_ENV) == set(OPTIONS)
 

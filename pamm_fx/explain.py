@@ -90,6 +90,9 @@ class GroupInfo:
     wgrad_flops_before: int
     wgrad_flops_after: int
     site: str = "qkv"
+    #: The group's estimator and its payload's bits (None under ``pamm``), as the plan resolved them.
+    estimator: str = "pamm"
+    bits: int | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -253,7 +256,9 @@ def _mib(n: int) -> str:
 def _group_lines(i: int, g: GroupInfo) -> list[str]:
     ratio = g.saved_bytes_before / max(g.saved_bytes_after, 1)
     speed = g.wgrad_flops_before / max(g.wgrad_flops_after, 1)
-    lines = [f"  group {i} ({g.site}): X={g.x} {g.x_type}  b={g.b} n={g.n}  ratio={g.ratio}  {g.k_formula}"]
+    how = f"estimator={g.estimator}" + (f" bits={g.bits}" if g.bits is not None else "")
+    how += "" if g.estimator == "sr" else f"  ratio={g.ratio}"
+    lines = [f"  group {i} ({g.site}): X={g.x} {g.x_type}  b={g.b} n={g.n}  {how}  {g.k_formula}"]
     width = max(len(p.weight) for p in g.projections)
     for p in g.projections:
         bias = f" + {p.bias}" if p.bias else ""
@@ -312,12 +317,18 @@ def _group(p: Plan, g: Group) -> GroupInfo:
         ratio=f"{g.ratio.numerator}/{g.ratio.denominator}",
         k_formula=f"{est.k_formula} = {est.k}",
         site=g.site,
+        estimator=g.estimator,
+        bits=g.bits,
         **{f: getattr(est, f) for f in _ESTIMATE_FIELDS},
     )
-    if est.residual_bytes:
-        info.notes.append(f"estimator pamm_sr: the saved bytes include the residual at {p.config.residual_bits} bits, "
+    if g.estimator == "pamm_sr":
+        info.notes.append(f"estimator pamm_sr: the saved bytes include the residual at {g.bits} bits, "
                           f"{_mib(est.residual_bytes)} (codes, lo and scale per row); its weight gradients are "
                           "plain's GEMMs on X^ = X~ + deq(R)")
+    elif g.estimator == "sr":
+        info.notes.append(f"estimator sr: keeps only X at {g.bits} bits with stochastic rounding, "
+                          f"{_mib(est.residual_bytes)} (codes, lo and scale per row; no generators); its weight "
+                          "gradients are plain's GEMMs on deq(q(X)), unbiased")
     if est.dynamic:
         info.notes.append(f"b = {est.b_expr} changes from call to call: k is decided on every call by the op "
                           f"(numbers here are for b = {est.b})")
@@ -466,6 +477,8 @@ def explain(
     opts = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     opts["ratio"] = str(config.ratio_fraction)
     opts["eps"] = str(opts["eps"])
+    if not isinstance(config.estimator, str):
+        opts["estimator"] = dict(config.estimator)  # the per-site form, as JSON keeps it
     return ExplainReport(options=opts, graphs=graphs, graph_breaks=breaks, notes=notes)
 
 
@@ -568,7 +581,7 @@ def diff_plans(expected: ExplainReport, actual: ExplainReport) -> list[str]:
     lines += _group_changes(new_g, old_g, old_reasons, "appeared", "was left exact")
     for key in [k for k in old_g if k in new_g]:
         a, b = dataclasses.asdict(old_g[key]), dataclasses.asdict(new_g[key])
-        changed = [f"{f} {a[f]} -> {b[f]}" for f in ("x_type", "ratio", "k", "saved_bytes_after",
+        changed = [f"{f} {a[f]} -> {b[f]}" for f in ("x_type", "estimator", "bits", "ratio", "k", "saved_bytes_after",
                                                      "wgrad_flops_after", "projections") if a[f] != b[f]]
         if changed:
             lines.append(f"group {short_names([p.weight for p in new_g[key].projections])}: " + ", ".join(changed))

@@ -25,8 +25,9 @@ from torch import fx
 
 from pamm_fx import _compat, seed
 from pamm_fx.config import PammConfig
+from pamm_fx.kernels.residual import payload_bytes_per_row
 from pamm_fx.names import fmt_value
-from pamm_fx.passes.checks import INDEX_BYTES_PER_ROW, residual_bytes_per_row
+from pamm_fx.passes.checks import kept_bytes_per_row
 from pamm_fx.passes.fxutil import hint, is_static, rows, val
 from pamm_fx.passes.match import Group, Rejection, find_groups
 from pamm_fx.passes.normalize import normalize_linears
@@ -42,9 +43,11 @@ class Estimate:
     """What a group changes, at the example sizes (``dynamic``: b differs from call to call).
 
     Saved for backward: X (b x n) before; C (k x n), f (b, int32), alpha (b, fp32) after, plus
-    ``residual_bytes`` under ``estimator="pamm_sr"`` (packed codes, lo and scale per row).
+    ``residual_bytes`` under ``estimator="pamm_sr"`` (packed codes, lo and scale per row); under
+    ``"sr"`` only ``residual_bytes`` (the packed X, lo and scale; k = 0, no generators).
     Weight-gradient FLOPs: dW = dY^T X, 2*b*n*m before; B~ = P^T dY (b*m adds) then B~^T C after,
-    or under ``pamm_sr`` dY^T X^ (2*b*n*m, as before) on the reconstruction X^ = X~ + deq(R).
+    or under ``pamm_sr`` / ``sr`` dY^T X^ (2*b*n*m, as before) on the reconstruction X^ = X~ + deq(R)
+    (X^ = deq(q(X)) under ``sr``).
     """
 
     b: int
@@ -88,24 +91,26 @@ class Plan:
         xv = val(group.x)
         b_sym, n = rows(xv), hint(xv.shape[-1])
         b = hint(b_sym)
-        k = self.config.generators_at(b, group.ratio)
         m = sum(p.out_features for p in group.projections)
-        item = (group.dtype or xv.dtype).itemsize  # under autocast X is saved in the compute dtype either way
+        dtype = group.dtype or xv.dtype  # under autocast X is saved in the compute dtype either way
         frac, cfg = group.ratio, self.config
-        formula = f"k = min(b, max({cfg.min_generators}, ceil(b*{frac})))"
-        if cfg.min_tokens > 1:
-            formula += f", b if b < {cfg.min_tokens}"
-        residual = b * residual_bytes_per_row(cfg, n, group.dtype or xv.dtype)
+        if group.estimator == "sr":
+            k, formula = 0, f"no generators: estimator sr keeps X at {group.bits} bits"
+        else:
+            k = cfg.generators_at(b, frac)
+            formula = f"k = min(b, max({cfg.min_generators}, ceil(b*{frac})))"
+            if cfg.min_tokens > 1:
+                formula += f", b if b < {cfg.min_tokens}"
         return Estimate(
             b=b, n=n, m=m, k=k,
             dynamic=not is_static(b_sym),
             b_expr=str(b_sym),
             k_formula=formula,
-            saved_bytes_before=b * n * item,
-            saved_bytes_after=k * n * item + INDEX_BYTES_PER_ROW * b + residual,
+            saved_bytes_before=b * n * dtype.itemsize,
+            saved_bytes_after=k * n * dtype.itemsize + b * kept_bytes_per_row(group.estimator, group.bits, n, dtype),
             wgrad_flops_before=2 * b * n * m,
-            wgrad_flops_after=2 * b * n * m if residual else 2 * k * n * m + 2 * b * m,
-            residual_bytes=residual,
+            wgrad_flops_after=2 * b * n * m if group.bits is not None else 2 * k * n * m + 2 * b * m,
+            residual_bytes=b * payload_bytes_per_row(n, group.bits, dtype) if group.bits is not None else 0,
         )
 
 

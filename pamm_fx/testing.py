@@ -122,10 +122,12 @@ def _describe(record: RewriteRecord) -> str:
                 f"min_generators={comp.min_generators}, eps={comp.eps}) -> {fmt_value(val(node))}"
             )
         elif isinstance(quant := parse_residual(node), QuantizeResidual):
-            lines.append(f"quantize_residual({_arg(quant.x.args[0], names)}, bits={quant.bits}) -> "
+            base = "" if quant.c is not None else ", no base"
+            lines.append(f"quantize_residual({_arg(quant.x.args[0], names)}, bits={quant.bits}{base}) -> "
                          f"{fmt_value(val(node))}")
         elif (group := parse_linear_group(node)) is not None:
             residual = f", residual={group.residual.bits} bits" if group.residual is not None else ""
+            residual = residual if group.c is not None else f", X at {group.residual.bits} bits"
             lines.append(f"linear_group({_arg(group.x, names)}{residual})")
             outs = sorted((u for u in node.users if u.target is operator.getitem), key=lambda u: u.args[1])
             for w, b, out in zip(group.weights, group.biases, outs):

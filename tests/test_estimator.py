@@ -80,18 +80,19 @@ def _compressed(x: Tensor, den: int = 6) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def test_estimator_options_are_validated_and_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert PammConfig().estimator == "pamm" and PammConfig().residual_bits == 4
-    with pytest.raises(ValueError, match=r"'estimator' must be one of \['pamm', 'pamm_sr'\], got 'sr'"):
-        PammConfig(estimator="sr")
+    cfg = PammConfig()
+    assert (cfg.estimator, cfg.bits, cfg.estimator_bits("pamm_sr")) == ("pamm", None, 4)
+    with pytest.raises(ValueError, match=r"'estimator' must be one of \['pamm', 'pamm_sr', 'sr', 'auto'\]"):
+        PammConfig(estimator="sr8")
     for bad in (3, 4.0, True, "4"):
-        with pytest.raises(ValueError, match=r"'residual_bits' must be one of \[2, 4, 8\]"):
-            PammConfig(residual_bits=bad)
+        with pytest.raises(ValueError, match=r"'bits' must be one of \[2, 4, 8\] or None"):
+            PammConfig(bits=bad)
     monkeypatch.setenv("PAMM_ESTIMATOR", "pamm_sr")
-    monkeypatch.setenv("PAMM_RESIDUAL_BITS", "2")
+    monkeypatch.setenv("PAMM_BITS", "2")
     cfg = resolve({})
-    assert (cfg.estimator, cfg.residual_bits) == ("pamm_sr", 2)
-    monkeypatch.setenv("PAMM_RESIDUAL_BITS", "5")
-    with pytest.raises(ValueError, match="PAMM_RESIDUAL_BITS"):
+    assert (cfg.estimator, cfg.bits, cfg.estimator_bits("pamm_sr")) == ("pamm_sr", 2, 2)
+    monkeypatch.setenv("PAMM_BITS", "5")
+    with pytest.raises(ValueError, match="PAMM_BITS"):
         resolve({})
 
 
@@ -108,7 +109,7 @@ def test_opcheck_residual_ops_and_linear_group_with_a_residual(shape: tuple[int,
         opcheck(torch.ops.pamm.quantize_residual.default, (x.detach(), c, f, alpha, torch.tensor(3), 1, bits))
     opcheck(torch.ops.pamm.quantize_residual.default, (x, c, f, alpha, torch.tensor(3), 1, 2))
     q, lo, scale = _quantize(x.detach(), c, f, alpha, bits=2)
-    opcheck(torch.ops.pamm.reconstruct_residual.default, (q, lo, scale, c, f, alpha, 2))
+    opcheck(torch.ops.pamm.reconstruct_residual.default, (q, lo, scale, c, f, alpha, 2, n, dtype))
     weights = [torch.randn(16, n, dtype=dtype, requires_grad=True), torch.randn(8, n, dtype=dtype, requires_grad=True)]
     bias = torch.randn(8, dtype=dtype, requires_grad=True)
     opcheck(torch.ops.pamm.linear_group.default, (x, weights, [bias], [False, True], c, f, alpha, q, lo, scale, 2))
@@ -128,7 +129,7 @@ def test_backward_adds_the_dequantized_residual_to_pamm() -> None:
     torch.autograd.backward([q, k], [gq, gk])
     deq = residual_kernels.dequantize_reference(q_, lo, scale, 12, 4, torch.float32)
     x_tilde = alpha[:, None] * c[f.long()]
-    x_hat = torch.ops.pamm.reconstruct_residual(q_, lo, scale, c, f, alpha, 4)
+    x_hat = torch.ops.pamm.reconstruct_residual(q_, lo, scale, c, f, alpha, 4, 12, torch.float32)
     torch.testing.assert_close(x_hat, x_tilde + deq, rtol=0, atol=0)
     torch.testing.assert_close(wq.grad, gq.reshape(-1, 8).T @ (x_tilde + deq))
     assert wk.grad is None
@@ -160,7 +161,7 @@ def test_flop_formulas_price_the_residual_ops() -> None:
 
 class TestGoldenRewrite(TestCase):
     def test_the_residual_is_quantized_between_compress_and_linear_group(self) -> None:
-        self.assertExpectedInline(describe_rewrites(_model(), _batch(), **SR, residual_bits=2), """\
+        self.assertExpectedInline(describe_rewrites(_model(), _batch(), **SR, bits=2), """\
 compress(h: f32[2, 40, 16], ratio=1/8, min_generators=1, eps=inf) -> (f32[10, 16], i32[80], f32[80])
 quantize_residual(h: f32[2, 40, 16], bits=2) -> (u8[80, 4], f32[80], f32[80])
 linear_group(h: f32[2, 40, 16], residual=2 bits)
@@ -175,7 +176,7 @@ untouched o.weight: output does not feed attention (targets='qkv')""")
 
 def test_explain_counts_the_residual_bytes_and_flops() -> None:
     pamm = pamm_fx.explain(_model(), _batch(), **{**SR, "estimator": "pamm"}).groups[0]
-    sr = pamm_fx.explain(_model(), _batch(), **SR, residual_bits=8).groups[0]
+    sr = pamm_fx.explain(_model(), _batch(), **SR, bits=8).groups[0]
     b, n = 80, D
     assert sr.saved_bytes_after - pamm.saved_bytes_after == b * (n + 8)  # 8-bit codes, lo and scale in float32
     assert sr.wgrad_flops_after == sr.wgrad_flops_before == 2 * b * n * 3 * D  # plain's GEMMs, on X^
@@ -188,8 +189,8 @@ def test_a_row_no_larger_than_what_pamm_sr_keeps_stays_exact() -> None:
     model = _model().to(torch.bfloat16)
     x = _batch().to(torch.bfloat16)
     assert "compress" in describe_rewrites(model, x, **{**SR, "estimator": "pamm"})
-    text = describe_rewrites(model, x, **SR, residual_bits=8)
-    assert "compress" not in text and "no more than the 32 PAMM keeps per row" in text
+    text = describe_rewrites(model, x, **SR, bits=8)
+    assert "compress" not in text and "no more than the 32 estimator pamm_sr keeps per row" in text
 
 
 # --- the training step ------------------------------------------------------------------------------------------
@@ -200,7 +201,7 @@ def test_ratio_one_is_exact_with_the_residual() -> None:
     model, x = _model(), _batch()
     torch._dynamo.reset()
     plain = _grads(torch.compile(model, backend="aot_eager"), model, x)
-    options = {**SR, "ratio": 1, "residual_bits": 2}
+    options = {**SR, "ratio": 1, "bits": 2}
     with pamm_fx.testing.capture_rewrites() as records:
         got = _grads(torch.compile(model, backend="pamm_aot_eager", options=options), model, x)
     assert records and records[0].rewritten is not None
@@ -334,7 +335,7 @@ def test_inductor_compiles_the_aten_forms_to_the_eager_ops_results() -> None:
 
     def roundtrip(x: Tensor, seed: Tensor) -> tuple[Tensor, ...]:
         q, lo, scale = torch.ops.pamm.quantize_residual(x, c, f, alpha, seed, 2, 4)
-        return q, lo, scale, torch.ops.pamm.reconstruct_residual(q, lo, scale, c, f, alpha, 4)
+        return q, lo, scale, torch.ops.pamm.reconstruct_residual(q, lo, scale, c, f, alpha, 4, D, x.dtype)
 
     seed = torch.tensor(9)
     compiled = torch.compile(roundtrip, backend="inductor", fullgraph=True)(x, seed)

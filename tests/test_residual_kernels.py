@@ -118,9 +118,9 @@ def test_reconstruct_matches_reference_and_is_x_at_ratio_one(dtype: torch.dtype)
     """X^ = alpha * C_f + deq(q): the backward's operand; at ratio 1 it is X bit for bit."""
     x, c, f, alpha = _inputs(37, 45, 5, dtype, seed=3)
     q, lo, scale = _quantize("reference", x, c, f, alpha, 4, 1, 4)
-    ref = residual.reconstruct_reference(q, lo, scale, c, f, alpha, 4)
+    ref = residual.reconstruct_reference(q, lo, scale, c, f, alpha, 4, 45, dtype)
     got = residual_triton.reconstruct(q.to(DEVICE), lo.to(DEVICE), scale.to(DEVICE), c.to(DEVICE), f.to(DEVICE),
-                                      alpha.to(DEVICE), 4).cpu()
+                                      alpha.to(DEVICE), 4, 45, dtype).cpu()
     assert got.dtype == ref.dtype == dtype
     torch.testing.assert_close(got.float(), ref.float(), rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
     deq = residual.dequantize_reference(q, lo, scale, 45, 4, torch.float32)
@@ -128,7 +128,7 @@ def test_reconstruct_matches_reference_and_is_x_at_ratio_one(dtype: torch.dtype)
     ident = torch.arange(37, dtype=torch.int32)
     for impl in IMPLS:
         q, lo, scale = _quantize(impl, x, x, ident, torch.ones(37), 4, 1, 2)
-        args = (q, lo, scale, x, ident, torch.ones(37), 2)
+        args = (q, lo, scale, x, ident, torch.ones(37), 2, 45, dtype)
         x_hat = residual.reconstruct_reference(*args) if impl == "reference" else \
             residual_triton.reconstruct(*(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args)).cpu()
         assert torch.equal(x_hat, x)
@@ -237,8 +237,13 @@ def test_reference_chunks_match_the_whole_tensor_form(monkeypatch: pytest.Monkey
         chunked = residual.quantize_reference(x, c, f, alpha, torch.tensor(5), 1, bits)
         whole = residual.quantize_aten(x, c, f, alpha, torch.tensor(5), 1, bits)
         assert all(torch.equal(a, b) for a, b in zip(chunked, whole))
-        assert torch.equal(residual.reconstruct_reference(*chunked, c, f, alpha, bits),
-                           residual.reconstruct_aten(*whole, c, f, alpha, bits))
+        assert torch.equal(residual.reconstruct_reference(*chunked, c, f, alpha, bits, 17, x.dtype),
+                           residual.reconstruct_aten(*whole, c, f, alpha, bits, 17, x.dtype))
+        chunked = residual.quantize_reference(x, None, None, None, torch.tensor(5), 1, bits)  # sr: no base
+        whole = residual.quantize_aten(x, None, None, None, torch.tensor(5), 1, bits)
+        assert all(torch.equal(a, b) for a, b in zip(chunked, whole))
+        assert torch.equal(residual.reconstruct_reference(*chunked, None, None, None, bits, 17, x.dtype),
+                           residual.reconstruct_aten(*whole, None, None, None, bits, 17, x.dtype))
 
 
 def test_float64_stays_float64_on_the_reference() -> None:
@@ -297,7 +302,12 @@ def test_triton_ops_opcheck() -> None:
     torch.library.opcheck(torch.ops.pamm.quantize_residual_triton.default, (x, c, f, alpha, seed, 1, 2))
     q, lo, scale = torch.ops.pamm.quantize_residual_triton(x, c, f, alpha, seed, 1, 2)
     torch.library.opcheck(torch.ops.pamm.dequantize_residual_triton.default, (q, lo, scale, 19, 2, torch.bfloat16))
-    torch.library.opcheck(torch.ops.pamm.reconstruct_residual_triton.default, (q, lo, scale, c, f, alpha, 2))
+    torch.library.opcheck(torch.ops.pamm.reconstruct_residual_triton.default,
+                          (q, lo, scale, c, f, alpha, 2, 19, torch.bfloat16))
+    torch.library.opcheck(torch.ops.pamm.quantize_residual_triton.default, (x, None, None, None, seed, 1, 8))
+    q, lo, scale = torch.ops.pamm.quantize_residual_triton(x, None, None, None, seed, 1, 8)
+    torch.library.opcheck(torch.ops.pamm.reconstruct_residual_triton.default,
+                          (q, lo, scale, None, None, None, 8, 19, torch.bfloat16))
 
 
 @pytest.mark.usefixtures("traceable_kernel")
@@ -314,10 +324,66 @@ def test_triton_ops_trace_into_their_kernels() -> None:
 
     def roundtrip(x: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
         q, lo, scale = torch.ops.pamm.quantize_residual_triton(x, c, f, alpha, seed, 1, 4)
+        qx, lox, scalex = torch.ops.pamm.quantize_residual_triton(x, None, None, None, seed, 1, 8)  # sr: no base
         return (torch.ops.pamm.dequantize_residual_triton(q, lo, scale, 19, 4, torch.float32),
-                torch.ops.pamm.reconstruct_residual_triton(q, lo, scale, c, f, alpha, 4))
+                torch.ops.pamm.reconstruct_residual_triton(q, lo, scale, c, f, alpha, 4, 19, torch.float32),
+                torch.ops.pamm.reconstruct_residual_triton(qx, lox, scalex, None, None, None, 8, 19, torch.float32))
 
     out = torch.compile(roundtrip, backend=aot_autograd(fw_compiler=keep), fullgraph=True)(x, seed)
     code = graphs[0].code
-    assert code.count("triton_kernel_wrapper_functional(") == 3 and "pamm" not in code
+    assert code.count("triton_kernel_wrapper_functional(") == 5 and "pamm" not in code
     assert all(torch.equal(a, b) for a, b in zip(out, roundtrip(x, seed)))
+
+
+@pytest.mark.parametrize("bits", residual.BITS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("b,n", [(37, 13), (3, 2100)], ids=["odd", "two_tiles"])
+def test_no_base_quantizes_x_itself_and_matches_reference(dtype: torch.dtype, bits: int, b: int, n: int) -> None:
+    """``estimator="sr"``: without C, f, alpha the kernel quantizes X (HAS_BASE=False), bitwise the reference's
+    under the interpreter, which equals the base path with a zero base; the reconstruction is the dequantization."""
+    x = _inputs(b, n, 4, dtype)[0]
+    q_ref, lo_ref, scale_ref = residual.quantize_reference(x, None, None, None, torch.tensor(11), 3, bits)
+    zero_base = (x[:1], torch.zeros(b, dtype=torch.int32), torch.zeros(b))
+    assert all(torch.equal(a, z) for a, z in zip((q_ref, lo_ref, scale_ref),
+                                                 _quantize("reference", x, *zero_base, 11, 3, bits)))
+    q, lo, scale = (t.cpu() for t in residual_triton.quantize_residual(
+        x.to(DEVICE), None, None, None, torch.tensor(11, device=DEVICE), 3, bits))
+    torch.testing.assert_close(lo, lo_ref, rtol=0, atol=0)
+    torch.testing.assert_close(scale, scale_ref, rtol=1e-6, atol=0)
+    if _INTERPRETED:
+        assert torch.equal(q, q_ref)
+    else:
+        assert ((_codes(q, n, bits) - _codes(q_ref, n, bits)).abs() <= 1).all()
+    ref = residual.reconstruct_reference(q_ref, lo_ref, scale_ref, None, None, None, bits, n, dtype)
+    got = residual_triton.reconstruct(q_ref.to(DEVICE), lo_ref.to(DEVICE), scale_ref.to(DEVICE), None, None, None,
+                                      bits, n, dtype).cpu()
+    assert got.dtype == ref.dtype == dtype and got.shape == (b, n)
+    assert torch.equal(ref, residual.dequantize_reference(q_ref, lo_ref, scale_ref, n, bits, dtype))
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
+    err = (ref.double() - x.double()).abs()
+    assert (err <= scale_ref.double()[:, None] * (1 + 1e-5) + torch.finfo(dtype).eps * x.double().abs()).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_base_nan_rows_and_float64(impl: str) -> None:
+    """A non-finite row of X dequantizes to NaN (others stay finite); float64 X keeps float64 on the reference."""
+    x = _inputs(6, 30, 2, torch.float32, seed=4)[0]
+    x[2, 5], x[4, 0] = math.nan, math.inf
+    if impl == "reference":
+        q, lo, scale = residual.quantize_reference(x, None, None, None, torch.tensor(2), 0, 8)
+    else:
+        q, lo, scale = (t.cpu() for t in residual_triton.quantize_residual(
+            x.to(DEVICE), None, None, None, torch.tensor(2, device=DEVICE), 0, 8))
+    deq = residual.reconstruct_reference(q, lo, scale, None, None, None, 8, 30, torch.float32)
+    assert deq[[2, 4]].isnan().all() and torch.isfinite(deq[[0, 1, 3, 5]]).all()
+    x64 = _inputs(9, 10, 2, torch.float64, seed=8)[0]
+    q, lo, scale = residual.quantize_reference(x64, None, None, None, torch.tensor(1), 0, 8)
+    deq = residual.reconstruct_reference(q, lo, scale, None, None, None, 8, 10, torch.float64)
+    assert lo.dtype == deq.dtype == torch.float64
+    assert ((deq - x64).abs() <= scale[:, None] * (1 + 1e-12)).all()
+
+
+def test_base_must_be_all_or_nothing() -> None:
+    x, c, f, alpha = _inputs(3, 4, 1, torch.float32)
+    with pytest.raises(ValueError, match="all three or none"):
+        residual.quantize_reference(x, c, None, alpha, torch.tensor(0), 0, 4)

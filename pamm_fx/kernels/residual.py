@@ -1,9 +1,10 @@
-"""PAMM's residual R = X - alpha * C_f, kept at 2, 4 or 8 bits with stochastic rounding.
+"""A tensor R kept at 2, 4 or 8 bits with stochastic rounding: PAMM's residual, or X itself.
 
 PAMM replaces each row X_i by X~_i = alpha_i C_f(i), which is biased. Storing R = X - X~ at
 ``bits`` bits per element, with a per-row (lo, scale) and stochastic rounding, makes the weight
-gradient ``B~^T C + dY^T deq(q(R))`` unbiased given C: E[deq(q(R))] = R, with variance at most
-scale_i^2 / 4 per element.
+gradient ``B~^T C + dY^T deq(q(R))`` unbiased given C (``estimator="pamm_sr"``): E[deq(q(R))] = R,
+with variance at most scale_i^2 / 4 per element. Without a PAMM base (c, f, alpha all None,
+``estimator="sr"``) R is X itself and ``dY^T deq(q(X))`` is unbiased outright.
 
 Format, per row i of R (n elements):
 
@@ -13,7 +14,8 @@ Format, per row i of R (n elements):
   P(q = ceil v) = frac(v) up to 2^-24;
 * 8 // bits codes per byte, element j in byte j // (8 // bits) at bit (j % (8 // bits)) * bits,
   each row padded with zero bits to ``ceil(n * bits / 8)`` bytes;
-* ``deq_ij = lo_i + q_ij * scale_i``; the backward uses X^ = alpha * C_f + deq(q) (:func:`reconstruct`).
+* ``deq_ij = lo_i + q_ij * scale_i``; the backward uses X^ = alpha * C_f + deq(q), or deq(q) without a
+  base (:func:`reconstruct`).
 
 Exactness: a row with scale 0 (R == 0, e.g. at ratio 1 where X~ = X, or any constant row)
 stores q = 0 and dequantizes to lo exactly. A row holding NaN or Inf (or whose range overflows)
@@ -102,18 +104,27 @@ def _shifts(bits: int, device: torch.device) -> Tensor:
     return torch.arange(0, 8, bits, dtype=torch.int32, device=device)
 
 
-def _projection(c: Tensor, f: Tensor, alpha: Tensor, wd: torch.dtype) -> Tensor:
-    """X~ = alpha[:, None] * C[f] in ``wd``: one expression for the quantization and the reconstruction."""
+def _check_base(c: Tensor | None, f: Tensor | None, alpha: Tensor | None) -> None:
+    if (c is None) != (f is None) or (c is None) != (alpha is None):
+        raise ValueError("pamm: the residual's base C, f, alpha must be given all three or none")
+
+
+def _projection(c: Tensor | None, f: Tensor | None, alpha: Tensor | None, wd: torch.dtype) -> Tensor | None:
+    """X~ = alpha[:, None] * C[f] in ``wd`` (None without a base): one expression for the quantization and
+    the reconstruction."""
+    if c is None:
+        return None
     return alpha.to(wd)[:, None] * c.index_select(0, f.long()).to(wd)
 
 
-def _quantize_rows(x: Tensor, c: Tensor, f: Tensor, alpha: Tensor, key: Tensor, row0: int,
+def _quantize_rows(x: Tensor, c: Tensor | None, f: Tensor | None, alpha: Tensor | None, key: Tensor, row0: int,
                    bits: int) -> tuple[Tensor, Tensor, Tensor]:
     """q, lo, scale of rows row0 .. row0 + len(x) of X (the row index feeds the noise)."""
     b, n = x.shape
     wd = work_dtype(x.dtype)
     levels = (1 << bits) - 1
-    r = x.to(wd) - _projection(c, f, alpha, wd)
+    base = _projection(c, f, alpha, wd)
+    r = x.to(wd) if base is None else x.to(wd) - base
     if n == 0:
         zero = torch.zeros(b, dtype=wd, device=x.device)
         return torch.zeros(b, 0, dtype=torch.uint8, device=x.device), zero, zero.clone()
@@ -148,14 +159,16 @@ def _dequantize_rows(q: Tensor, lo: Tensor, scale: Tensor, n: int, bits: int, dt
     return (deq if base is None else base + deq).to(dtype)
 
 
-def quantize_reference(x: Tensor, c: Tensor, f: Tensor, alpha: Tensor, seed: Tensor, salt: int,
-                      bits: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Quantize R = X - alpha[:, None] * C[f] (the module docstring's format), ROW_CHUNK rows at a time.
+def quantize_reference(x: Tensor, c: Tensor | None, f: Tensor | None, alpha: Tensor | None, seed: Tensor,
+                       salt: int, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Quantize R = X - alpha[:, None] * C[f], or X itself without a base (the module docstring's format),
+    ROW_CHUNK rows at a time.
 
-    x: (b, n), c: (k, n), f: (b,) int32, alpha: (b,) float32, seed: int64 scalar tensor.
+    x: (b, n), c: (k, n), f: (b,) int32, alpha: (b,) float32 (or all three None), seed: int64 scalar tensor.
     Returns q (b, ceil(n * bits / 8)) uint8, lo (b,) and scale (b,) in :func:`work_dtype`.
     """
     _check_bits(bits)
+    _check_base(c, f, alpha)
     b, n = x.shape
     wd = work_dtype(x.dtype)
     q = torch.empty(b, packed_bytes(n, bits), dtype=torch.uint8, device=x.device)
@@ -164,7 +177,8 @@ def quantize_reference(x: Tensor, c: Tensor, f: Tensor, alpha: Tensor, seed: Ten
     key = noise_key(seed.to(x.device), salt)
     for r0 in range(0, b, ROW_CHUNK):
         r1 = min(b, r0 + ROW_CHUNK)
-        q[r0:r1], lo[r0:r1], scale[r0:r1] = _quantize_rows(x[r0:r1], c, f[r0:r1], alpha[r0:r1], key, r0, bits)
+        part = (None, None) if c is None else (f[r0:r1], alpha[r0:r1])
+        q[r0:r1], lo[r0:r1], scale[r0:r1] = _quantize_rows(x[r0:r1], c, *part, key, r0, bits)
     return q, lo, scale
 
 
@@ -179,38 +193,41 @@ def dequantize_reference(q: Tensor, lo: Tensor, scale: Tensor, n: int, bits: int
     return out
 
 
-def reconstruct_reference(q: Tensor, lo: Tensor, scale: Tensor, c: Tensor, f: Tensor, alpha: Tensor,
-                          bits: int) -> Tensor:
-    """X^ = alpha[:, None] * C[f] + deq(q), (b, n) in C's dtype, ROW_CHUNK rows at a time.
+def reconstruct_reference(q: Tensor, lo: Tensor, scale: Tensor, c: Tensor | None, f: Tensor | None,
+                          alpha: Tensor | None, bits: int, n: int, dtype: torch.dtype) -> Tensor:
+    """X^ = alpha[:, None] * C[f] + deq(q) (deq(q) without a base), (b, n) of ``dtype``, ROW_CHUNK rows at a time.
 
-    What the ``pamm_sr`` backward multiplies dY by: dY^T X^ = B~^T C + dY^T deq(q) in one GEMM. At
-    ratio 1 (C = X, f = identity, alpha = 1, R = 0) X^ is X bit for bit.
+    What the backward multiplies dY by: under ``pamm_sr`` dY^T X^ = B~^T C + dY^T deq(q) in one GEMM (at
+    ratio 1, C = X, f = identity, alpha = 1, R = 0, X^ is X bit for bit); under ``sr`` dY^T deq(q(X)).
     """
     _check_bits(bits)
-    b, n = q.shape[0], c.shape[1]
-    wd = lo.dtype
-    out = torch.empty(b, n, dtype=c.dtype, device=q.device)
+    _check_base(c, f, alpha)
+    b = q.shape[0]
+    out = torch.empty(b, n, dtype=dtype, device=q.device)
     for r0 in range(0, b, ROW_CHUNK):
         r1 = min(b, r0 + ROW_CHUNK)
-        base = _projection(c, f[r0:r1], alpha[r0:r1], wd)
-        out[r0:r1] = _dequantize_rows(q[r0:r1], lo[r0:r1], scale[r0:r1], n, bits, c.dtype, base)
+        base = None if c is None else _projection(c, f[r0:r1], alpha[r0:r1], lo.dtype)
+        out[r0:r1] = _dequantize_rows(q[r0:r1], lo[r0:r1], scale[r0:r1], n, bits, dtype, base)
     return out
 
 
-def quantize_aten(x: Tensor, c: Tensor, f: Tensor, alpha: Tensor, seed: Tensor, salt: int,
-                           bits: int) -> tuple[Tensor, Tensor, Tensor]:
+def quantize_aten(x: Tensor, c: Tensor | None, f: Tensor | None, alpha: Tensor | None, seed: Tensor, salt: int,
+                  bits: int) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`quantize_reference` in whole-tensor aten ops (bitwise the same), for Inductor to fuse."""
     _check_bits(bits)
+    _check_base(c, f, alpha)
     return _quantize_rows(x, c, f, alpha, noise_key(seed.to(x.device), salt), 0, bits)
 
 
-def reconstruct_aten(q: Tensor, lo: Tensor, scale: Tensor, c: Tensor, f: Tensor, alpha: Tensor, bits: int) -> Tensor:
+def reconstruct_aten(q: Tensor, lo: Tensor, scale: Tensor, c: Tensor | None, f: Tensor | None,
+                     alpha: Tensor | None, bits: int, n: int, dtype: torch.dtype) -> Tensor:
     """:func:`reconstruct_reference` in whole-tensor aten ops, for Inductor to fuse."""
     _check_bits(bits)
-    return _dequantize_rows(q, lo, scale, c.shape[1], bits, c.dtype, _projection(c, f, alpha, lo.dtype))
+    _check_base(c, f, alpha)
+    return _dequantize_rows(q, lo, scale, n, bits, dtype, _projection(c, f, alpha, lo.dtype))
 
 
-def quantize(x: Tensor, c: Tensor, f: Tensor, alpha: Tensor, seed: Tensor, salt: int,
+def quantize(x: Tensor, c: Tensor | None, f: Tensor | None, alpha: Tensor | None, seed: Tensor, salt: int,
              bits: int) -> tuple[Tensor, Tensor, Tensor]:
     """q, lo, scale, eagerly: the Triton kernel on CUDA, else :func:`quantize_reference`."""
     if use_triton(x, x.dtype):
@@ -220,8 +237,8 @@ def quantize(x: Tensor, c: Tensor, f: Tensor, alpha: Tensor, seed: Tensor, salt:
     return quantize_reference(x, c, f, alpha, seed, salt, bits)
 
 
-def quantize_traceable(x: Tensor, c: Tensor, f: Tensor, alpha: Tensor, seed: Tensor, salt: int,
-                       bits: int) -> tuple[Tensor, Tensor, Tensor]:
+def quantize_traceable(x: Tensor, c: Tensor | None, f: Tensor | None, alpha: Tensor | None, seed: Tensor,
+                       salt: int, bits: int) -> tuple[Tensor, Tensor, Tensor]:
     """The quantization Inductor can see: the Triton op on CUDA, whole-tensor aten ops elsewhere."""
     if use_triton(x, x.dtype):
         from pamm_fx.kernels import residual_triton
@@ -230,20 +247,21 @@ def quantize_traceable(x: Tensor, c: Tensor, f: Tensor, alpha: Tensor, seed: Ten
     return quantize_aten(x, c, f, alpha, seed, salt, bits)
 
 
-def reconstruct(q: Tensor, lo: Tensor, scale: Tensor, c: Tensor, f: Tensor, alpha: Tensor, bits: int) -> Tensor:
-    """X^ (b, n) in C's dtype, eagerly: the Triton kernel on CUDA, else :func:`reconstruct_reference`."""
-    if use_triton(q, c.dtype):
+def reconstruct(q: Tensor, lo: Tensor, scale: Tensor, c: Tensor | None, f: Tensor | None, alpha: Tensor | None,
+                bits: int, n: int, dtype: torch.dtype) -> Tensor:
+    """X^ (b, n) of ``dtype``, eagerly: the Triton kernel on CUDA, else :func:`reconstruct_reference`."""
+    if use_triton(q, dtype):
         from pamm_fx.kernels import residual_triton
 
-        return residual_triton.reconstruct(q, lo, scale, c, f, alpha, bits)
-    return reconstruct_reference(q, lo, scale, c, f, alpha, bits)
+        return residual_triton.reconstruct(q, lo, scale, c, f, alpha, bits, n, dtype)
+    return reconstruct_reference(q, lo, scale, c, f, alpha, bits, n, dtype)
 
 
-def reconstruct_traceable(q: Tensor, lo: Tensor, scale: Tensor, c: Tensor, f: Tensor, alpha: Tensor,
-                          bits: int) -> Tensor:
+def reconstruct_traceable(q: Tensor, lo: Tensor, scale: Tensor, c: Tensor | None, f: Tensor | None,
+                          alpha: Tensor | None, bits: int, n: int, dtype: torch.dtype) -> Tensor:
     """The reconstruction Inductor can see: the Triton op on CUDA, whole-tensor aten ops elsewhere."""
-    if use_triton(q, c.dtype):
+    if use_triton(q, dtype):
         from pamm_fx.kernels import residual_triton
 
-        return residual_triton.reconstruct_triton(q, lo, scale, c, f, alpha, bits)
-    return reconstruct_aten(q, lo, scale, c, f, alpha, bits)
+        return residual_triton.reconstruct_residual_triton(q, lo, scale, c, f, alpha, bits, n, dtype)
+    return reconstruct_aten(q, lo, scale, c, f, alpha, bits, n, dtype)

@@ -1,12 +1,14 @@
 """Triton kernels for the low-bit residual (format: :mod:`pamm_fx.kernels.residual`).
 
 Quantize: one program owns BLOCK_R rows. Pass 1 walks the row in BLOCK_N-column tiles,
-gathering C_f(i) by f and forming R = X - alpha * C_f in float32, for the row's min, max and a
+gathering C_f(i) by f and forming R = X - alpha * C_f in float32 (R = X when ``HAS_BASE`` is
+false: ``estimator="sr"``, no C, f or alpha is read), for the row's min, max and a
 non-finite flag; pass 2 forms each tile again (a second read of X that L2 mostly serves; when the
 row fits one tile it stays in registers and X is read once), draws the hash noise, rounds and
 packs 8 // bits codes per byte, then stores whole bytes. Dequantize: one program per
 (BLOCK_R rows, BLOCK_N columns) tile unpacks and scales, storing in the requested dtype; the
-reconstruction (the backward's X^ = alpha * C_f + deq) does the same and adds C_f, gathered by f.
+reconstruction (the backward's X^ = alpha * C_f + deq) does the same and adds C_f, gathered by f;
+without a base the reconstruction is the dequantization.
 
 Agreement with the reference: the noise, lo, the scale and v = (R - lo) / scale use the same
 float32 operations (the division is ``div_rn``, IEEE like torch's, not Triton's approximate
@@ -50,12 +52,15 @@ def _mix32(x):
 
 @triton.jit
 def _residual_tile(x_ptr, c_ptr, rows, gen, a, row_ok, n0, n, stride_xb, stride_xn, stride_cb, stride_cn,
-                   BLOCK_N: tl.constexpr):
+                   HAS_BASE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One tile of R = X - alpha * C_f (of X alone without a base) in float32, with its columns and mask."""
     cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
     ok = row_ok[:, None] & (cols < n)[None, :]
-    x = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xn, mask=ok, other=0.0)
-    c = tl.load(c_ptr + gen[:, None] * stride_cb + cols[None, :] * stride_cn, mask=ok, other=0.0)
-    return x.to(tl.float32) - a[:, None] * c.to(tl.float32), cols, ok
+    x = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xn, mask=ok, other=0.0).to(tl.float32)
+    if HAS_BASE:
+        c = tl.load(c_ptr + gen[:, None] * stride_cb + cols[None, :] * stride_cn, mask=ok, other=0.0)
+        x = x - a[:, None] * c.to(tl.float32)
+    return x, cols, ok
 
 
 @triton.jit
@@ -116,33 +121,38 @@ def _quantize_kernel(
     stride_cn,
     stride_qb,
     BITS: tl.constexpr,
+    HAS_BASE: tl.constexpr,
     ONE_TILE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < b
-    gen = tl.load(f_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    a = tl.load(alpha_ptr + rows, mask=row_ok, other=0.0)
+    if HAS_BASE:
+        gen = tl.load(f_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        a = tl.load(alpha_ptr + rows, mask=row_ok, other=0.0)
+    else:  # C, f and alpha are placeholders, never read
+        gen = rows
+        a = tl.zeros((BLOCK_R,), tl.float32)
     rowkey = _mix32(rows.to(tl.uint32) ^ tl.load(key_ptr).to(tl.uint32))
     lo = tl.full((BLOCK_R,), float("inf"), tl.float32)
     hi = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     bad = tl.zeros((BLOCK_R,), tl.int32)
     if ONE_TILE:  # the row stays in registers: X and C_f are read once
         r, cols, ok = _residual_tile(x_ptr, c_ptr, rows, gen, a, row_ok, 0, n, stride_xb, stride_xn, stride_cb,
-                                     stride_cn, BLOCK_N)
+                                     stride_cn, HAS_BASE, BLOCK_N)
         lo, hi, bad = _tile_range(r, ok, lo, hi, bad)
         lo, scale = _row_scale(lo, hi, bad, BITS)
         _pack_tile(q_ptr, r, cols, ok, rows, row_ok, rowkey, lo, scale, 0, width, stride_qb, BITS, BLOCK_R, BLOCK_N)
     else:
         for n0 in range(0, n, BLOCK_N):
             r, cols, ok = _residual_tile(x_ptr, c_ptr, rows, gen, a, row_ok, n0, n, stride_xb, stride_xn,
-                                         stride_cb, stride_cn, BLOCK_N)
+                                         stride_cb, stride_cn, HAS_BASE, BLOCK_N)
             lo, hi, bad = _tile_range(r, ok, lo, hi, bad)
         lo, scale = _row_scale(lo, hi, bad, BITS)
         for n0 in range(0, n, BLOCK_N):
             r, cols, ok = _residual_tile(x_ptr, c_ptr, rows, gen, a, row_ok, n0, n, stride_xb, stride_xn,
-                                         stride_cb, stride_cn, BLOCK_N)
+                                         stride_cb, stride_cn, HAS_BASE, BLOCK_N)
             _pack_tile(q_ptr, r, cols, ok, rows, row_ok, rowkey, lo, scale, n0, width, stride_qb, BITS, BLOCK_R,
                        BLOCK_N)
     tl.store(lo_ptr + rows, lo, mask=row_ok)
@@ -234,10 +244,10 @@ def _check(bits: int, dtype: torch.dtype) -> None:
 
 
 @torch.library.triton_op("pamm::quantize_residual_triton", mutates_args=())
-def quantize_residual_triton(x: Tensor, c: Tensor, f: Tensor, alpha: Tensor, seed: Tensor, salt: int,
-                             bits: int) -> tuple[Tensor, Tensor, Tensor]:
+def quantize_residual_triton(x: Tensor, c: Tensor | None, f: Tensor | None, alpha: Tensor | None, seed: Tensor,
+                             salt: int, bits: int) -> tuple[Tensor, Tensor, Tensor]:
     """The quantization as an op torch.compile traces into (torch ops plus the wrapped kernel);
-    the body reads no tensor value on the host."""
+    the body reads no tensor value on the host. Without a base (C, f, alpha None) R is X."""
     _check(bits, x.dtype)
     b, n = x.shape
     width = packed_bytes(n, bits)
@@ -248,18 +258,19 @@ def quantize_residual_triton(x: Tensor, c: Tensor, f: Tensor, alpha: Tensor, see
         return q, lo, scale
     key = noise_key(seed.to(x.device), salt).reshape(1)
     block_r, block_n, one_tile = _blocks(n)
+    has_base = c is not None
+    # Without a base the kernel reads none of C, f, alpha: X, the key and lo stand in for their pointers.
+    c, f, alpha = (c, f, alpha.float()) if has_base else (x, key, lo)
     wrap_triton(_quantize_kernel)[(triton.cdiv(b, block_r),)](
-        x, c, f, alpha.float(), key, q, lo, scale, b, n, width,
+        x, c, f, alpha, key, q, lo, scale, b, n, width,
         x.stride(0), x.stride(1), c.stride(0), c.stride(1), q.stride(0),
-        BITS=bits, ONE_TILE=one_tile, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4,
+        BITS=bits, HAS_BASE=has_base, ONE_TILE=one_tile, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4,
     )
     return q, lo, scale
 
 
-@torch.library.triton_op("pamm::dequantize_residual_triton", mutates_args=())
-def dequantize_residual_triton(q: Tensor, lo: Tensor, scale: Tensor, n: int, bits: int,
-                               dtype: torch.dtype) -> Tensor:
-    """deq(q) = lo + q * scale, (b, n) of ``dtype``, as a traceable op."""
+def _dequantize_into(q: Tensor, lo: Tensor, scale: Tensor, n: int, bits: int, dtype: torch.dtype) -> Tensor:
+    """deq(q) by ``_dequantize_kernel``: the body both traceable ops share (a triton_op calls no other)."""
     _check(bits, dtype)
     b = q.shape[0]
     out = torch.empty(b, n, dtype=dtype, device=q.device)
@@ -274,13 +285,23 @@ def dequantize_residual_triton(q: Tensor, lo: Tensor, scale: Tensor, n: int, bit
     return out
 
 
+@torch.library.triton_op("pamm::dequantize_residual_triton", mutates_args=())
+def dequantize_residual_triton(q: Tensor, lo: Tensor, scale: Tensor, n: int, bits: int,
+                               dtype: torch.dtype) -> Tensor:
+    """deq(q) = lo + q * scale, (b, n) of ``dtype``, as a traceable op."""
+    return _dequantize_into(q, lo, scale, n, bits, dtype)
+
+
 @torch.library.triton_op("pamm::reconstruct_residual_triton", mutates_args=())
-def reconstruct_residual_triton(q: Tensor, lo: Tensor, scale: Tensor, c: Tensor, f: Tensor, alpha: Tensor,
-                                bits: int) -> Tensor:
-    """X^ = alpha * C[f] + deq(q), (b, n) in C's dtype, as a traceable op (the backward's operand)."""
-    _check(bits, c.dtype)
-    b, n = q.shape[0], c.shape[1]
-    out = torch.empty(b, n, dtype=c.dtype, device=q.device)
+def reconstruct_residual_triton(q: Tensor, lo: Tensor, scale: Tensor, c: Tensor | None, f: Tensor | None,
+                                alpha: Tensor | None, bits: int, n: int, dtype: torch.dtype) -> Tensor:
+    """X^ = alpha * C[f] + deq(q), (b, n) of ``dtype``, as a traceable op (the backward's operand);
+    deq(q) alone without a base."""
+    if c is None:
+        return _dequantize_into(q, lo, scale, n, bits, dtype)
+    _check(bits, dtype)
+    b = q.shape[0]
+    out = torch.empty(b, n, dtype=dtype, device=q.device)
     if b == 0 or n == 0:
         return out
     block_r, block_n, _ = _blocks(n)
@@ -292,8 +313,8 @@ def reconstruct_residual_triton(q: Tensor, lo: Tensor, scale: Tensor, c: Tensor,
     return out
 
 
-def quantize_residual(x: Tensor, c: Tensor, f: Tensor, alpha: Tensor, seed: Tensor, salt: int,
-                      bits: int) -> tuple[Tensor, Tensor, Tensor]:
+def quantize_residual(x: Tensor, c: Tensor | None, f: Tensor | None, alpha: Tensor | None, seed: Tensor,
+                      salt: int, bits: int) -> tuple[Tensor, Tensor, Tensor]:
     """Triton twin of :func:`pamm_fx.kernels.residual.quantize_reference` (same arguments and format)."""
     return quantize_residual_triton(x, c, f, alpha, seed, salt, bits)
 
@@ -303,6 +324,7 @@ def dequantize_residual(q: Tensor, lo: Tensor, scale: Tensor, n: int, bits: int,
     return dequantize_residual_triton(q, lo, scale, n, bits, dtype)
 
 
-def reconstruct(q: Tensor, lo: Tensor, scale: Tensor, c: Tensor, f: Tensor, alpha: Tensor, bits: int) -> Tensor:
+def reconstruct(q: Tensor, lo: Tensor, scale: Tensor, c: Tensor | None, f: Tensor | None, alpha: Tensor | None,
+                bits: int, n: int, dtype: torch.dtype) -> Tensor:
     """Triton twin of :func:`pamm_fx.kernels.residual.reconstruct_reference`."""
-    return reconstruct_residual_triton(q, lo, scale, c, f, alpha, bits)
+    return reconstruct_residual_triton(q, lo, scale, c, f, alpha, bits, n, dtype)

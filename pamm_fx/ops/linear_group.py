@@ -1,10 +1,12 @@
-"""``pamm::linear_group(x, weights, biases, has_bias, C, f, alpha) -> [Y_1, ..., Y_g]``.
+"""``pamm::linear_group(x, weights, biases, has_bias, C?, f?, alpha?, q?, lo?, scale?, bits) -> [Y_1, ..., Y_g]``.
 
 The exact forward of every projection of a group. Its registered backward saves only C, f,
 alpha and the weights (never X): dX and bias gradients are exact, weight gradients come from
 one PAMM contraction (:mod:`pamm_fx.ops.contract`) shared by the whole group. Under
 ``estimator="pamm_sr"`` it also saves the quantized residual (:mod:`pamm_fx.ops.residual`) and
 forms each weight gradient as dY_j^T X^, X^ = X~ + deq(q(R)) (= B~_j^T C + dY_j^T deq(q(R))).
+Under ``estimator="sr"`` there is no PAMM payload (C, f, alpha are None): it saves the quantized
+X alone and dW_j = dY_j^T deq(q(X)).
 This module owns
 the schema, the fake kernel, the autograd, the flop formula and :class:`LinearGroup`, the typed
 form of its arguments that :func:`emit` writes into a graph and :func:`parse` reads back.
@@ -36,17 +38,22 @@ class LinearGroup:
 
     The schema carries the biases present plus a ``has_bias`` mask instead (a list of optional
     tensors would lose per-element ``needs_input_grad``); only :meth:`op_args` and
-    :meth:`from_op_args` know that form and the positional order. ``residual`` (``pamm_sr``) rides
-    in trailing optional arguments, absent for plain PAMM, so PAMM's graphs are unchanged.
+    :meth:`from_op_args` know that form and the positional order. ``residual`` (``pamm_sr``, ``sr``)
+    rides in trailing optional arguments, absent for plain PAMM, so PAMM's graphs are unchanged;
+    c, f, alpha are None under ``sr`` (then the residual is the quantized X and must be there).
     """
 
     x: Any
     weights: Sequence[Any]
     biases: Sequence[Any | None]
-    c: Any
-    f: Any
-    alpha: Any
+    c: Any | None
+    f: Any | None
+    alpha: Any | None
     residual: Residual | None = None
+
+    def __post_init__(self) -> None:
+        if self.c is None and self.residual is None:
+            raise ValueError("pamm::linear_group needs a PAMM payload (C, f, alpha), a quantized X, or both")
 
     def op_args(self) -> tuple[Any, ...]:
         present = [b for b in self.biases if b is not None]
@@ -70,13 +77,13 @@ def linear_group(
     weights: Sequence[Tensor],
     biases: Sequence[Tensor],
     has_bias: Sequence[bool],
-    c: Tensor,
-    f: Tensor,
-    alpha: Tensor,
+    c: Tensor | None,
+    f: Tensor | None,
+    alpha: Tensor | None,
     q: Tensor | None = None,
     lo: Tensor | None = None,
     scale: Tensor | None = None,
-    residual_bits: int = 0,
+    bits: int = 0,
 ) -> list[Tensor]:
     """Y_j = X W_j^T + b_j for every projection of the group (exact); see :class:`LinearGroup`."""
     if _compat.forward_ad_active():
@@ -85,7 +92,7 @@ def linear_group(
             "pamm: forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) through a PAMM-compressed "
             "projection is not supported; compile this model with backend='inductor' for forward-mode AD."
         )
-    call = LinearGroup.from_op_args((x, weights, biases, has_bias, c, f, alpha, q, lo, scale, residual_bits))
+    call = LinearGroup.from_op_args((x, weights, biases, has_bias, c, f, alpha, q, lo, scale, bits))
     return [torch.nn.functional.linear(x, w, b) for w, b in zip(call.weights, call.biases)]
 
 
@@ -100,7 +107,7 @@ def _setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
     r = call.residual
     ctx.save_for_backward(call.c, call.f, call.alpha, *call.weights, *((r.q, r.lo, r.scale) if r else ()))
     ctx.num_weights = len(call.weights)
-    ctx.residual_bits = r.bits if r else 0
+    ctx.bits = r.bits if r else 0
     ctx.has_bias = [b is not None for b in call.biases]
     # An output that gets no gradient (detached, unused, non-differentiable use) must arrive as None, not
     # zeros: its weight and bias gradients then stay None, exactly as plain leaves them (zeros would let
@@ -112,18 +119,20 @@ class DoubleBackwardError(RuntimeError):
     """Differentiating PAMM's backward would differentiate an approximation as if it were exact."""
 
 
-def _weight_grads(grads: list[Tensor | None], c: Tensor, f: Tensor, alpha: Tensor, weights: list[Tensor],
-                  needs_w: Sequence[bool], residual: Residual | None) -> list[Tensor | None]:
-    """dW_j per projection that needs it, in C's dtype (float32 accumulation in the GEMMs).
+def _weight_grads(grads: list[Tensor | None], c: Tensor | None, f: Tensor | None, alpha: Tensor | None,
+                  weights: list[Tensor], needs_w: Sequence[bool], residual: Residual | None) -> list[Tensor | None]:
+    """dW_j per projection that needs it, in the weights' (compute) dtype (float32 accumulation in the GEMMs).
 
     PAMM: B~_j^T C, with only the projections that need a gradient contracted, each dY read as it
     is, and neither C nor a (sum m) x n product ever copied to float32. ``pamm_sr``: dY_j^T X^, with
-    X^ = alpha * C_f + deq(q(R)) reconstructed once per group (a transient b x n in C's dtype), so
-    each projection costs one GEMM, as under plain.
+    X^ = alpha * C_f + deq(q(R)) reconstructed once per group (a transient b x n in the weights' dtype,
+    X's compute dtype), so each projection costs one GEMM, as under plain; ``sr``: the same on
+    X^ = deq(q(X)).
     """
     if residual is not None:
-        x_hat = reconstructed(Reconstruct(residual, c, f, alpha))
-        return [rows_of(g).t().to(c.dtype).mm(x_hat).to(w.dtype) if need else None
+        dtype = weights[0].dtype
+        x_hat = reconstructed(Reconstruct(residual, c, f, alpha, weights[0].shape[1], dtype))
+        return [rows_of(g).t().to(dtype).mm(x_hat).to(w.dtype) if need else None
                 for g, w, need in zip(grads, weights, needs_w)]
     bt = weight_contraction(Contract([g for g, need in zip(grads, needs_w) if need], f, alpha, c.shape[0]))
     out: list[Tensor | None] = []
@@ -147,7 +156,7 @@ def _backward(ctx: Any, grads: list[Tensor | None]) -> tuple:
         )
     c, f, alpha, *rest = ctx.saved_tensors
     weights, payload = rest[: ctx.num_weights], rest[ctx.num_weights :]
-    residual = Residual(*payload, ctx.residual_bits) if payload else None
+    residual = Residual(*payload, ctx.bits) if payload else None
     needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
     dx = None
     if needs_x:

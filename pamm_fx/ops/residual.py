@@ -1,19 +1,23 @@
-"""The low-bit residual of ``estimator="pamm_sr"``: ``pamm::quantize_residual`` and ``pamm::reconstruct_residual``.
+"""The low-bit payload of ``estimator="pamm_sr"`` and ``"sr"``: ``pamm::quantize_residual`` and
+``pamm::reconstruct_residual``.
 
 PAMM keeps X~_i = alpha_i C_f(i) for every row, a biased estimate of X_i. ``pamm_sr`` also keeps
-R = X - X~ at ``residual_bits`` bits per element with stochastic rounding (format and guarantees:
+R = X - X~ at ``bits`` bits per element with stochastic rounding (format and guarantees:
 :mod:`pamm_fx.kernels.residual`), so that the weight gradient
 ``dW_j = B~_j^T C + dY_j^T deq(q(R)) = dY_j^T X^`` with ``X^ = X~ + deq(q(R))`` is unbiased given
 C. Its variance per element is at most scale_i^2 / 4, where scale_i is row i's residual range
-over 2^bits - 1: far below row sampling's at the same bytes.
+over 2^bits - 1: far below row sampling's at the same bytes. ``sr`` has no PAMM base (C, f, alpha
+are None, no ``pamm::compress`` runs): R is X itself, and ``dW_j = dY_j^T deq(q(X))`` is unbiased.
 
-``quantize_residual(x, C, f, alpha, seed, salt, bits) -> (q, lo, scale)`` runs in the forward,
-right after ``pamm::compress`` (same seed and salt; the noise stream is separated from the
-generator draw), and ``pamm::linear_group`` saves its outputs for the backward
-(:class:`Residual`). ``reconstruct_residual(q, lo, scale, C, f, alpha, bits) -> X^`` runs there,
+``quantize_residual(x, C?, f?, alpha?, seed, salt, bits) -> (q, lo, scale)`` runs in the forward,
+right after ``pamm::compress`` where there is one (same seed and salt; the noise stream is separated
+from the generator draw), and ``pamm::linear_group`` saves its outputs for the backward
+(:class:`Residual`). ``reconstruct_residual(q, lo, scale, C?, f?, alpha?, bits, n, dtype) -> X^`` runs
+there (n and dtype say X^'s width and dtype, which without C nothing else carries),
 once per group and only when a projection of the group needs its weight gradient: each dW_j is
-then one GEMM dY_j^T X^, as plain's (no contraction, no second GEMM), and at ratio 1 X^ is X bit
-for bit, so the weight gradients are plain's bit for bit. X^ is a transient b x n in C's dtype.
+then one GEMM dY_j^T X^, as plain's (no contraction, no second GEMM), and under ``pamm_sr`` at
+ratio 1 X^ is X bit for bit, so the weight gradients are plain's bit for bit. X^ is a transient b x n
+in X's (compute) dtype.
 Like ``pamm::compress``:
 eager and ``aot_eager`` run the custom ops (the chunked reference, or Triton on CUDA); Inductor
 compiles their decompositions (whole-tensor aten ops, or the traceable Triton ops), and the
@@ -67,12 +71,15 @@ class Residual:
 
 @dataclasses.dataclass(frozen=True)
 class QuantizeResidual:
-    """The arguments of one ``pamm::quantize_residual`` call; the schema's order lives here alone."""
+    """The arguments of one ``pamm::quantize_residual`` call; the schema's order lives here alone.
+
+    c, f, alpha: the PAMM base X~ = alpha C_f (``pamm_sr``), or all None (``sr``: R is X).
+    """
 
     x: Any
-    c: Any
-    f: Any
-    alpha: Any
+    c: Any | None
+    f: Any | None
+    alpha: Any | None
     seed: Any
     salt: int
     bits: int
@@ -87,27 +94,31 @@ class QuantizeResidual:
 
 @dataclasses.dataclass(frozen=True)
 class Reconstruct:
-    """The arguments of one ``pamm::reconstruct_residual`` call: the residual and the compression it refines."""
+    """The arguments of one ``pamm::reconstruct_residual`` call: the payload, the compression it refines
+    (c, f, alpha, or all None under ``sr``), and X^'s width n and dtype."""
 
     residual: Residual
-    c: Any
-    f: Any
-    alpha: Any
+    c: Any | None
+    f: Any | None
+    alpha: Any | None
+    n: Any
+    dtype: torch.dtype
 
     def op_args(self) -> tuple[Any, ...]:
         r = self.residual
-        return (r.q, r.lo, r.scale, self.c, self.f, self.alpha, r.bits)
+        return (r.q, r.lo, r.scale, self.c, self.f, self.alpha, r.bits, self.n, self.dtype)
 
     @classmethod
     def from_op_args(cls, args: Sequence[Any]) -> Reconstruct:
-        q, lo, scale, c, f, alpha, bits = args
-        return cls(Residual(q, lo, scale, bits), c, f, alpha)
+        q, lo, scale, c, f, alpha, bits, n, dtype = args
+        return cls(Residual(q, lo, scale, bits), c, f, alpha, n, dtype)
 
 
 @torch.library.custom_op("pamm::quantize_residual", mutates_args=())
-def quantize_residual(x: Tensor, c: Tensor, f: Tensor, alpha: Tensor, seed: Tensor, salt: int,
-                      bits: int) -> tuple[Tensor, Tensor, Tensor]:
-    """q (b, ceil(n * bits / 8)) uint8, lo (b,), scale (b,) of R = X - alpha * C[f], X (..., n) as rows."""
+def quantize_residual(x: Tensor, c: Tensor | None, f: Tensor | None, alpha: Tensor | None, seed: Tensor,
+                      salt: int, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q (b, ceil(n * bits / 8)) uint8, lo (b,), scale (b,) of R = X - alpha * C[f] (R = X without C, f,
+    alpha), X (..., n) as rows."""
     return residual_kernels.quantize(rows_of(x), c, f, alpha, seed, salt, bits)
 
 
@@ -140,16 +151,17 @@ _compat.register_inductor_decomposition(torch.ops.pamm.quantize_residual.default
 
 
 @torch.library.custom_op("pamm::reconstruct_residual", mutates_args=())
-def reconstruct_residual(q: Tensor, lo: Tensor, scale: Tensor, c: Tensor, f: Tensor, alpha: Tensor,
-                         bits: int) -> Tensor:
-    """X^ = alpha[:, None] * C[f] + deq(q), (b, n) in C's dtype (see :class:`Reconstruct`)."""
-    return residual_kernels.reconstruct(q, lo, scale, c, f, alpha, bits)
+def reconstruct_residual(q: Tensor, lo: Tensor, scale: Tensor, c: Tensor | None, f: Tensor | None,
+                         alpha: Tensor | None, bits: int, n: int, dtype: torch.dtype) -> Tensor:
+    """X^ = alpha[:, None] * C[f] + deq(q) (deq(q) without C, f, alpha), (b, n) of ``dtype`` (see
+    :class:`Reconstruct`)."""
+    return residual_kernels.reconstruct(q, lo, scale, c, f, alpha, bits, n, dtype)
 
 
 @reconstruct_residual.register_fake
 def _(*args: Any) -> Tensor:
     call = Reconstruct.from_op_args(args)
-    return call.c.new_empty(call.residual.q.shape[0], call.c.shape[1])
+    return call.residual.q.new_empty(call.residual.q.shape[0], call.n, dtype=call.dtype)
 
 
 _compat.register_inductor_decomposition(torch.ops.pamm.reconstruct_residual.default,
@@ -159,16 +171,16 @@ _compat.register_inductor_decomposition(torch.ops.pamm.reconstruct_residual.defa
 # Flop formulas, so that FlopCounterMode (and the partitioner's runtime estimator under an
 # activation_memory_budget) prices the ops instead of counting them as free. Both are memory bound.
 @register_flop_formula(torch.ops.pamm.quantize_residual)
-def _quantize_flops(x_shape: Sequence[int], *args: Any, **kwargs: Any) -> int:
-    """A multiply-add per element for R, one for the code: 4 * b * n."""
-    return 4 * math.prod(x_shape)
+def _quantize_flops(x_shape: Sequence[int], c_shape: Sequence[int] | None, *args: Any, **kwargs: Any) -> int:
+    """A multiply-add per element for R (none without a base), one for the code: 4 (2) * b * n."""
+    return (4 if c_shape is not None else 2) * math.prod(x_shape)
 
 
 @register_flop_formula(torch.ops.pamm.reconstruct_residual)
-def _reconstruct_flops(q_shape: Sequence[int], lo_shape: Any, scale_shape: Any, c_shape: Sequence[int], *args: Any,
-                       **kwargs: Any) -> int:
-    """Two multiply-adds per element (alpha * C_f, lo + q * scale): 4 * b * n."""
-    return 4 * q_shape[0] * c_shape[1]
+def _reconstruct_flops(q_shape: Sequence[int], lo_shape: Any, scale_shape: Any, c_shape: Sequence[int] | None,
+                       f_shape: Any, alpha_shape: Any, bits: int, n: int, *args: Any, **kwargs: Any) -> int:
+    """A multiply-add per element for lo + q * scale, one for alpha * C_f (none without a base): 4 (2) * b * n."""
+    return (4 if c_shape is not None else 2) * q_shape[0] * n
 
 
 def reconstructed(call: Reconstruct) -> Tensor:

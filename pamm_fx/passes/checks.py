@@ -36,7 +36,7 @@ __all__ = [
     "AUTOCAST_DTYPES",
     "GROUP_CHECKS",
     "INDEX_BYTES_PER_ROW",
-    "residual_bytes_per_row",
+    "kept_bytes_per_row",
     "PROJECTION_CHECKS",
     "Check",
     "GroupDraft",
@@ -51,9 +51,11 @@ AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 INDEX_BYTES_PER_ROW = 8
 
 
-def residual_bytes_per_row(config: PammConfig, n: int, dtype: torch.dtype) -> int:
-    """Bytes the estimator keeps per row of X on top of PAMM's: the ``pamm_sr`` residual, else none."""
-    return payload_bytes_per_row(n, config.residual_bits, dtype) if config.estimator == "pamm_sr" else 0
+def kept_bytes_per_row(estimator: str, bits: int | None, n: int, dtype: torch.dtype) -> int:
+    """Bytes a group's estimator keeps per row of X whatever the ratio, besides the generators C: f and
+    alpha under ``pamm``, plus the quantized residual under ``pamm_sr``, the quantized X alone under ``sr``."""
+    payload = payload_bytes_per_row(n, bits, dtype) if bits is not None else 0
+    return payload + (0 if estimator == "sr" else INDEX_BYTES_PER_ROW)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +69,9 @@ class GroupDraft:
     ratio: Fraction
     #: Linears of the graph that stay exact and still make autograd save X (for their own dW).
     exact_readers: tuple[Candidate, ...]
+    #: The members' estimator (:meth:`PammConfig.site_estimator`) and its payload's bits (None: none).
+    estimator: str
+    bits: int | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,22 +260,31 @@ def _min_tokens(d: GroupDraft, config: PammConfig) -> str | None:
     return f"X has {hint(b)} rows, below min_tokens={config.min_tokens}"
 
 
-@_check(GROUP_CHECKS, "small_rows", "a row of X is larger than f and alpha together (and "
-        "the residual under pamm_sr)")
+@_check(GROUP_CHECKS, "exact_ratio", "under estimator 'sr', the ratio is below 1")
+def _exact_ratio(d: GroupDraft, config: PammConfig) -> str | None:
+    if d.estimator != "sr" or d.ratio < 1:
+        return None
+    return ("ratio 1 asks for every row of X as it is, and estimator 'sr' has no exact branch (it keeps X at "
+            f"{d.bits} bits): left exact, as plain")
+
+
+@_check(GROUP_CHECKS, "small_rows", "a row of X is larger than what the estimator keeps per row whatever the "
+        "ratio (f and alpha; the residual under pamm_sr; the quantized X under sr)")
 def _row_bytes(d: GroupDraft, config: PammConfig) -> str | None:
     xv = val(d.x)
     n, dtype = hint(xv.shape[-1]), d.dtype or xv.dtype
     row_bytes = n * dtype.itemsize
-    kept = INDEX_BYTES_PER_ROW + residual_bytes_per_row(config, n, dtype)
+    kept = kept_bytes_per_row(d.estimator, d.bits, n, dtype)
     if row_bytes > kept:
         return None
-    return f"a row of X is {row_bytes} bytes, no more than the {kept} PAMM keeps per row"
+    return f"a row of X is {row_bytes} bytes, no more than the {kept} estimator {d.estimator} keeps per row"
 
 
-@_check(GROUP_CHECKS, "all_rows_kept", "a static X has more rows than k (dynamic: decided per call)")
+@_check(GROUP_CHECKS, "all_rows_kept", "a static X has more rows than k (dynamic: decided per call; "
+        "estimator 'sr' has no k)")
 def _all_rows_kept(d: GroupDraft, config: PammConfig) -> str | None:
     b = rows(val(d.x))
-    if d.ratio == 1 or not is_static(b):
+    if d.estimator == "sr" or d.ratio == 1 or not is_static(b):
         return None
     b = hint(b)
     if config.generators_at(b, d.ratio) < b:

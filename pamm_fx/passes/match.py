@@ -11,7 +11,7 @@ backward needs. In the ATen graph the same projection is already split into ``t`
 Matching never mutates the graph and never looks at module or parameter names:
 :func:`pamm_fx.passes.structure.find_candidates` lists every linear with its region and site,
 each :data:`pamm_fx.passes.checks.PROJECTION_CHECKS` entry may leave one exact (with its
-reason), the survivors are grouped by (X, compute dtype, region, ratio), and each
+reason), the survivors are grouped by (X, compute dtype, region, ratio, estimator), and each
 :data:`pamm_fx.passes.checks.GROUP_CHECKS` entry may leave a whole group exact.
 
 Under ``torch.autocast`` a linear computes in its output's dtype (bf16/f16), not X's; the
@@ -58,7 +58,9 @@ class Group:
     """Trainable projections reading ``x`` in one region and compute dtype, compressed together.
 
     site: the first of :data:`pamm_fx.config.SITES` among its members' sites (``qkv`` if any feeds attention);
-    ratio: the generator ratio every member's site gets; dtype: the compute dtype under autocast, else None.
+    ratio: the generator ratio every member's site gets; dtype: the compute dtype under autocast, else None;
+    estimator: every member's (:meth:`PammConfig.site_estimator`, resolved here once: the rewrite, the
+    estimates and the reports read it from the group); bits: its payload's bits, None under ``pamm``.
     """
 
     x: fx.Node
@@ -67,6 +69,8 @@ class Group:
     ratio: Fraction
     region: Region
     dtype: torch.dtype | None = None
+    estimator: str = "pamm"
+    bits: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,21 +131,22 @@ def find_groups(gm: fx.GraphModule, config: PammConfig, grad_enabled: bool = Tru
             if failure[0] not in ("not_graph_value", "shape") and _keeps_x_saved(c, gm):
                 exact.append(c)
             continue
-        key = (c.x, checks.compute_dtype(c), c.region.index, config.site_ratio(c.site))
+        key = (c.x, checks.compute_dtype(c), c.region.index, config.site_ratio(c.site), config.site_estimator(c.site))
         drafts.setdefault(key, []).append(c)
 
     groups: list[Group] = []
-    for (x, dtype, _, ratio), members in drafts.items():
+    for (x, dtype, _, ratio, estimator), members in drafts.items():
         readers = tuple(c for c in exact if c.x is x)
-        draft = checks.GroupDraft(gm, x, tuple(members), dtype, ratio, readers)
+        bits = config.estimator_bits(estimator)
+        draft = checks.GroupDraft(gm, x, tuple(members), dtype, ratio, readers, estimator, bits)
         failure = next(((k.name, r) for k in checks.GROUP_CHECKS if (r := k.fn(draft, config)) is not None), None)
         if failure is not None:
             rejections.extend(Rejection(c.node, failure[1], failure[0], c.weight_name) for c in members)
             continue
         projections = tuple(_projection(c) for c in members)
-        groups.append(Group(x, projections, _site(members), ratio, members[0].region, dtype))
+        groups.append(Group(x, projections, _site(members), ratio, members[0].region, dtype, estimator, bits))
     for g in groups:
-        log.info("pamm %s group: X=%s %s -> %s", g.site, g.x.name, fmt_value(val(g.x)),
+        log.info("pamm %s group (%s): X=%s %s -> %s", g.site, g.estimator, g.x.name, fmt_value(val(g.x)),
                  [p.weight_name for p in g.projections])
     for r in rejections:
         log.info("pamm leaves %s exact [%s]: %s", r.weight_name, r.category, r.reason)

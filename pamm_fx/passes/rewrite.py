@@ -19,11 +19,18 @@ do not follow autocast: C is then stored in that dtype, alpha stays float32, and
 casts' backward returns dX and the weight gradients in the original dtypes, as
 autocast's own casts do.
 
+Each group follows its own estimator (``Group.estimator``, resolved once by the match): ``pamm``
+writes compress then linear_group; ``pamm_sr`` also quantizes the residual between them;
+``sr`` writes no compress at all, only ``pamm::quantize_residual`` of X (no base) and a
+linear_group whose C, f, alpha are None::
+
+    X ── detach ── pamm.quantize_residual(·, None, None, None, seed, salt, bits) ──┐ (q, lo, scale)
+    X ─────────── pamm.linear_group(X, [W1, W2], ..., None, None, None, q, lo, scale, bits)
+
 The rewrite works on a copy of the graph, so the caller can still compile the
 untouched original if anything goes wrong. The ops' nodes are written by their owners
-(:func:`pamm_fx.ops.compress.emit`, :func:`pamm_fx.ops.linear_group.emit`, and under
-``estimator="pamm_sr"`` :func:`pamm_fx.ops.residual.emit` between them); the per-call seed
-input by :func:`pamm_fx.seed.add_placeholder`.
+(:func:`pamm_fx.ops.compress.emit`, :func:`pamm_fx.ops.residual.emit`,
+:func:`pamm_fx.ops.linear_group.emit`); the per-call seed input by :func:`pamm_fx.seed.add_placeholder`.
 """
 
 from __future__ import annotations
@@ -140,13 +147,14 @@ def _rewrite(new: fx.GraphModule, env: dict[fx.Node, fx.Node], groups: list[Grou
             if fake_mode is not None and xv is not None:
                 with fake_mode:
                     detached.meta["example_value"] = xv.detach()
-            _, (c, f, alpha) = emit_compress(graph, Compress(
-                detached, seed_node, group.ratio, config.min_generators, config.min_tokens, config.eps,
-                salt_base + salt))
-            residual = None
-            if config.estimator == "pamm_sr":
+            c = f = alpha = residual = None
+            if group.estimator != "sr":
+                _, (c, f, alpha) = emit_compress(graph, Compress(
+                    detached, seed_node, group.ratio, config.min_generators, config.min_tokens, config.eps,
+                    salt_base + salt))
+            if group.bits is not None:
                 _, residual = emit_quantize_residual(graph, QuantizeResidual(
-                    detached, c, f, alpha, seed_node, salt_base + salt, config.residual_bits))
+                    detached, c, f, alpha, seed_node, salt_base + salt, group.bits))
             fused, outs = emit_linear_group(graph, LinearGroup(x, weights, biases, c, f, alpha, residual))
             for proj, old, out in zip(group.projections, projs, outs):
                 out.meta = dict(old.meta)
