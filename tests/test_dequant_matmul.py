@@ -1,0 +1,225 @@
+"""dW = dY^T X^ straight from the low-bit codes: Triton kernel vs chunked reference vs the explicit
+``dY^T @ reconstruct_reference(...)``, with and without the PAMM base.
+
+Set-up as in tests/test_residual_kernels.py: without a GPU the kernel runs on CPU tensors under
+triton's interpreter (``TRITON_INTERPRET=1``, set before the kernel module is imported); with a GPU
+the same tests run the compiled kernel on CUDA tensors. Sizes are tiny: the interpreter is slow.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip(
+    "triton",
+    reason="triton is not installed: `pip install 'triton>=3.7.1'` (CPU runs use its interpreter, TRITON_INTERPRET=1)",
+)
+
+from torch._dynamo.backends.common import aot_autograd  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+from pamm_fx.kernels import dequant_matmul, dequant_matmul_triton, residual  # noqa: E402
+
+_INTERPRETED = isinstance(dequant_matmul_triton._weight_grad_kernel, InterpretedFunction)
+if not _INTERPRETED and not torch.cuda.is_available():
+    pytest.skip(
+        "no GPU and the Triton kernels were imported before TRITON_INTERPRET=1 was set: run with TRITON_INTERPRET=1",
+        allow_module_level=True,
+    )
+if _INTERPRETED and tuple(map(int, re.findall(r"\d+", triton.__version__)[:3])) < (3, 7, 1):
+    pytest.skip(f"triton {triton.__version__}'s interpreter is broken with numpy >= 2.4: `pip install 'triton>=3.7.1'`",
+                allow_module_level=True)
+DEVICE = "cpu" if _INTERPRETED else "cuda"
+#: Worst relative error of rounding X^ to the operand dtype, per element: the interpreter truncates
+#: float32 -> bf16/fp16 (the GPU rounds to nearest, half of this); float32 is only summation order.
+ROUNDING = {torch.float32: 2.0**-18, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+def _case(b: int, n: int, m: int, dtype: torch.dtype, bits: int, base: bool,
+          seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """dY and (q, lo, scale) of X (or of PAMM's residual, with the base's c, f, alpha in the dict)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, n, generator=gen).to(dtype)
+    dy = torch.randn(b, m, generator=gen).to(dtype)
+    kw: dict = {}
+    if base:
+        c = x[:3].clone() if b >= 3 else torch.randn(3, n, generator=gen).to(dtype)
+        kw = dict(c=c, f=torch.randint(0, 3, (b,), generator=gen, dtype=torch.int32),
+                  alpha=torch.randn(b, generator=gen))
+    q, lo, scale = residual.quantize_reference(x, kw.get("c"), kw.get("f"), kw.get("alpha"), torch.tensor(seed), 1,
+                                               bits)
+    return dy, q, lo, scale, kw
+
+
+def _x_hat(q: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, bits: int, n: int, dtype: torch.dtype,
+           kw: dict) -> torch.Tensor:
+    return residual.reconstruct_reference(q, lo, scale, kw.get("c"), kw.get("f"), kw.get("alpha"), bits, n, dtype)
+
+
+def _triton(dy: torch.Tensor, q: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, bits: int, n: int, kw: dict,
+            out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    on = {k: v.to(DEVICE) for k, v in kw.items()}
+    return dequant_matmul_triton.weight_grad(dy.to(DEVICE), q.to(DEVICE), lo.to(DEVICE), scale.to(DEVICE), bits, n,
+                                             **on, out_dtype=out_dtype).cpu()
+
+
+def _bound(dy: torch.Tensor, x_hat: torch.Tensor, rel: float) -> torch.Tensor:
+    """Elementwise error bound: ``rel`` of |dY|^T |X^| (what rounding each product's X^ factor can move)."""
+    return rel * dy.double().abs().t() @ x_hat.double().abs() + 1e-6
+
+
+@pytest.mark.parametrize("base", [True, False], ids=["pamm_sr", "sr"])
+@pytest.mark.parametrize("bits", residual.BITS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_reference_and_explicit_agree(dtype: torch.dtype, bits: int, base: bool) -> None:
+    """b = 45 is not a multiple of BLOCK_K, n = 37 (odd) not of the packing or BLOCK_N, m = 20 not of BLOCK_M."""
+    b, n, m = 45, 37, 20
+    dy, q, lo, scale, kw = _case(b, n, m, dtype, bits, base)
+    x_hat = _x_hat(q, lo, scale, bits, n, dtype, kw)
+    exact = dy.double().t() @ x_hat.double()  # the products of the operands the GEMM sees, summed exactly
+    ref = dequant_matmul.weight_grad_reference(dy, q, lo, scale, bits, n, **kw, out_dtype=torch.float32)
+    tri = _triton(dy, q, lo, scale, bits, n, kw, torch.float32)
+    explicit = (dy.t() @ x_hat).float()
+    assert ref.shape == tri.shape == (m, n) and ref.dtype == tri.dtype == torch.float32
+    assert ((ref.double() - exact).abs() <= _bound(dy, x_hat, 2.0**-18)).all()  # float32 summation only
+    assert ((tri.double() - exact).abs() <= _bound(dy, x_hat, ROUNDING[dtype])).all()
+    torch.testing.assert_close(explicit, ref, **({} if dtype == torch.float32 else dict(rtol=2e-2, atol=0.1)))
+    # The whole-tensor aten form is the explicit path itself.
+    torch.testing.assert_close(dequant_matmul.weight_grad_aten(dy, q, lo, scale, bits, n, **kw, out_dtype=torch.float32),
+                               explicit, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("base", [True, False], ids=["pamm_sr", "sr"])
+def test_reference_float64_and_chunks(base: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """float64 stays float64 end to end; ROW_CHUNK rows at a time sum to the whole product."""
+    b, n, m = 29, 13, 6
+    dy, q, lo, scale, kw = _case(b, n, m, torch.float64, 4, base)
+    assert lo.dtype == torch.float64
+    explicit = dy.t() @ _x_hat(q, lo, scale, 4, n, torch.float64, kw)
+    monkeypatch.setattr(residual, "ROW_CHUNK", 8)
+    out = dequant_matmul.weight_grad_reference(dy, q, lo, scale, 4, n, **kw)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, explicit, rtol=1e-12, atol=1e-12)
+    # The dispatcher keeps float64 (and every CPU tensor) on the reference.
+    torch.testing.assert_close(dequant_matmul.weight_grad(dy, q, lo, scale, 4, n, **kw), out, rtol=0, atol=0)
+
+
+def test_split_rows_sum_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Few tiles and many rows: the rows are split into slices whose float32 partials add up."""
+    b, n, m = 70, 19, 17
+    dy, q, lo, scale, kw = _case(b, n, m, torch.float32, 2, True)
+    monkeypatch.setattr(dequant_matmul_triton, "MIN_SPLIT_ROWS", 16)
+    assert dequant_matmul_triton._split(b, 1) == 4
+    ref = dequant_matmul.weight_grad_reference(dy, q, lo, scale, 2, n, **kw)
+    torch.testing.assert_close(_triton(dy, q, lo, scale, 2, n, kw), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("base", [True, False], ids=["pamm_sr", "sr"])
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_nan_row_poisons_every_column(impl: str, base: bool) -> None:
+    """A non-finite row of X (lo = scale = NaN) makes all of dW NaN, as plain's dY^T X; others stay finite."""
+    b, n, m = 21, 11, 5
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(b, n, generator=gen)
+    x[7, 4] = float("inf")
+    dy = torch.randn(b, m, generator=gen)
+    kw = dict(c=torch.randn(2, n, generator=gen), f=torch.randint(0, 2, (b,), generator=gen, dtype=torch.int32),
+              alpha=torch.randn(b, generator=gen)) if base else {}
+    q, lo, scale = residual.quantize_reference(x, kw.get("c"), kw.get("f"), kw.get("alpha"), torch.tensor(0), 1, 4)
+    assert lo[7].isnan() and scale[7].isnan()
+    fn = dequant_matmul.weight_grad_reference if impl == "reference" else \
+        lambda *a, **k: _triton(*a, kw=k, out_dtype=None)
+    assert fn(dy, q, lo, scale, 4, n, **kw).isnan().all()
+    keep = torch.arange(b) != 7
+    kw_ok = {k: (v if k == "c" else v[keep]) for k, v in kw.items()}
+    assert fn(dy[keep], q[keep], lo[keep], scale[keep], 4, n, **kw_ok).isfinite().all()
+
+
+_AT_B0 = pytest.mark.xfail(strict=True, reason="residual._dequantize_rows reshapes (0, -1), ambiguous for b = 0")
+
+
+@pytest.mark.parametrize(("impl", "b", "n", "m"), [
+    *((impl, *shape) for impl in ("reference", "triton") for shape in ((0, 9, 4), (5, 0, 4), (5, 9, 0))),
+    pytest.param("aten", 0, 9, 4, marks=_AT_B0), ("aten", 5, 0, 4), ("aten", 5, 9, 0),
+])
+def test_empty_shapes(impl: str, b: int, n: int, m: int) -> None:
+    """No rows (or no columns): dW is zeros (m x n), as plain's dY^T X over an empty batch."""
+    dy, q, lo, scale, kw = _case(b, n, m, torch.bfloat16, 2, True)
+    if impl == "triton":
+        out = _triton(dy, q, lo, scale, 2, n, kw, torch.float32)
+    else:
+        fn = dequant_matmul.weight_grad_reference if impl == "reference" else dequant_matmul.weight_grad_aten
+        out = fn(dy, q, lo, scale, 2, n, **kw, out_dtype=torch.float32)
+    assert out.shape == (m, n) and out.dtype == torch.float32 and not out.any()
+
+
+def test_out_dtype_defaults_to_the_operand_dtype() -> None:
+    """dY is cast to C's dtype (the backward's ``g.to(c.dtype)``), and dW comes back in it by default."""
+    dy, q, lo, scale, kw = _case(9, 7, 3, torch.bfloat16, 8, True)
+    for impl in (dequant_matmul.weight_grad_reference, dequant_matmul.weight_grad_aten):
+        assert impl(dy.float(), q, lo, scale, 8, 7, **kw).dtype == torch.bfloat16
+        assert impl(dy, q, lo, scale, 8, 7).dtype == torch.bfloat16
+    assert _triton(dy.float(), q, lo, scale, 8, 7, kw).dtype == torch.bfloat16
+
+
+def test_base_is_all_or_nothing() -> None:
+    dy, q, lo, scale, kw = _case(4, 5, 2, torch.float32, 4, True)
+    with pytest.raises(ValueError, match="all or none"):
+        dequant_matmul.weight_grad_reference(dy, q, lo, scale, 4, 5, c=kw["c"])
+    with pytest.raises(ValueError, match="bits"):
+        dequant_matmul.weight_grad_reference(dy, q, lo, scale, 3, 5)
+
+
+class _TraceableInterpreted(JITFunction):
+    """As in tests/test_residual_kernels.py: an interpreted kernel that passes triton_op's
+    isinstance(JITFunction) check, so that on CPU the op traces into the kernel-wrapper HOP."""
+
+    def __init__(self, interpreted: InterpretedFunction) -> None:
+        super().__init__(interpreted.fn)
+        self._interpreted = interpreted
+
+    def run(self, *args: object, grid: object, warmup: bool, **kwargs: object) -> object:
+        return self._interpreted.run(*args, grid=grid, warmup=warmup, **kwargs)
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        return self._interpreted(*args, **kwargs)
+
+
+@pytest.fixture
+def traceable_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    if _INTERPRETED:
+        monkeypatch.setattr(dequant_matmul_triton, "_weight_grad_kernel",
+                            _TraceableInterpreted(dequant_matmul_triton._weight_grad_kernel))
+
+
+@pytest.mark.usefixtures("traceable_kernel")
+def test_triton_op_opcheck_and_trace() -> None:
+    """opcheck with and without the base; AOTAutograd decomposes the op into the kernel wrapper."""
+    dy, q, lo, scale, kw = (t if not isinstance(t, dict) else {k: v.to(DEVICE) for k, v in t.items()}
+                            for t in _case(21, 19, 6, torch.bfloat16, 2, True))
+    dy, q, lo, scale = (t.to(DEVICE) for t in (dy, q, lo, scale))
+    op = torch.ops.pamm.weight_grad_triton.default
+    torch.library.opcheck(op, (dy, q, lo, scale, kw["c"], kw["f"], kw["alpha"], 2, 19, torch.float32))
+    torch.library.opcheck(op, (dy, q, lo, scale, None, None, None, 2, 19, torch.bfloat16))
+    graphs: list[torch.fx.GraphModule] = []
+
+    def keep(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return gm
+
+    def grad(dy: torch.Tensor) -> torch.Tensor:
+        return torch.ops.pamm.weight_grad_triton(dy, q, lo, scale, kw["c"], kw["f"], kw["alpha"], 2, 19,
+                                                 torch.float32)
+
+    out = torch.compile(grad, backend=aot_autograd(fw_compiler=keep), fullgraph=True)(dy)
+    code = graphs[0].code
+    assert code.count("triton_kernel_wrapper_functional(") == 1 and "pamm" not in code
+    torch.testing.assert_close(out, grad(dy), rtol=0, atol=0)
