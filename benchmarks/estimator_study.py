@@ -21,7 +21,8 @@ Estimators (``--runs`` labels ``<estimator>[-qkv]-b<2|8>k-s<seed>``; all sites u
 - ``sr2`` / ``sr4``: PAMM + R stored at 2 / 4 bits, per-row min/max, stochastic rounding; dW += dY^T deq(q(R)).
   Unbiased. ``sr2-only`` / ``sr4-only`` / ``sr8-only``: no PAMM, X itself quantised (ActNN-style). Unbiased.
 - ``mix8`` / ``mix4``: per site (item e): ``pamm`` at q/k/v, ``sr8-only`` / ``sr4-only`` at every other linear;
-  ``mix84``: ``pamm`` at q/k/v, ``sr4-only`` at the MLP down-projection, ``sr8-only`` elsewhere.
+  ``mix84``: ``pamm`` at q/k/v, ``sr4-only`` at the MLP down-projection, ``sr8-only`` elsewhere; ``sr84``: the same
+  without PAMM (``sr8-only`` at q/k/v too).
 
 Bytes saved for backward are counted per row against X in fp32 (C fp32, f int32, alpha fp32, residual
 payload at its bit width, fp32 scales, row indices int32 and 1/pi fp32), over the compressed groups.
@@ -254,9 +255,10 @@ def _group(x: Tensor, linears: list[torch.nn.Linear], est: Estimator | None, sal
 
 
 #: per-site estimators (item e), (q/k/v, other linears, MLP down-projection): ``mixN`` keeps PAMM
-#: (k = max(256, b/64)) at q/k/v and X at N bits elsewhere; ``mix84`` X at 4 bits at the down-projection.
+#: (k = max(256, b/64)) at q/k/v and X at N bits elsewhere; ``mix84`` X at 4 bits at the down-projection;
+#: ``sr84``: no PAMM, X at 8 bits, 4 at the down-projection.
 MIXES = {"mix8": ("pamm", "sr8-only", "sr8-only"), "mix4": ("pamm", "sr4-only", "sr4-only"),
-         "mix84": ("pamm", "sr8-only", "sr4-only")}
+         "mix84": ("pamm", "sr8-only", "sr4-only"), "sr84": ("sr8-only", "sr8-only", "sr4-only")}
 
 
 def estimators(name: str, gen: torch.Generator) -> tuple[Estimator, Estimator, Estimator]:
