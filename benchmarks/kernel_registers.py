@@ -7,7 +7,8 @@ registers and spills from the wheel's bundled ``ptxas -v``. No GPU or driver is 
 
 Configurations are the ones the launchers ship: every tile the assignment's ``_blocks`` picks (small to
 large k) for each dtype, with and without eps, each ``tl.dot`` precision; the contraction's fixed tiles;
-the residual quantize/dequantize tiles per dtype and bit width. Arguments are
+the residual quantize/dequantize tiles per dtype and bit width, with and without the PAMM base
+(``HAS_BASE``: ``estimator="sr"`` quantizes X itself). Arguments are
 specialized as a typical launch is (16-byte aligned pointers, sizes and row strides divisible by 16,
 unit column strides folded to the constant 1), which is what the JIT compiles for contiguous tensors.
 
@@ -142,19 +143,22 @@ def contract_configs(layouts: tuple[str, ...] = LAYOUTS) -> Iterator[Config]:
 
 
 def residual_configs(layouts: tuple[str, ...] = LAYOUTS) -> Iterator[Config]:
-    """``_quantize_kernel``, ``_dequantize_kernel`` and ``_reconstruct_kernel`` per dtype and bit width, at
-    the tiles ``_blocks`` picks for a row that fits one tile and for one that loops over tiles."""
+    """``_quantize_kernel`` (with and without a base), ``_dequantize_kernel`` and ``_reconstruct_kernel`` per
+    dtype and bit width, at the tiles ``_blocks`` picks for a row that fits one tile and for one that loops
+    over tiles."""
     mod = importlib.import_module(RESIDUAL_MODULE)
     tiles = dict.fromkeys(mod._blocks(n) for n in RESIDUAL_N_VALUES)
     for layout in layouts:
         for dtype_name, elem in ELEMENT.items():
-            q_sig = _sig(
-                dict(x_ptr=f"*{elem}", c_ptr=f"*{elem}", f_ptr="*i32", alpha_ptr="*fp32", key_ptr="*i64",
-                     q_ptr="*u8", lo_ptr="*fp32", scale_ptr="*fp32", b="i32", n="i32", width="i32",
+            # Without a base the launcher passes X, the key and lo for C, f and alpha (never read).
+            q_sigs = {has_base: _sig(
+                dict(x_ptr=f"*{elem}", c_ptr=f"*{elem}", f_ptr="*i32" if has_base else "*i64", alpha_ptr="*fp32",
+                     key_ptr="*i64", q_ptr="*u8", lo_ptr="*fp32", scale_ptr="*fp32", b="i32", n="i32", width="i32",
                      stride_xb="i32", stride_xn="i32", stride_cb="i32", stride_cn="i32", stride_qb="i32",
-                     BITS="constexpr", ONE_TILE="constexpr", BLOCK_R="constexpr", BLOCK_N="constexpr"),
+                     BITS="constexpr", HAS_BASE="constexpr", ONE_TILE="constexpr", BLOCK_R="constexpr",
+                     BLOCK_N="constexpr"),
                 ("stride_xn", "stride_cn"), layout,
-            )
+            ) for has_base in (True, False)}
             d_sig = _sig(
                 dict(q_ptr="*u8", lo_ptr="*fp32", scale_ptr="*fp32", out_ptr=f"*{elem}", b="i32", n="i32",
                      stride_qb="i32", stride_ob="i32", BITS="constexpr", BLOCK_R="constexpr", BLOCK_N="constexpr"),
@@ -169,10 +173,11 @@ def residual_configs(layouts: tuple[str, ...] = LAYOUTS) -> Iterator[Config]:
             for bits in mod.BITS:
                 for block_r, block_n, one_tile in tiles:
                     tile = f"{bits}-bit R{block_r} N{block_n} w4"
-                    signature, units, aligned = q_sig
-                    yield Config("_quantize_kernel", f"{layout} {dtype_name} {tile}{' one-tile' * one_tile}",
-                                 signature, units | dict(BITS=bits, ONE_TILE=one_tile, BLOCK_R=block_r,
-                                                         BLOCK_N=block_n), aligned, 4)
+                    for has_base, (signature, units, aligned) in q_sigs.items():
+                        yield Config("_quantize_kernel", f"{layout} {dtype_name} {tile}{' one-tile' * one_tile}"
+                                     f"{'' if has_base else ' no-base'}", signature,
+                                     units | dict(BITS=bits, HAS_BASE=has_base, ONE_TILE=one_tile, BLOCK_R=block_r,
+                                                  BLOCK_N=block_n), aligned, 4)
                     signature, units, aligned = d_sig
                     yield Config("_dequantize_kernel", f"{layout} {dtype_name} {tile}", signature,
                                  units | dict(BITS=bits, BLOCK_R=block_r, BLOCK_N=block_n), aligned, 4)

@@ -106,9 +106,11 @@ def _parse_targets(value: Any) -> str | tuple[tuple[str, float | None], ...]:
 
 
 def _parse_estimator(value: Any) -> str | tuple[tuple[str, str], ...]:
-    """A name stays a string (``"auto"`` included); a dict of sites/families to names becomes sorted pairs,
-    hashable like ``targets``' dict form."""
+    """A name stays a string (``"auto"`` included); a dict of sites/families to names (or its stored form, the
+    pairs) becomes sorted pairs, hashable like ``targets``' dict form."""
     names = [*ESTIMATORS, "auto"]
+    if isinstance(value, (tuple, list)) and value and all(isinstance(p, tuple) and len(p) == 2 for p in value):
+        value = dict(value)
     if isinstance(value, str):
         if value not in names:
             raise ValueError(f"pamm option 'estimator' must be one of {names} or a dict of sites to "
