@@ -43,6 +43,9 @@ def test_bad_ratio_names_valid_range(ratio):
         ({"min_tokens": 0}, r"'min_tokens' must be an int >= 1"),
         ({"min_generators": 0}, r"'min_generators' must be an int >= 1"),
         ({"targets": "everything"}, r"'targets' must be one of \['qkv', 'attn_out', 'mlp', 'mlp_up', 'mlp_down', 'head', 'other', 'all'\]"),
+        ({"estimator": "SR"}, r"'estimator' must be one of \['pamm', 'pamm_sr', 'sr', 'auto'\]"),
+        ({"estimator": {"qkv": "sr", "attn": "pamm"}}, r"'estimator' has an unknown site 'attn'"),
+        ({"bits": 1}, r"'bits' must be one of \[2, 4, 8\] or None"),
     ],
 )
 def test_bad_options(options, match):
@@ -87,6 +90,10 @@ def test_bad_options_fail_at_first_compile():
         ("PAMM_TARGETS", "qkv, mlp", "targets", (("mlp", None), ("qkv", None))),
         ("PAMM_TARGETS", '["qkv", "mlp"]', "targets", (("mlp", None), ("qkv", None))),
         ("PAMM_TARGETS", '{"qkv": "1/256", "mlp": "1/32"}', "targets", (("mlp", 1 / 32), ("qkv", 1 / 256))),
+        ("PAMM_ESTIMATOR", "sr", "estimator", "sr"),
+        ("PAMM_ESTIMATOR", "auto", "estimator", "auto"),
+        ("PAMM_ESTIMATOR", '{"qkv": "pamm", "all": "sr"}', "estimator", (("all", "sr"), ("qkv", "pamm"))),
+        ("PAMM_BITS", "2", "bits", 2),
     ],
 )
 def test_env_sets_each_option(monkeypatch, var, text, name, value):
@@ -109,6 +116,10 @@ def test_env_sets_each_option(monkeypatch, var, text, name, value):
         ("PAMM_TARGETS", "qkv,mpl", r"unknown site 'mpl'; valid sites are \['qkv', 'attn_out', 'mlp', 'mlp_up', 'mlp_down', 'head', 'other', 'all'\]"),
         ("PAMM_TARGETS", '{"qkv": 2}', r"ratio of targets\['qkv'\] must be in \(0, 1\]"),
         ("PAMM_TARGETS", "{qkv: 1/256}", r"'targets' must be one of"),
+        ("PAMM_ESTIMATOR", "sr4", r"'estimator' must be one of \['pamm', 'pamm_sr', 'sr', 'auto'\]"),
+        ("PAMM_ESTIMATOR", '{"mlp": "auto"}', r"valid estimators in a dict are \['pamm', 'pamm_sr', 'sr'\]"),
+        ("PAMM_BITS", "3", r"'bits' must be one of \[2, 4, 8\] or None"),
+        ("PAMM_BITS", "eight", r"'bits' must be one of \[2, 4, 8\] or None"),
     ],
 )
 def test_bad_env_value_names_variable_value_and_valid_values(monkeypatch, var, text, valid):

@@ -62,6 +62,23 @@ class Fused(nn.Module):
         return x + self.o(out.transpose(1, 2).reshape(bsz, seq, D))
 
 
+class SwiGLUBlock(nn.Module):
+    """``Separate`` attention, then a SwiGLU MLP: q/k/v, o, gate + up (one X), down."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = Separate()
+        self.norm = nn.RMSNorm(D)
+        self.gate = nn.Linear(D, 2 * D, bias=False)
+        self.up = nn.Linear(D, 2 * D, bias=False)
+        self.down = nn.Linear(2 * D, D, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.attn(x)
+        h = self.norm(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
 def rewrite_of(model: nn.Module) -> str:
     x = torch.randn(2, 10, D, requires_grad=True)
     with capture_rewrites() as records:
@@ -154,3 +171,22 @@ untouched o.weight: output does not feed attention (targets='qkv')""")
         with defaults.patch(ratio="1/2", min_tokens=1, min_generators=1):
             text = describe_rewrites(Separate(), x)
         assert text.startswith("compress(h: f32[2, 10, 24], ratio=1/2, min_generators=1, eps=inf)"), text
+
+    def test_per_site_estimators_pamm_at_qkv_sr_in_the_mlp(self) -> None:
+        """estimator={"qkv": "pamm", "all": "sr"} (what "auto" means): q/k/v get compress + linear_group, the
+        MLP's groups no compress at all, only X quantized at 8 bits (no base) and a linear_group reading it."""
+        options = {**OPTIONS, "targets": "all", "estimator": {"qkv": "pamm", "all": "sr"}}
+        self.assertExpectedInline(describe_rewrites(SwiGLUBlock(), torch.randn(2, 10, D), **options), """\
+compress(h: f32[2, 10, 24], ratio=1/4, min_generators=1, eps=inf) -> (f32[5, 24], i32[20], f32[20])
+linear_group(h: f32[2, 10, 24])
+  attn.q.weight -> f32[2, 10, 24] -> view
+  attn.k.weight -> f32[2, 10, 24] -> view_1
+  attn.v.weight -> f32[2, 10, 24] -> view_2
+quantize_residual(h_1: f32[2, 10, 24], bits=8, no base) -> (u8[20, 24], f32[20], f32[20])
+linear_group(h_1: f32[2, 10, 24], X at 8 bits)
+  gate.weight -> f32[2, 10, 48] -> silu
+  up.weight -> f32[2, 10, 48] -> mul
+quantize_residual(mul: f32[2, 10, 48], bits=8, no base) -> (u8[20, 48], f32[20], f32[20])
+linear_group(mul: f32[2, 10, 48], X at 8 bits)
+  down.weight -> f32[2, 10, 24] -> add
+untouched attn.o.weight: X is the attention output (out) up to transposes and reshapes; the attention's backward saves it anyway, so compressing it would save no memory""")
