@@ -158,8 +158,8 @@ def test_check_table_names_are_the_categories() -> None:
     assert {"not_parameter", "no_grad", "checkpointed", "frozen", "not_target"} <= set(names)
     group_names = [c.name for c in checks.GROUP_CHECKS]
     assert len(group_names) == len(set(group_names)), "one name per rule: a category names one check"
-    assert set(group_names) == {"written_between", "min_tokens", "small_rows", "all_rows_kept", "saved_anyway",
-                                "attention_output"}
+    assert set(group_names) == {"written_between", "min_tokens", "exact_ratio", "small_rows", "all_rows_kept",
+                                "saved_anyway", "attention_output"}
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
