@@ -315,7 +315,7 @@ def _group(p: Plan, g: Group) -> GroupInfo:
         x_type=fmt_value(val(g.x)),
         projections=[ProjectionInfo(q.weight_name, q.bias_name, q.out_features) for q in g.projections],
         ratio=f"{g.ratio.numerator}/{g.ratio.denominator}",
-        k_formula=f"{est.k_formula} = {est.k}",
+        k_formula=est.k_formula if g.estimator == "sr" else f"{est.k_formula} = {est.k}",
         site=g.site,
         estimator=g.estimator,
         bits=g.bits,

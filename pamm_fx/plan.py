@@ -95,7 +95,7 @@ class Plan:
         dtype = group.dtype or xv.dtype  # under autocast X is saved in the compute dtype either way
         frac, cfg = group.ratio, self.config
         if group.estimator == "sr":
-            k, formula = 0, f"no generators: estimator sr keeps X at {group.bits} bits"
+            k, formula = 0, "no generators, k = 0"
         else:
             k = cfg.generators_at(b, frac)
             formula = f"k = min(b, max({cfg.min_generators}, ceil(b*{frac})))"

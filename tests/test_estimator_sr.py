@@ -212,7 +212,7 @@ def test_explain_reports_what_sr_keeps(bits: int) -> None:
         assert g.saved_bytes_before == b * g.n * 4
         assert g.saved_bytes_after == b * (math.ceil(g.n * bits / 8) + 8)
         assert g.wgrad_flops_after == g.wgrad_flops_before
-    assert f"estimator=sr bits={bits}  no generators" in str(report)
+    assert f"estimator=sr bits={bits}  no generators, k = 0\n" in str(report)
     back = ExplainReport.from_json(report.to_json())
     assert [(g.estimator, g.bits) for g in back.groups] == [("sr", bits)] * 3
 
