@@ -150,9 +150,10 @@ def residual_configs(layouts: tuple[str, ...] = LAYOUTS) -> Iterator[Config]:
     tiles = dict.fromkeys(mod._blocks(n) for n in RESIDUAL_N_VALUES)
     for layout in layouts:
         for dtype_name, elem in ELEMENT.items():
-            # Without a base the launcher passes X, the key and lo for C, f and alpha (never read).
+            # Without a base the launcher passes X, the key and the key for C, f and alpha (never read).
             q_sigs = {has_base: _sig(
-                dict(x_ptr=f"*{elem}", c_ptr=f"*{elem}", f_ptr="*i32" if has_base else "*i64", alpha_ptr="*fp32",
+                dict(x_ptr=f"*{elem}", c_ptr=f"*{elem}", f_ptr="*i32" if has_base else "*i64",
+                     alpha_ptr="*fp32" if has_base else "*i64",
                      key_ptr="*i64", q_ptr="*u8", lo_ptr="*fp32", scale_ptr="*fp32", b="i32", n="i32", width="i32",
                      stride_xb="i32", stride_xn="i32", stride_cb="i32", stride_cn="i32", stride_qb="i32",
                      BITS="constexpr", HAS_BASE="constexpr", ONE_TILE="constexpr", BLOCK_R="constexpr",

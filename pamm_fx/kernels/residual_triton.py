@@ -259,8 +259,8 @@ def quantize_residual_triton(x: Tensor, c: Tensor | None, f: Tensor | None, alph
     key = noise_key(seed.to(x.device), salt).reshape(1)
     block_r, block_n, one_tile = _blocks(n)
     has_base = c is not None
-    # Without a base the kernel reads none of C, f, alpha: X, the key and lo stand in for their pointers.
-    c, f, alpha = (c, f, alpha.float()) if has_base else (x, key, lo)
+    # Without a base the kernel reads none of C, f, alpha: X and the key (inputs, never written) stand in.
+    c, f, alpha = (c, f, alpha.float()) if has_base else (x, key, key)
     wrap_triton(_quantize_kernel)[(triton.cdiv(b, block_r),)](
         x, c, f, alpha, key, q, lo, scale, b, n, width,
         x.stride(0), x.stride(1), c.stride(0), c.stride(1), q.stride(0),
