@@ -6,7 +6,8 @@
   projections whose backward saves C, f, alpha instead of X.
 * :mod:`pamm_fx.ops.contract`: ``pamm::contract``, that backward's weight-gradient contraction.
 * :mod:`pamm_fx.ops.residual`: ``pamm::quantize_residual`` / ``pamm::reconstruct_residual``, the
-  low-bit residual R = X - X~ that ``estimator="pamm_sr"`` adds to the compression (unbiased dW).
+  low-bit residual R = X - X~ that ``estimator="pamm_sr"`` adds to the compression, or X itself
+  without a base under ``estimator="sr"`` (unbiased dW either way).
 
 Each module owns its op's schema, fake kernel, decomposition, autograd, flop formula and a
 dataclass of its arguments with ``emit`` (what the rewrite calls) and ``parse`` (what the test
