@@ -10,7 +10,8 @@ dtype D and feeds ``tl.dot`` with a float32 accumulator. X^ lives only as one ti
 codes where the explicit path writes and reads back a D tile.
 
 Precision: bf16/fp16 D goes to the tensor cores as it is (under the interpreter, whose ``tl.dot``
-has no bf16, both tiles are upcast after the rounding to D, which gives the same exact products);
+has no bf16, both tiles are upcast after the rounding to D, which gives the same exact products; that
+rounding is toward zero there, to nearest on the GPU, so tests bound the error by one D ulp per X^);
 float32 D uses TF32 only when torch allows it for matmuls (:func:`assign_triton.dot_precision`),
 else ``ieee``, which matches the reference up to summation order. Masked rows and columns load 0,
 so padding adds nothing; a NaN lo/scale row (the format's non-finite row) makes its X^ row NaN,
@@ -18,7 +19,9 @@ and with it every column of dW, as plain's. float64 never comes here. Offsets ar
 
 Small dW, long reduction (e.g. 512 x 512 from 16k tokens: 16 tiles for 132 SMs): the rows are split
 into slices, each program writes a float32 partial and one torch sum adds them in slice order, so
-the result is deterministic. Everything is sized from shapes (no host synchronisation).
+the result is deterministic. Everything is sized from shapes (no host synchronisation). dY and C
+are passed with unit column strides (``.contiguous()``, a no-op for the backward's tensors): a
+strided column index cost registers enough to spill.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ def _weight_grad_kernel(
                       mask=m_ok[:, None] & row_ok[None, :], other=0.0)
         ok = row_ok[:, None] & n_ok[None, :]
         byte = tl.load(q_ptr + rows[:, None] * stride_qb + byte_col[None, :], mask=ok, other=0).to(tl.int32)
-        code = (byte >> shift[None, :]) & levels
+        code = byte if per == 1 else (byte >> shift[None, :]) & levels
         lo = tl.load(lo_ptr + rows, mask=row_ok, other=0.0)
         scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
         x_hat = lo[:, None] + code.to(tl.float32) * scale[:, None]
@@ -108,21 +111,26 @@ MIN_SPLIT_ROWS = 1024
 
 
 def _blocks(m: Any, n: Any, dtype: torch.dtype, precision: str) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps), the largest tiles that compile without spilling on
-    sm_80/sm_90 in every layout, aligned or not (``benchmarks/kernel_registers.py``): 128 x 64 with
-    32-row steps for bf16/fp16 (128 x 128 spilled 4-36 bytes unaligned), 128 x 64 with 16-row steps
-    for TF32, 64 x 64 for IEEE float32, whose ``tl.dot`` runs on the FMA units with both tiles in
-    registers. Small m or n take smaller tiles; a symbolic size (dynamic shapes) takes the widest."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): tiles that compile without spilling on sm_80 and sm_90
+    in every layout, aligned or not (``benchmarks/kernel_registers.py``).
+
+    bf16/fp16: 128 x 64 with 32-row steps at 8 warps (128 x 128 spilled 4-36 bytes unaligned), down
+    to 64 x 32 at 4 warps for a small dW (ptxas spilled 4-24 bytes at 32 x 64 and 128 x 32 with 4
+    warps, 64 x 64 with 8, on sm_80). TF32: 128 x 64, 16-row steps. IEEE float32, whose ``tl.dot``
+    runs on the FMA units with both tiles in registers: 64 x 64. float32 takes 8 warps from 2048 tile
+    elements (64 x 32 spilled at 4 on sm_90). A symbolic size (dynamic shapes) takes the widest tile.
+    """
     if dtype != torch.float32:
-        tile_m, tile_n, block_k = 128, 64, 32
+        (m_lo, m_hi), (n_lo, n_hi), block_k = (64, 128), (32, 64), 32
     else:
-        tile_m, tile_n, block_k = (128, 64, 16) if precision == "tf32" else (64, 64, 16)
+        (m_lo, m_hi), (n_lo, n_hi), block_k = (16, 128 if precision == "tf32" else 64), (16, 64), 16
 
-    def block(size: Any, most: int) -> int:
-        return most if isinstance(size, torch.SymInt) else min(most, max(16, triton.next_power_of_2(size)))
+    def block(size: Any, lo: int, hi: int) -> int:
+        return hi if isinstance(size, torch.SymInt) else min(hi, max(lo, triton.next_power_of_2(size)))
 
-    block_m, block_n = block(m, tile_m), block(n, tile_n)
-    return block_m, block_n, block_k, 8 if block_m * block_n >= 64 * 64 else 4
+    block_m, block_n = block(m, m_lo, m_hi), block(n, n_lo, n_hi)
+    wide = block_m == 128 if dtype != torch.float32 else block_m * block_n >= 2048
+    return block_m, block_n, block_k, 8 if wide else 4
 
 
 def _split(b: Any, tiles: Any) -> int:
