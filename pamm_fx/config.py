@@ -168,7 +168,7 @@ class PammConfig:
     eps: neighbourhood tolerance; a row whose relative projection error exceeds it
         is dropped from the weight gradient (``inf`` keeps every row, the paper's best).
     min_tokens: groups whose X has fewer rows than this stay exact (compressing a
-        handful of rows saves nothing and only adds noise).
+        handful of rows saves nothing and only adds noise); not under ``estimator="sr"``.
     min_generators: floor on k, so small batches do not collapse to a few rows. Quality
         follows k, not the ratio: at 2,048 tokens per step, k = 16-32 cost 3-4% validation
         loss and k = 256 none (docs/benchmarks.md), hence 256; from 16,384 tokens per

@@ -228,13 +228,15 @@ def test_explain_under_auto_mixes_estimators() -> None:
 
 
 def test_size_checks_know_sr_has_no_generators() -> None:
-    """sr has no k: a floor of generators above b does not leave it exact (it does PAMM); a row no larger than
-    what sr keeps does (n = 8 bf16: 16 bytes, sr at 8 bits keeps 8 + 8)."""
+    """sr has no k and no per-call exact branch: a floor of generators above b, or min_tokens above b, does not
+    leave it exact (they do PAMM); a row no larger than what sr keeps does (n = 8 bf16: 16 bytes, sr at 8 bits
+    keeps 8 + 8)."""
     model, x = _model(), _batch()
-    floor = {**SR, "min_generators": 1000}
-    text = describe_rewrites(model, x, **floor)
-    assert "compress(" not in text and text.count("X at 8 bits") == 3
-    assert "[all_rows_kept]" in str(pamm_fx.explain(model, x, **{**floor, "estimator": "pamm"}))
+    for option, category in [("min_generators", "all_rows_kept"), ("min_tokens", "min_tokens")]:
+        options = {**SR, option: 1000}
+        text = describe_rewrites(model, x, **options)
+        assert "compress(" not in text and text.count("X at 8 bits") == 3
+        assert f"[{category}]" in str(pamm_fx.explain(model, x, **{**options, "estimator": "pamm"}))
     narrow = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8)).to(torch.bfloat16)
     text = describe_rewrites(narrow, torch.randn(80, 8, dtype=torch.bfloat16), **SR)
     assert "a row of X is 16 bytes, no more than the 16 estimator sr keeps per row" in text

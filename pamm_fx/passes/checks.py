@@ -252,11 +252,14 @@ def _lora_b(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | None:
 # --- group checks: (draft, config) -> reason or None --------------------------------------------
 
 
-@_check(GROUP_CHECKS, "min_tokens", "a static X has at least min_tokens rows (dynamic: decided per call)")
+@_check(GROUP_CHECKS, "min_tokens", "a static X has at least min_tokens rows (dynamic: decided per call; "
+        "estimator 'sr' quantizes any b)")
 def _min_tokens(d: GroupDraft, config: PammConfig) -> str | None:
     b = rows(val(d.x))
-    if not is_static(b) or hint(b) >= config.min_tokens:
-        return None  # a dynamic b is decided per call inside the op
+    # A dynamic b is decided per call inside pamm::compress. sr has no per-call exact branch, so it ignores
+    # min_tokens whether b is static or not (one decision for every call): a few rows at 8 bits still save.
+    if d.estimator == "sr" or not is_static(b) or hint(b) >= config.min_tokens:
+        return None
     return f"X has {hint(b)} rows, below min_tokens={config.min_tokens}"
 
 
