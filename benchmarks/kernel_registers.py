@@ -8,7 +8,8 @@ registers and spills from the wheel's bundled ``ptxas -v``. No GPU or driver is 
 Configurations are the ones the launchers ship: every tile the assignment's ``_blocks`` picks (small to
 large k) for each dtype, with and without eps, each ``tl.dot`` precision; the contraction's fixed tiles;
 the residual quantize/dequantize tiles per dtype and bit width, with and without the PAMM base
-(``HAS_BASE``: ``estimator="sr"`` quantizes X itself). Arguments are
+(``HAS_BASE``: ``estimator="sr"`` quantizes X itself); the weight gradient read from the codes per dtype,
+``tl.dot`` precision, bit width and base, at its widest and smallest tiles. Arguments are
 specialized as a typical launch is (16-byte aligned pointers, sizes and row strides divisible by 16,
 unit column strides folded to the constant 1), which is what the JIT compiles for contiguous tensors.
 
@@ -44,10 +45,14 @@ TARGETS = (80, 90)
 ASSIGN_MODULE = "pamm_fx.kernels.assign_triton"
 CONTRACT_MODULE = "pamm_fx.kernels.contract_triton"
 RESIDUAL_MODULE = "pamm_fx.kernels.residual_triton"
+WEIGHT_GRAD_MODULE = "pamm_fx.kernels.dequant_matmul_triton"
 #: Generator counts whose tiles are compiled (``_blocks`` dedupes them): every BLOCK_K it can pick.
 K_VALUES = (1, 32, 64, 128, 4096)
 #: Row widths n whose residual tiles are compiled: one that fits a tile, one that loops over tiles.
 RESIDUAL_N_VALUES = (512, 8192)
+#: dW shapes (m, n) whose weight-gradient tiles are compiled: the widest tile (every bit width and base) and
+#: the smallest (4-bit with a base).
+WEIGHT_GRAD_SHAPES = ((4096, 4096), (16, 16))
 #: torch dtype name -> Triton pointer element type.
 ELEMENT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -187,6 +192,42 @@ def residual_configs(layouts: tuple[str, ...] = LAYOUTS) -> Iterator[Config]:
                                  units | dict(BITS=bits, BLOCK_R=block_r, BLOCK_N=block_n), aligned, 4)
 
 
+def weight_grad_configs(layouts: tuple[str, ...] = LAYOUTS) -> Iterator[Config]:
+    """``_weight_grad_kernel`` per operand dtype and ``tl.dot`` precision, at the tiles ``_blocks`` picks for a
+    large dW (each bit width, with and without the PAMM base) and a small one; float32 out, as a split stores."""
+    import torch
+
+    mod = importlib.import_module(WEIGHT_GRAD_MODULE)
+    for layout in layouts:
+        for dtype_name, elem in ELEMENT.items():
+            dtype = getattr(torch, dtype_name)
+            # Without a base the launcher passes dY, q and lo for C, f and alpha (never read).
+            sigs = {has_base: _sig(
+                dict(dy_ptr=f"*{elem}", q_ptr="*u8", lo_ptr="*fp32", scale_ptr="*fp32", c_ptr=f"*{elem}",
+                     f_ptr="*i32" if has_base else "*u8", alpha_ptr="*fp32", out_ptr="*fp32", b="i32", m="i32",
+                     n="i32", rows_per_split="i32", stride_db="i32", stride_qb="i32", stride_cb="i32",
+                     stride_os="i32", stride_om="i32", BITS="constexpr", HAS_BASE="constexpr", UPCAST="constexpr",
+                     PRECISION="constexpr", BLOCK_M="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr"),
+                (), layout,
+            ) for has_base in (True, False)}
+            for precision in ("ieee", "tf32") if dtype == torch.float32 else ("ieee",):
+                (big, small) = (mod._blocks(m, n, dtype, precision) for m, n in WEIGHT_GRAD_SHAPES)
+                runs = [(big, bits, has_base) for bits in mod.BITS for has_base in (True, False)] + [(small, 4, True)]
+                for (block_m, block_n, block_k, num_warps), bits, has_base in runs:
+                    signature, units, aligned = sigs[has_base]
+                    yield Config(
+                        kernel="_weight_grad_kernel",
+                        label=f"{layout} {dtype_name} {precision} {bits}-bit base={'yes' if has_base else 'no'} "
+                        f"M{block_m} N{block_n} K{block_k} w{num_warps}",
+                        signature=signature,
+                        constexprs=units | dict(BITS=bits, HAS_BASE=has_base, UPCAST=dtype == torch.float32,
+                                                PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
+                                                BLOCK_K=block_k),
+                        aligned=aligned,
+                        num_warps=num_warps,
+                    )
+
+
 #: Kernel name -> (module, configuration generator). A new kernel joins here, with a generator of its
 #: shipped configurations (the signature as :func:`_sig` specializes it, constexprs, num_warps), and
 #: with that the CPU test and ``gpu_check.py`` compile it too.
@@ -197,6 +238,7 @@ KERNELS = {
     "_quantize_kernel": (RESIDUAL_MODULE, residual_configs),
     "_dequantize_kernel": (RESIDUAL_MODULE, residual_configs),
     "_reconstruct_kernel": (RESIDUAL_MODULE, residual_configs),
+    "_weight_grad_kernel": (WEIGHT_GRAD_MODULE, weight_grad_configs),
 }
 
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
