@@ -112,14 +112,20 @@ def test_reference_float64_and_chunks(base: bool, monkeypatch: pytest.MonkeyPatc
     torch.testing.assert_close(dequant_matmul.weight_grad(dy, q, lo, scale, 4, n, **kw), out, rtol=0, atol=0)
 
 
-def test_split_rows_sum_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Few tiles and many rows: the rows are split into slices whose float32 partials add up."""
-    b, n, m = 70, 19, 17
+@pytest.mark.parametrize("split", [False, True])
+def test_several_tiles_and_split_rows(split: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """2 x 2 tiles of dW (64 x 64 for IEEE float32); with split, the rows go to 4 slices whose float32
+    partials add up."""
+    b, n, m = 70, 75, 66
     dy, q, lo, scale, kw = _case(b, n, m, torch.float32, 2, True)
-    monkeypatch.setattr(dequant_matmul_triton, "MIN_SPLIT_ROWS", 16)
-    assert dequant_matmul_triton._split(b, 1) == 4
+    assert dequant_matmul_triton._blocks(m, n, torch.float32, "ieee")[:2] == (64, 64)
+    if split:
+        monkeypatch.setattr(dequant_matmul_triton, "MIN_SPLIT_ROWS", 16)
+        assert dequant_matmul_triton._split(b, 4) == 4
     ref = dequant_matmul.weight_grad_reference(dy, q, lo, scale, 2, n, **kw)
     torch.testing.assert_close(_triton(dy, q, lo, scale, 2, n, kw), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dequant_matmul.weight_grad_traceable(dy, q, lo, scale, 2, n, **kw),
+                               dequant_matmul.weight_grad_aten(dy, q, lo, scale, 2, n, **kw), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("base", [True, False], ids=["pamm_sr", "sr"])
