@@ -149,12 +149,9 @@ def test_nan_row_poisons_every_column(impl: str, base: bool) -> None:
     assert fn(dy[keep], q[keep], lo[keep], scale[keep], 4, n, **kw_ok).isfinite().all()
 
 
-_AT_B0 = pytest.mark.xfail(strict=True, reason="residual._dequantize_rows reshapes (0, -1), ambiguous for b = 0")
-
-
 @pytest.mark.parametrize(("impl", "b", "n", "m"), [
     *((impl, *shape) for impl in ("reference", "triton") for shape in ((0, 9, 4), (5, 0, 4), (5, 9, 0))),
-    pytest.param("aten", 0, 9, 4, marks=_AT_B0), ("aten", 5, 0, 4), ("aten", 5, 9, 0),
+    *(("aten", *shape) for shape in ((0, 9, 4), (5, 0, 4), (5, 9, 0))),
 ])
 def test_empty_shapes(impl: str, b: int, n: int, m: int) -> None:
     """No rows (or no columns): dW is zeros (m x n), as plain's dY^T X over an empty batch."""
@@ -165,6 +162,24 @@ def test_empty_shapes(impl: str, b: int, n: int, m: int) -> None:
         fn = dequant_matmul.weight_grad_reference if impl == "reference" else dequant_matmul.weight_grad_aten
         out = fn(dy, q, lo, scale, 2, n, **kw, out_dtype=torch.float32)
     assert out.shape == (m, n) and out.dtype == torch.float32 and not out.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_reference_is_plains_gemm_bit_for_bit_when_x_hat_is_x(dtype: torch.dtype,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """pamm_sr at ratio 1 (C = X, f = identity, alpha = 1: R = 0, X^ = X): up to ROW_CHUNK rows, dW in D is
+    plain's dY^T X bit for bit; more rows are summed chunk by chunk in float32 (close, not bitwise)."""
+    b, n, m = 40, 24, 16
+    gen = torch.Generator().manual_seed(5)
+    x, dy = torch.randn(b, n, generator=gen).to(dtype), torch.randn(b, m, generator=gen).to(dtype)
+    kw = dict(c=x, f=torch.arange(b, dtype=torch.int32), alpha=torch.ones(b))
+    q, lo, scale = residual.quantize_reference(x, *kw.values(), torch.tensor(0), 1, 2)
+    assert not scale.any()
+    plain = dy.t().mm(x)
+    assert torch.equal(dequant_matmul.weight_grad_reference(dy, q, lo, scale, 2, n, **kw), plain)
+    monkeypatch.setattr(residual, "ROW_CHUNK", 16)
+    chunked = dequant_matmul.weight_grad_reference(dy, q, lo, scale, 2, n, **kw)
+    torch.testing.assert_close(chunked, plain, **({} if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)))
 
 
 def test_out_dtype_defaults_to_the_operand_dtype() -> None:

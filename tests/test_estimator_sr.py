@@ -149,7 +149,8 @@ def test_opcheck_ops_without_a_base(shape: tuple[int, ...], dtype: torch.dtype) 
     for bits in residual_kernels.BITS:
         opcheck(torch.ops.pamm.quantize_residual.default, (x.detach(), None, None, None, seed, 1, bits))
     q, lo, scale = torch.ops.pamm.quantize_residual(x.detach(), None, None, None, seed, 1, 8)
-    opcheck(torch.ops.pamm.reconstruct_residual.default, (q, lo, scale, None, None, None, 8, n, dtype))
+    dy = torch.randn(math.prod(shape[:-1]), 5, dtype=dtype)
+    opcheck(torch.ops.pamm.residual_weight_grad.default, (dy, q, lo, scale, None, None, None, 8, n, dtype))
     weights = [torch.randn(16, n, dtype=dtype, requires_grad=True), torch.randn(8, n, dtype=dtype)]
     bias = torch.randn(8, dtype=dtype, requires_grad=True)
     opcheck(torch.ops.pamm.linear_group.default, (x, weights, [bias], [False, True], None, None, None, q, lo, scale, 8))
@@ -162,8 +163,8 @@ def test_linear_group_needs_a_payload() -> None:
 
 
 def test_backward_is_dy_t_times_the_dequantized_x() -> None:
-    """dW_j = dY_j^T deq(q(X)) for exactly the projections that need it; dX and db exact; a projection whose
-    output gets no gradient keeps None."""
+    """dW_j = dY_j^T deq(q(X)) (``pamm::residual_weight_grad``) for exactly the projections that need it; dX
+    and db exact; a projection whose output gets no gradient keeps None."""
     torch.manual_seed(0)
     x = torch.randn(2, 30, 12, requires_grad=True)
     wq, wk, wv = torch.randn(8, 12, requires_grad=True), torch.randn(4, 12), torch.randn(4, 12, requires_grad=True)
@@ -175,6 +176,9 @@ def test_backward_is_dy_t_times_the_dequantized_x() -> None:
     torch.autograd.backward([q, k], [gq, gk])  # v unused
     deq = residual_kernels.dequantize_reference(q_, lo, scale, 12, 4, torch.float32)
     torch.testing.assert_close(wq.grad, gq.reshape(-1, 8).T @ deq)
+    dw = torch.ops.pamm.residual_weight_grad(gq.reshape(-1, 8), q_, lo, scale, None, None, None, 4, 12,
+                                             torch.float32)
+    torch.testing.assert_close(dw, wq.grad, rtol=0, atol=0)
     assert wk.grad is None and wv.grad is None
     torch.testing.assert_close(x.grad, gq @ wq + gk @ wk)
     torch.testing.assert_close(bk.grad, gk.sum((0, 1)))
@@ -193,7 +197,8 @@ def test_flop_formulas_without_a_base() -> None:
         (y,) = torch.ops.pamm.linear_group(x, [w], [], [False], None, None, None, q, lo, scale, 8)
         y.sum().backward()
     flops = {str(op): v for op, v in counter.get_flop_counts()["Global"].items()}
-    assert flops["pamm.quantize_residual"] == flops["pamm.reconstruct_residual"] == 2 * b * n
+    assert flops["pamm.quantize_residual"] == 2 * b * n
+    assert flops["pamm.residual_weight_grad"] == 2 * b * m * n + 2 * b * n
     assert "pamm.compress" not in flops and "pamm.contract" not in flops
 
 

@@ -14,8 +14,9 @@ products are summed in float32 (float64 for D = float64) over all b rows before 
 bf16/fp16 it keeps the float32 sum that the explicit path rounds to D before casting to the
 weight's dtype. A NaN row (lo = scale = NaN) makes every column of dW NaN, as plain's dY^T X.
 
-:func:`weight_grad_reference` is the CPU path, ROW_CHUNK rows at a time; :func:`weight_grad_aten`
-is the whole-tensor form for Inductor (today's explicit reconstruction plus one GEMM, in D);
+:func:`weight_grad_reference` is the CPU path, ROW_CHUNK rows at a time (up to ROW_CHUNK rows with dW
+in D: the explicit GEMM itself, so that X^ = X gives plain's dW bit for bit); :func:`weight_grad_aten`
+is the whole-tensor form for Inductor (the explicit reconstruction plus one GEMM, in D);
 :func:`weight_grad` (eager) and :func:`weight_grad_traceable` (what Inductor compiles) are the
 dispatchers, the only places that choose the Triton kernel of
 :mod:`~pamm_fx.kernels.dequant_matmul_triton` (CUDA, float32/bf16/fp16) or torch.
@@ -50,7 +51,8 @@ def _check(dy: Tensor, q: Tensor, bits: int, c: Tensor | None, f: Tensor | None,
 def weight_grad_reference(dy: Tensor, q: Tensor, lo: Tensor, scale: Tensor, bits: int, n: int,
                           c: Tensor | None = None, f: Tensor | None = None, alpha: Tensor | None = None,
                           out_dtype: torch.dtype | None = None) -> Tensor:
-    """dW = dY^T X^, (m, n) in ``out_dtype`` (default D), ROW_CHUNK rows of X^ at a time.
+    """dW = dY^T X^, (m, n) in ``out_dtype`` (default D), ROW_CHUNK rows of X^ at a time (one GEMM in D
+    when that is one chunk and ``out_dtype`` is D).
 
     dy: (b, m); q: (b, ceil(n * bits / 8)) uint8; lo, scale: (b,); c: (k, n), f: (b,) int, alpha:
     (b,) for the PAMM base, or all None. Temporaries are ROW_CHUNK x n and the m x n accumulator.
@@ -59,6 +61,11 @@ def weight_grad_reference(dy: Tensor, q: Tensor, lo: Tensor, scale: Tensor, bits
     d = operand_dtype(dy, c)
     acc_dtype = residual.work_dtype(d)
     b, m = dy.shape
+    if b <= residual.ROW_CHUNK and (out_dtype or d) == d:
+        # One chunk, dW in D: the explicit GEMM itself (whose products D's GEMM sums in float32), so that
+        # X^ = X (pamm_sr at ratio 1) gives plain's dY^T X bit for bit in every dtype.
+        x_hat = residual.reconstruct_reference(q, lo, scale, c, f, alpha, bits, n, d)
+        return dy.to(d).t().mm(x_hat)
     acc = torch.zeros(m, n, dtype=acc_dtype, device=dy.device)
     for r0 in range(0, b, residual.ROW_CHUNK):
         r1 = min(b, r0 + residual.ROW_CHUNK)

@@ -15,7 +15,7 @@ Format, per row i of R (n elements):
 * 8 // bits codes per byte, element j in byte j // (8 // bits) at bit (j % (8 // bits)) * bits,
   each row padded with zero bits to ``ceil(n * bits / 8)`` bytes;
 * ``deq_ij = lo_i + q_ij * scale_i``; the backward uses X^ = alpha * C_f + deq(q), or deq(q) without a
-  base (:func:`reconstruct`).
+  base (:func:`reconstruct_reference`), inside its GEMM (:mod:`~pamm_fx.kernels.dequant_matmul`).
 
 Exactness: a row with scale 0 (R == 0, e.g. at ratio 1 where X~ = X, or any constant row)
 stores q = 0 and dequantizes to lo exactly. A row holding NaN or Inf (or whose range overflows)
@@ -26,13 +26,12 @@ The noise is a pure function of its inputs on X's device (no torch RNG, no host
 synchronisation): a recomputation, or another kernel for the same format, draws the same bits.
 
 :func:`quantize_reference` and :func:`reconstruct_reference` (X^ = X~ + deq(q), what the
-backward multiplies dY by) are the CPU path, chunked over rows so that no b x n float32 temporary
-exists in full, and what :mod:`~pamm_fx.kernels.residual_triton` must match;
-:func:`dequantize_reference` decodes the format alone. :func:`quantize_aten` /
-:func:`reconstruct_aten` are the same code on the whole tensor, for Inductor to fuse into one
-pass. :func:`quantize` / :func:`reconstruct` (eager) and :func:`quantize_traceable` /
-:func:`reconstruct_traceable` (what Inductor compiles) are the dispatchers: the only places that
-choose Triton or torch for this primitive.
+backward multiplies dY by, a chunk of rows at a time in :mod:`~pamm_fx.kernels.dequant_matmul`) are the
+CPU path, chunked over rows so that no b x n float32 temporary exists in full, and what
+:mod:`~pamm_fx.kernels.residual_triton` must match; :func:`dequantize_reference` decodes the format
+alone. :func:`quantize_aten` / :func:`reconstruct_aten` are the same code on the whole tensor, for
+Inductor to fuse into one pass. :func:`quantize` (eager) and :func:`quantize_traceable` (what Inductor
+compiles) are the dispatchers: the only places that choose Triton or torch for the quantization.
 """
 
 from __future__ import annotations
@@ -57,10 +56,8 @@ __all__ = [
     "quantize_aten",
     "quantize_reference",
     "quantize_traceable",
-    "reconstruct",
     "reconstruct_aten",
     "reconstruct_reference",
-    "reconstruct_traceable",
     "work_dtype",
 ]
 
@@ -154,7 +151,7 @@ def _dequantize_rows(q: Tensor, lo: Tensor, scale: Tensor, n: int, bits: int, dt
     b = q.shape[0]
     levels = (1 << bits) - 1
     codes = (q.to(torch.int32)[:, :, None] >> _shifts(bits, q.device)) & levels
-    codes = codes.reshape(b, -1)[:, :n]
+    codes = codes.reshape(b, q.shape[1] * (8 // bits))[:, :n]  # not -1: ambiguous for b = 0
     deq = lo[:, None] + codes.to(lo.dtype) * scale[:, None]
     return (deq if base is None else base + deq).to(dtype)
 
@@ -246,22 +243,3 @@ def quantize_traceable(x: Tensor, c: Tensor | None, f: Tensor | None, alpha: Ten
         return residual_triton.quantize_residual_triton(x, c, f, alpha, seed, salt, bits)
     return quantize_aten(x, c, f, alpha, seed, salt, bits)
 
-
-def reconstruct(q: Tensor, lo: Tensor, scale: Tensor, c: Tensor | None, f: Tensor | None, alpha: Tensor | None,
-                bits: int, n: int, dtype: torch.dtype) -> Tensor:
-    """X^ (b, n) of ``dtype``, eagerly: the Triton kernel on CUDA, else :func:`reconstruct_reference`."""
-    if use_triton(q, dtype):
-        from pamm_fx.kernels import residual_triton
-
-        return residual_triton.reconstruct(q, lo, scale, c, f, alpha, bits, n, dtype)
-    return reconstruct_reference(q, lo, scale, c, f, alpha, bits, n, dtype)
-
-
-def reconstruct_traceable(q: Tensor, lo: Tensor, scale: Tensor, c: Tensor | None, f: Tensor | None,
-                          alpha: Tensor | None, bits: int, n: int, dtype: torch.dtype) -> Tensor:
-    """The reconstruction Inductor can see: the Triton op on CUDA, whole-tensor aten ops elsewhere."""
-    if use_triton(q, dtype):
-        from pamm_fx.kernels import residual_triton
-
-        return residual_triton.reconstruct_residual_triton(q, lo, scale, c, f, alpha, bits, n, dtype)
-    return reconstruct_aten(q, lo, scale, c, f, alpha, bits, n, dtype)

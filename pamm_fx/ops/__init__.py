@@ -5,7 +5,7 @@
 * :mod:`pamm_fx.ops.linear_group`: ``pamm::linear_group``, the exact forward of a group of
   projections whose backward saves C, f, alpha instead of X.
 * :mod:`pamm_fx.ops.contract`: ``pamm::contract``, that backward's weight-gradient contraction.
-* :mod:`pamm_fx.ops.residual`: ``pamm::quantize_residual`` / ``pamm::reconstruct_residual``, the
+* :mod:`pamm_fx.ops.residual`: ``pamm::quantize_residual`` / ``pamm::residual_weight_grad``, the
   low-bit residual R = X - X~ that ``estimator="pamm_sr"`` adds to the compression, or X itself
   without a base under ``estimator="sr"`` (unbiased dW either way).
 
@@ -20,7 +20,7 @@ from pamm_fx.config import num_generators
 from pamm_fx.ops.compress import compress, record_compressions, sample_generators
 from pamm_fx.ops.contract import contract
 from pamm_fx.ops.linear_group import DoubleBackwardError, linear_group
-from pamm_fx.ops.residual import quantize_residual, reconstruct_residual
+from pamm_fx.ops.residual import quantize_residual, residual_weight_grad
 
 __all__ = [
     "DoubleBackwardError",
@@ -29,7 +29,7 @@ __all__ = [
     "linear_group",
     "num_generators",
     "quantize_residual",
-    "reconstruct_residual",
     "record_compressions",
+    "residual_weight_grad",
     "sample_generators",
 ]

@@ -27,7 +27,7 @@ from torch.utils.flop_counter import register_flop_formula
 from pamm_fx import _compat
 from pamm_fx.ops.compress import rows_of
 from pamm_fx.ops.contract import Contract, weight_contraction
-from pamm_fx.ops.residual import Reconstruct, Residual, reconstructed
+from pamm_fx.ops.residual import Residual, WeightGrad, weight_grad
 
 __all__ = ["DoubleBackwardError", "LinearGroup", "emit", "linear_group", "parse"]
 
@@ -125,14 +125,13 @@ def _weight_grads(grads: list[Tensor | None], c: Tensor | None, f: Tensor | None
 
     PAMM: B~_j^T C, with only the projections that need a gradient contracted, each dY read as it
     is, and neither C nor a (sum m) x n product ever copied to float32. ``pamm_sr``: dY_j^T X^, with
-    X^ = alpha * C_f + deq(q(R)) reconstructed once per group (a transient b x n in the weights' dtype,
-    X's compute dtype), so each projection costs one GEMM, as under plain; ``sr``: the same on
-    X^ = deq(q(X)).
+    X^ = alpha * C_f + deq(q(R)) decoded inside the GEMM's reduction (``pamm::residual_weight_grad``), so
+    no b x n X^ exists and each projection costs one GEMM's reads, as under plain; ``sr``: the same on
+    X^ = deq(q(X)). dY is cast to the weights' dtype first (X's compute dtype, as the GEMM on X^ was).
     """
     if residual is not None:
-        dtype = weights[0].dtype
-        x_hat = reconstructed(Reconstruct(residual, c, f, alpha, weights[0].shape[1], dtype))
-        return [rows_of(g).t().to(dtype).mm(x_hat).to(w.dtype) if need else None
+        dtype, n = weights[0].dtype, weights[0].shape[1]
+        return [weight_grad(WeightGrad(rows_of(g).to(dtype), residual, c, f, alpha, n, w.dtype)) if need else None
                 for g, w, need in zip(grads, weights, needs_w)]
     bt = weight_contraction(Contract([g for g, need in zip(grads, needs_w) if need], f, alpha, c.shape[0]))
     out: list[Tensor | None] = []

@@ -1,5 +1,5 @@
 """The low-bit payload of ``estimator="pamm_sr"`` and ``"sr"``: ``pamm::quantize_residual`` and
-``pamm::reconstruct_residual``.
+``pamm::residual_weight_grad``.
 
 PAMM keeps X~_i = alpha_i C_f(i) for every row, a biased estimate of X_i. ``pamm_sr`` also keeps
 R = X - X~ at ``bits`` bits per element with stochastic rounding (format and guarantees:
@@ -12,12 +12,11 @@ are None, no ``pamm::compress`` runs): R is X itself, and ``dW_j = dY_j^T deq(q(
 ``quantize_residual(x, C?, f?, alpha?, seed, salt, bits) -> (q, lo, scale)`` runs in the forward,
 right after ``pamm::compress`` where there is one (same seed and salt; the noise stream is separated
 from the generator draw), and ``pamm::linear_group`` saves its outputs for the backward
-(:class:`Residual`). ``reconstruct_residual(q, lo, scale, C?, f?, alpha?, bits, n, dtype) -> X^`` runs
-there (n and dtype say X^'s width and dtype, which without C nothing else carries),
-once per group and only when a projection of the group needs its weight gradient: each dW_j is
-then one GEMM dY_j^T X^, as plain's (no contraction, no second GEMM), and under ``pamm_sr`` at
-ratio 1 X^ is X bit for bit, so the weight gradients are plain's bit for bit. X^ is a transient b x n
-in X's (compute) dtype.
+(:class:`Residual`). ``residual_weight_grad(dY, q, lo, scale, C?, f?, alpha?, bits, n, out_dtype) -> dW``
+runs there once per projection that needs its weight gradient: dY_j^T X^ with X^ decoded inside the
+reduction over the b rows (:mod:`pamm_fx.kernels.dequant_matmul`), so no b x n X^ is ever in memory
+(n says X^'s width, which without C nothing else carries). Under ``pamm_sr`` at ratio 1 X^ is X bit
+for bit, and the CPU path sums a batch of up to ROW_CHUNK rows in one GEMM, as plain's.
 Like ``pamm::compress``:
 eager and ``aot_eager`` run the custom ops (the chunked reference, or Triton on CUDA); Inductor
 compiles their decompositions (whole-tensor aten ops, or the traceable Triton ops), and the
@@ -26,7 +25,7 @@ The noise is a counter-based hash of (seed, salt, row, column): no host synchron
 RNG state, and a recomputation gives the same bits.
 
 This module owns both ops' schemas, fake kernels, decompositions, flop formulas, the typed
-forms of their arguments (:class:`QuantizeResidual`, :class:`Reconstruct`, :class:`Residual`)
+forms of their arguments (:class:`QuantizeResidual`, :class:`WeightGrad`, :class:`Residual`)
 with :func:`emit` and :func:`parse`; the format and its size per row
 (:func:`~pamm_fx.kernels.residual.payload_bytes_per_row`) belong to :mod:`pamm_fx.kernels.residual`.
 """
@@ -43,19 +42,20 @@ from torch import Tensor, fx
 from torch.utils.flop_counter import register_flop_formula
 
 from pamm_fx import _compat
+from pamm_fx.kernels import dequant_matmul
 from pamm_fx.kernels import residual as residual_kernels
 from pamm_fx.ops.compress import rows_of
 from pamm_fx.ops.forward_only import emit_outputs, register_non_differentiable
 
 __all__ = [
     "QuantizeResidual",
-    "Reconstruct",
     "Residual",
+    "WeightGrad",
     "emit",
     "parse",
     "quantize_residual",
-    "reconstruct_residual",
-    "reconstructed",
+    "residual_weight_grad",
+    "weight_grad",
 ]
 
 
@@ -93,25 +93,26 @@ class QuantizeResidual:
 
 
 @dataclasses.dataclass(frozen=True)
-class Reconstruct:
-    """The arguments of one ``pamm::reconstruct_residual`` call: the payload, the compression it refines
-    (c, f, alpha, or all None under ``sr``), and X^'s width n and dtype."""
+class WeightGrad:
+    """The arguments of one ``pamm::residual_weight_grad`` call: dY (b, m) as rows, the payload, the
+    compression it refines (c, f, alpha, or all None under ``sr``), X's width n and dW's dtype."""
 
+    dy: Any
     residual: Residual
     c: Any | None
     f: Any | None
     alpha: Any | None
     n: Any
-    dtype: torch.dtype
+    out_dtype: torch.dtype
 
     def op_args(self) -> tuple[Any, ...]:
         r = self.residual
-        return (r.q, r.lo, r.scale, self.c, self.f, self.alpha, r.bits, self.n, self.dtype)
+        return (self.dy, r.q, r.lo, r.scale, self.c, self.f, self.alpha, r.bits, self.n, self.out_dtype)
 
     @classmethod
-    def from_op_args(cls, args: Sequence[Any]) -> Reconstruct:
-        q, lo, scale, c, f, alpha, bits, n, dtype = args
-        return cls(Residual(q, lo, scale, bits), c, f, alpha, n, dtype)
+    def from_op_args(cls, args: Sequence[Any]) -> WeightGrad:
+        dy, q, lo, scale, c, f, alpha, bits, n, out_dtype = args
+        return cls(dy, Residual(q, lo, scale, bits), c, f, alpha, n, out_dtype)
 
 
 @torch.library.custom_op("pamm::quantize_residual", mutates_args=())
@@ -150,22 +151,28 @@ def _quantize_decomposition(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
 _compat.register_inductor_decomposition(torch.ops.pamm.quantize_residual.default, _quantize_decomposition)
 
 
-@torch.library.custom_op("pamm::reconstruct_residual", mutates_args=())
-def reconstruct_residual(q: Tensor, lo: Tensor, scale: Tensor, c: Tensor | None, f: Tensor | None,
-                         alpha: Tensor | None, bits: int, n: int, dtype: torch.dtype) -> Tensor:
-    """X^ = alpha[:, None] * C[f] + deq(q) (deq(q) without C, f, alpha), (b, n) of ``dtype`` (see
-    :class:`Reconstruct`)."""
-    return residual_kernels.reconstruct(q, lo, scale, c, f, alpha, bits, n, dtype)
+@torch.library.custom_op("pamm::residual_weight_grad", mutates_args=())
+def residual_weight_grad(dy: Tensor, q: Tensor, lo: Tensor, scale: Tensor, c: Tensor | None, f: Tensor | None,
+                         alpha: Tensor | None, bits: int, n: int, out_dtype: torch.dtype) -> Tensor:
+    """dW = dY^T X^, X^ = alpha[:, None] * C[f] + deq(q) (deq(q) without C, f, alpha), (m, n) of ``out_dtype``,
+    without X^ in memory (see :class:`WeightGrad`)."""
+    return dequant_matmul.weight_grad(dy, q, lo, scale, bits, n, c, f, alpha, out_dtype)
 
 
-@reconstruct_residual.register_fake
+@residual_weight_grad.register_fake
 def _(*args: Any) -> Tensor:
-    call = Reconstruct.from_op_args(args)
-    return call.residual.q.new_empty(call.residual.q.shape[0], call.n, dtype=call.dtype)
+    call = WeightGrad.from_op_args(args)
+    return call.dy.new_empty(call.dy.shape[1], call.n, dtype=call.out_dtype)
 
 
-_compat.register_inductor_decomposition(torch.ops.pamm.reconstruct_residual.default,
-                                        residual_kernels.reconstruct_traceable)
+def _weight_grad_decomposition(dy: Tensor, q: Tensor, lo: Tensor, scale: Tensor, c: Tensor | None,
+                               f: Tensor | None, alpha: Tensor | None, bits: int, n: int,
+                               out_dtype: torch.dtype) -> Tensor:
+    """What Inductor compiles for ``pamm::residual_weight_grad``: the Triton op on CUDA, else aten ops."""
+    return dequant_matmul.weight_grad_traceable(dy, q, lo, scale, bits, n, c, f, alpha, out_dtype)
+
+
+_compat.register_inductor_decomposition(torch.ops.pamm.residual_weight_grad.default, _weight_grad_decomposition)
 
 
 # Flop formulas, so that FlopCounterMode (and the partitioner's runtime estimator under an
@@ -176,16 +183,19 @@ def _quantize_flops(x_shape: Sequence[int], c_shape: Sequence[int] | None, *args
     return (4 if c_shape is not None else 2) * math.prod(x_shape)
 
 
-@register_flop_formula(torch.ops.pamm.reconstruct_residual)
-def _reconstruct_flops(q_shape: Sequence[int], lo_shape: Any, scale_shape: Any, c_shape: Sequence[int] | None,
-                       f_shape: Any, alpha_shape: Any, bits: int, n: int, *args: Any, **kwargs: Any) -> int:
-    """A multiply-add per element for lo + q * scale, one for alpha * C_f (none without a base): 4 (2) * b * n."""
-    return (4 if c_shape is not None else 2) * q_shape[0] * n
+@register_flop_formula(torch.ops.pamm.residual_weight_grad)
+def _weight_grad_flops(dy_shape: Sequence[int], q_shape: Any, lo_shape: Any, scale_shape: Any,
+                       c_shape: Sequence[int] | None, f_shape: Any, alpha_shape: Any, bits: int, n: int,
+                       *args: Any, **kwargs: Any) -> int:
+    """The GEMM, 2 * b * m * n, plus decoding X^ (a multiply-add per element for lo + q * scale, one for
+    alpha * C_f, none without a base): (4 or 2) * b * n."""
+    b, m = dy_shape
+    return 2 * b * m * n + (4 if c_shape is not None else 2) * b * n
 
 
-def reconstructed(call: Reconstruct) -> Tensor:
-    """X^ as the backward traces it: the custom op (Inductor swaps in its decomposition)."""
-    return torch.ops.pamm.reconstruct_residual(*call.op_args())
+def weight_grad(call: WeightGrad) -> Tensor:
+    """dW as the backward traces it: the custom op (Inductor swaps in its decomposition)."""
+    return torch.ops.pamm.residual_weight_grad(*call.op_args())
 
 
 def emit(graph: fx.Graph, call: QuantizeResidual) -> tuple[fx.Node, Residual]:
@@ -195,12 +205,12 @@ def emit(graph: fx.Graph, call: QuantizeResidual) -> tuple[fx.Node, Residual]:
     return node, Residual(*parts, call.bits)
 
 
-def parse(node: fx.Node) -> QuantizeResidual | Reconstruct | None:
-    """The arguments of a ``pamm::quantize_residual`` or ``pamm::reconstruct_residual`` node, else None."""
+def parse(node: fx.Node) -> QuantizeResidual | WeightGrad | None:
+    """The arguments of a ``pamm::quantize_residual`` or ``pamm::residual_weight_grad`` node, else None."""
     if node.op != "call_function":
         return None
     if node.target is torch.ops.pamm.quantize_residual.default:
         return QuantizeResidual.from_op_args(node.args)
-    if node.target is torch.ops.pamm.reconstruct_residual.default:
-        return Reconstruct.from_op_args(node.args)
+    if node.target is torch.ops.pamm.residual_weight_grad.default:
+        return WeightGrad.from_op_args(node.args)
     return None
