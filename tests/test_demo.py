@@ -1,4 +1,4 @@
-"""The demo a newcomer runs first: four models side by side, with the k each pamm variant used."""
+"""The demo a newcomer runs first: plain, plain + budget, pamm default, pamm all and pamm all + budget side by side."""
 
 from __future__ import annotations
 
@@ -6,19 +6,54 @@ import re
 
 import pytest
 
-from pamm_fx.demo.__main__ import main
+from pamm_fx.demo.__main__ import RECOMMENDED_ALL, main
 
 
-def test_demo_prints_plain_pamm_and_both_with_budget_side_by_side(capsys: pytest.CaptureFixture[str],
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def _rows(out: str) -> dict[str, list[str]]:
+    """The printed table, as {model: its cells}, the header under the key ""."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(" ") and "saved for backward" in line)
+    table = {}
+    for line in lines[start:]:
+        if not line.strip():
+            break
+        cells = re.split(r"\s{2,}", line.strip())
+        table["" if line.startswith(" ") else cells[0]] = cells if line.startswith(" ") else cells[1:]
+    return table
+
+
+def test_demo_compares_every_budget_row_with_plain_and_with_plain_under_the_same_budget(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PAMM_MIN_GENERATORS", "16")  # b = 256 rows: k = 16 instead of the exact k = b
-    assert main(["--steps", "3", "--dim", "32", "--layers", "1", "--batch", "2", "--seq", "128"]) == 0
+    assert main(["--steps", "2", "--dim", "32", "--layers", "1", "--batch", "2", "--seq", "128"]) == 0
     out = capsys.readouterr().out
-    header = next(line for line in out.splitlines() if line.startswith(" ") and "plain torch.compile" in line)
-    assert "pamm (targets=" in header and "plain + budget 0.5" in header and "pamm + budget 0.5" in header
+    table = _rows(out)
+    assert table[""] == ["saved for backward", "vs plain", "vs plain + budget 0.5", "step time", "vs plain",
+                         "vs plain + budget 0.5", "train loss", "validation loss"], out
+    assert list(table)[1:] == ["plain", "plain + budget 0.5", "pamm (qkv)", "pamm all", "pamm all + budget 0.5"], out
+    assert f"pamm all: options {RECOMMENDED_ALL}" in out
+    mib = {name: float(cells[0].removesuffix(" MiB")) for name, cells in table.items() if name}
+
+    def ratio_of(cell: str, num: str, den: str) -> bool:  # of the printed sizes, to their rounding (0.005 MiB)
+        low, high = (mib[num] - 5e-3) / (mib[den] + 5e-3), (mib[num] + 5e-3) / (mib[den] - 5e-3)
+        return low - 5e-4 <= float(cell.removesuffix("x")) <= high + 5e-4
+
+    for name, cells in table.items():
+        if not name:
+            continue
+        # each ratio is against its own baseline, and only a pamm row under a budget has a budget baseline
+        assert ratio_of(cells[1], name, "plain"), (name, cells, mib)
+        if name.startswith("pamm") and name.endswith("budget 0.5"):
+            assert ratio_of(cells[2], name, "plain + budget 0.5"), (name, cells, mib)
+            assert float(cells[5].removesuffix("x")) > 0, cells
+        else:
+            assert cells[2] == cells[5] == "-", cells
+    assert table["plain"][1] == table["plain"][4] == "1.000x"
+    # the default and the budget alone save less than plain, pamm adds to the budget (at this toy size "all"
+    # without a budget keeps about what plain keeps: see its k line)
+    assert mib["pamm (qkv)"] < mib["plain"] and mib["pamm all"] <= mib["plain"], mib
+    assert mib["pamm all + budget 0.5"] < mib["plain + budget 0.5"] < mib["plain"], mib
     ks = next(line for line in out.splitlines() if line.startswith("generators k"))
-    assert ks.count("k=16 x ") == 2, ks  # both pamm variants compress, with k = 16 read from the plan
-    saved = next(line for line in out.splitlines() if line.startswith("saved for backward"))
-    assert saved.count("(-") == 3, saved  # both pamm variants and the budget alone save less than plain
-    # what pamm adds to the budget alone (the sign is the run's: at this toy size it can go either way)
-    assert re.search(r"^pamm \+ budget 0\.5 against plain \+ budget 0\.5: saved for backward [+-]\d", out, re.M), out
+    groups = {m.group(1): int(m.group(2)) for m in re.finditer(r"(pamm [^:]+): k=16 x (\d+) group", ks)}
+    assert set(groups) == {"pamm (qkv)", "pamm all", "pamm all + budget 0.5"}, ks  # k = 16, read from the plan
+    assert groups["pamm (qkv)"] == 1 and groups["pamm all"] > 1 and groups["pamm all + budget 0.5"] > 1, ks

@@ -1,20 +1,25 @@
 """Train a small LLaMA-style model on real text: plain torch.compile and pamm, each alone and with a memory budget.
 
-``python -m pamm_fx.demo`` trains four identical models (same initial weights, same
-batches, interleaved step by step) on the standard library's docstrings: plain
-``torch.compile`` (Inductor), ``backend="pamm"`` at the defaults (or ``--targets``), and
-both again under Inductor's ``activation_memory_budget`` (``--budget``; 0 leaves those two
-out). The budget alone already recomputes most activations, so pamm + budget is compared
-with plain + the same budget as well as with plain. It prints the bytes saved for backward
-(measured with ``saved_tensors_hooks``), the median step time of each and its ratio to
-plain, the train and validation losses, and the number of generators k each compressed
-group actually used (read from the plan).
+``python -m pamm_fx.demo`` trains five identical models (same initial weights, same batches,
+interleaved step by step) on the standard library's docstrings:
+
+- plain ``torch.compile`` (Inductor), and plain under Inductor's ``activation_memory_budget``;
+- ``backend="pamm"`` at the defaults (Q/K/V), and at :data:`RECOMMENDED_ALL` (every linear);
+- :data:`RECOMMENDED_ALL` under the same budget.
+
+The budget alone already recomputes most activations, so a budget row is compared with plain
++ the same budget as well as with plain: that ratio is what pamm adds. It prints, per model, the
+bytes saved for backward (measured with ``saved_tensors_hooks``, deduplicated by storage,
+parameters and buffers left out), the median step time and the median of its per-step ratios
+(steps are interleaved, so load drift hits every model alike), the losses, and the k of every
+compressed group (read from the plan).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import statistics
 import sys
 import time
@@ -30,11 +35,25 @@ from pamm_fx.demo.llama import Llama, LlamaConfig
 from pamm_fx.demo.measure import saved_for_backward
 from pamm_fx.testing import capture_rewrites
 
-__all__ = ["main"]
+__all__ = ["RECOMMENDED_ALL", "main"]
+
+#: The options the docs recommend for compressing every linear (``targets="all"``): the one place the demo
+#: names them, so that it always shows the documented configuration.
+RECOMMENDED_ALL: dict[str, Any] = {"targets": "all", "estimator": "pamm_sr"}
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.2f} MiB"
+@dataclasses.dataclass
+class Variant:
+    """One of the models trained side by side."""
+
+    name: str
+    options: dict[str, Any] | None  # pamm's options; None: plain Inductor
+    budget: float | None  # Inductor's activation_memory_budget; None: none
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    times: list[float] = dataclasses.field(default_factory=list)
+    saved: int = 0
+    loss: float = float("nan")
+    ks: str = "-"
 
 
 @torch.no_grad()
@@ -46,13 +65,13 @@ def _validation_loss(model: Llama, val: torch.Tensor, seq: int, windows: int = 1
 
 
 def _compile(model: Llama, options: dict[str, Any] | None, budget: float | None, tag: int
-             ) -> Callable[..., torch.Tensor]:
+             ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The compiled model, through a function with a code object of its own.
 
     Dynamo caches compiled code per code object, and its guards (backend included, compared by
-    value) do not tell two copies of one model apart: without a fresh code object the budget
-    variant would reuse pamm's graph, partitioned without the budget. The budget is read by the
-    partitioner at the first call, so that call is made inside the config patch.
+    value) do not tell two copies of one model apart: without a fresh code object a budget
+    variant would reuse another variant's graph, partitioned without the budget. The budget is
+    read by the partitioner at the first call, so every call is made inside the config patch.
     """
 
     def run(tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -71,106 +90,116 @@ def _compile(model: Llama, options: dict[str, Any] | None, budget: float | None,
 
 
 def _ks(records: list[Any]) -> str:
-    """The k of every compressed group, as "k=256 x 9", from the plans the backend made."""
+    """The k of every compressed group, as "k=256 x 9 groups", from the plans the backend made."""
     ks = Counter(r.plan.estimate(g).k for r in records for g in r.plan.groups)
     return ", ".join(f"k={k} x {n} group{'s' * (n > 1)}" for k, n in sorted(ks.items())) or "no group compressed"
 
 
+def _ratio(num: float, den: float) -> str:
+    return f"{num / den:.3f}x"
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    width = [max(len(r[i]) for r in [*rows, header]) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip() for r in [header, *rows])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pamm_fx.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40, help="training steps per model (default 40)")
-    parser.add_argument("--targets", default=None, help=f"pamm targets (default: the backend's, "
-                        f"{pamm_fx.config.defaults.targets!r}); one of {list(pamm_fx.config.TARGETS)}")
+    parser.add_argument("--steps", type=int, default=25, help="training steps per model (default 25)")
     parser.add_argument("--budget", type=float, default=0.5,
-                        help="activation_memory_budget of the plain + budget and pamm + budget models "
-                        "(0: leave both out)")
+                        help="activation_memory_budget of the budget models (default 0.5; 0: leave them out)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    options: dict[str, Any] = {"seed": args.seed}
-    if args.targets is not None:
-        options["targets"] = args.targets
-    config = pamm_fx.config.resolve(options)
-    warmup = min(3, max(args.steps - 1, 0))
+    if args.steps < 2:
+        parser.error("--steps must be at least 2 (the first step compiles, the second is measured)")
+    default = pamm_fx.config.resolve({"seed": args.seed})
+    recommended = {**RECOMMENDED_ALL, "seed": args.seed}
+    pamm_fx.config.resolve(recommended)  # fail here, not inside the first compile, if the options are wrong
+    warmup = min(3, args.steps - 1)  # step 0 compiles, step 1 is measured with the hooks: neither is timed
+
+    budget = f" + budget {args.budget:g}"
+    plain, plain_budget, pamm_default, pamm_all = "plain", "plain" + budget, f"pamm ({default.targets})", "pamm all"
+    variants = [Variant(plain, None, None), Variant(pamm_default, {"seed": args.seed}, None),
+                Variant(pamm_all, recommended, None)]
+    if args.budget:
+        variants[1:1] = [Variant(plain_budget, None, args.budget)]
+        variants.append(Variant(pamm_all + budget, recommended, args.budget))
+    by_name = {v.name: v for v in variants}
 
     train, val = byte_dataset()
     cfg = LlamaConfig(dim=args.dim, n_layers=args.layers, n_heads=8, n_kv_heads=4, hidden_dim=int(args.dim * 2.6875))
     torch.manual_seed(args.seed)
     first = Llama(cfg)
-    pamm_name = f"pamm (targets={config.targets!r})"
-    variants: dict[str, tuple[dict[str, Any] | None, float | None]] = {"plain torch.compile": (None, None),
-                                                                        pamm_name: (options, None)}
-    plain_budget, pamm_budget = f"plain + budget {args.budget:g}", f"pamm + budget {args.budget:g}"
-    if args.budget:
-        variants[plain_budget] = (None, args.budget)
-        variants[pamm_budget] = (options, args.budget)
-    models = {name: first if i == 0 else copy.deepcopy(first) for i, name in enumerate(variants)}
-    compiled = {name: _compile(models[name], o, bud, i) for i, (name, (o, bud)) in enumerate(variants.items())}
+    models = {v.name: first if i == 0 else copy.deepcopy(first) for i, v in enumerate(variants)}
+    for i, v in enumerate(variants):
+        v.fn = _compile(models[v.name], v.options, v.budget, i)
     opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-3) for name, m in models.items()}
-    b = args.batch * args.seq
     print(
         f"model: {sum(p.numel() for p in first.parameters()) / 1e6:.2f}M params, {args.layers} layers, dim "
-        f"{args.dim}, {b} tokens/step; pamm options: ratio={config.ratio_fraction}, min_generators="
-        f"{config.min_generators}, targets={config.targets!r}; data: {len(train) / 1e6:.2f} MB of stdlib "
-        f"docstrings; torch {torch.__version__}, {torch.get_num_threads()} threads",
+        f"{args.dim}, {args.batch * args.seq} tokens/step; data: {len(train) / 1e6:.2f} MB of stdlib docstrings; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads\n"
+        f"{pamm_default}: the backend's defaults (ratio={default.ratio_fraction}, min_generators="
+        f"{default.min_generators}, targets={default.targets!r}); {pamm_all}: options {RECOMMENDED_ALL}",
         flush=True,
     )
+
     gen = torch.Generator().manual_seed(args.seed)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    saved: dict[str, int] = {}
-    losses: dict[str, float] = {}
-    groups: dict[str, str] = {}
     for step in range(args.steps):
         tokens, targets = batches(train, args.batch, args.seq, gen)
-        for name, fn in compiled.items():
+        shift = step % len(variants)  # a different model goes first at each step: no order bias in the times
+        for v in variants[shift:] + variants[:shift]:
+            if step == 0:
+                print(f"step   1: compiling {v.name} ...", end=" ", flush=True)
             start = time.perf_counter()
             if step == 0:
                 with capture_rewrites() as records:
-                    loss = fn(tokens, targets)
-                groups[name] = _ks(records) if variants[name][0] is not None else "-"
-            elif step == warmup:
-                measured = saved_for_backward(lambda fn=fn, t=tokens, y=targets: fn(t, y), models[name])
-                saved[name], loss = measured.nbytes, measured.output
+                    loss = v.fn(tokens, targets)
+                v.ks = _ks(records) if v.options is not None else "-"
+            elif step == 1:
+                measured = saved_for_backward(lambda v=v, t=tokens, y=targets: v.fn(t, y), models[v.name])
+                v.saved, loss = measured.nbytes, measured.output
             else:
-                loss = fn(tokens, targets)
+                loss = v.fn(tokens, targets)
             loss.backward()
-            opts[name].step()
-            opts[name].zero_grad(set_to_none=True)
-            times[name].append(time.perf_counter() - start)
-            losses[name] = loss.item()
-        if step == 0 or (step + 1) % 5 == 0 or step + 1 == args.steps:
-            line = "  ".join(f"{name}: loss {losses[name]:.3f} ({times[name][-1]:.2f} s)" for name in models)
-            print(f"step {step + 1:>3}/{args.steps}  {line}", flush=True)
+            opts[v.name].step()
+            opts[v.name].zero_grad(set_to_none=True)
+            v.times.append(time.perf_counter() - start)
+            v.loss = loss.item()
+            if step == 0:
+                print(f"{v.times[-1]:.1f} s", flush=True)
+        if step > 0 and ((step + 1) % 5 == 0 or step + 1 == args.steps):
+            line = "  ".join(f"{v.name}: {v.loss:.3f} ({v.times[-1]:.2f} s)" for v in variants)
+            print(f"step {step + 1:>3}/{args.steps}  loss (step time)  {line}", flush=True)
 
-    names = list(models)
-    base = names[0]
-    median = {n: statistics.median(times[n][warmup:]) for n in names}
-    vals = {n: _validation_loss(models[n], val, args.seq) for n in names}
+    print("validation loss ...", flush=True)
+    vals = {v.name: _validation_loss(models[v.name], val, args.seq) for v in variants}
+    base = by_name[plain]
 
-    rows = [("generators k", *(groups.get(n, "-") for n in names))]
-    rows.append(("saved for backward", *(_mib(saved[n]) + ("" if n == base else f" ({saved[n] / saved[base] - 1:+.1%})")
-                                         for n in names)))
-    rows.append(("median step time", *(f"{median[n] * 1e3:.0f} ms" + ("" if n == base else
-                                       f" ({median[n] / median[base]:.3f}x)") for n in names)))
-    rows.append(("final train loss", *(f"{losses[n]:.4f}" for n in names)))
-    rows.append(("validation loss", *(f"{vals[n]:.4f}" + ("" if n == base else f" ({vals[n] / vals[base] - 1:+.2%})")
-                                      for n in names)))
-    header = ("", *names)
-    width = [max(len(r[i]) for r in [*rows, header]) for i in range(len(header))]
+    def step_ratio(v: Variant, ref: Variant) -> str:  # median of per-step ratios: both ran in the same step
+        return _ratio(statistics.median(a / b for a, b in zip(v.times[warmup:], ref.times[warmup:])), 1.0)
+
+    rows = []
+    for v in variants:
+        ref = by_name[plain_budget] if v.budget is not None and v.name != plain_budget else None
+        rows.append((
+            v.name, f"{v.saved / 2**20:.2f} MiB", _ratio(v.saved, base.saved),
+            "-" if ref is None else _ratio(v.saved, ref.saved),
+            f"{statistics.median(v.times[warmup:]) * 1e3:.0f} ms", step_ratio(v, base),
+            "-" if ref is None else step_ratio(v, ref),
+            f"{v.loss:.4f}", f"{vals[v.name]:.4f} ({vals[v.name] / vals[plain] - 1:+.2%})",
+        ))
+    same = "vs plain" + budget
     print()
-    print("  ".join(h.ljust(w) for h, w in zip(header, width)))
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, width)))
-    if args.budget:  # what pamm adds to the budget's own saving
-        print(f"\n{pamm_budget} against {plain_budget}: saved for backward "
-              f"{saved[pamm_budget] / saved[plain_budget] - 1:+.1%}, step time "
-              f"{median[pamm_budget] / median[plain_budget]:.3f}x, validation loss "
-              f"{vals[pamm_budget] / vals[plain_budget] - 1:+.2%}")
-    print(f"\n(medians over steps {warmup + 1}-{args.steps}; the first steps include compilation; a "
-          f"{args.steps}-step run is too short for the losses to say anything about quality: see docs/benchmarks.md)")
+    print(_table(("", "saved for backward", "vs plain", same, "step time", "vs plain", same, "train loss",
+                  "validation loss"), rows))
+    print("\ngenerators k per compressed group: " + "; ".join(f"{v.name}: {v.ks}" for v in variants if v.options))
+    print(f"(saved for backward: one step, exact; step times: medians over steps {warmup + 1}-{args.steps}, "
+          f"after compilation; a {args.steps}-step run says nothing about quality: see docs/benchmarks.md)")
     return 0
 
 
