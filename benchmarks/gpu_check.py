@@ -2,8 +2,8 @@
 
 Sections, each timed and recorded even when it fails (the next one still runs):
 
-1. kernels: ``pytest tests/test_triton_kernels.py tests/test_residual_kernels.py`` with the kernels compiled
-   for real (no interpreter).
+1. kernels: ``pytest tests/test_triton_kernels.py tests/test_residual_kernels.py tests/test_dequant_matmul.py``
+   with the kernels compiled for real (no interpreter).
 2. end-to-end: a small LLaMA (``pamm_fx.demo.llama``) compiled with ``backend="pamm"`` and run forward +
    backward in bf16, fp16 and fp32 with ``dynamic=True`` (two sequence lengths), and with
    ``mode="reduce-overhead"`` (CUDA graphs; whether Inductor really used them is reported).
@@ -11,10 +11,14 @@ Sections, each timed and recorded even when it fails (the next one still runs):
    X whose column stride times n passes 2^31, checked against the torch reference on a slice.
 4. bandwidth: the kernels of ``benchmarks/bench_kernels.py`` against the device-to-device copy
    bandwidth measured on this device in this run.
-5. LLaMA-1B-shaped layer (dim 2048, 32 heads, 8 kv heads, hidden 8192, bf16, 8 x 2048 tokens): step time
+5. weight gradient from low-bit codes (``estimator="sr"`` / ``"pamm_sr"``), bf16, b = 16384, n = 4096,
+   m = 4096 and 11008, 8 and 4 bits: the quantize kernel (without a base for sr, with one for pamm_sr),
+   the Triton ``weight_grad`` against dY^T X^ summed in float32 from the explicit reconstruction, and its
+   time and peak memory against the path it replaced (Triton reconstruction of the b x n X^, then one GEMM).
+6. LLaMA-1B-shaped layer (dim 2048, 32 heads, 8 kv heads, hidden 8192, bf16, 8 x 2048 tokens): step time
    and ``torch.cuda.max_memory_allocated`` of plain ``torch.compile`` and of pamm with targets "qkv",
-   "all", and "all" under ``activation_memory_budget=0.5``.
-6. kernel compile: ``benchmarks/kernel_registers.py`` (every Triton kernel it lists, new ones included)
+   "all", "all" under ``activation_memory_budget=0.5``, and "all" with ``estimator="sr"``.
+7. kernel compile: ``benchmarks/kernel_registers.py`` (every Triton kernel it lists, new ones included)
    compiled for sm_80, sm_90 and this device's capability; registers and spills per configuration.
 
 Without CUDA it prints "no CUDA device" and exits 0 (with a note in the results if --out is given).
@@ -43,8 +47,8 @@ from _common import demo_config, machine, markdown_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Wall-clock plan (seconds) per section; a section starting with less than its plan left is skipped.
-PLAN = {"kernels": 150, "end_to_end": 120, "past_2_31": 40, "bandwidth": 30, "llama_1b_layer": 150,
-        "kernel_compile": 60}
+PLAN = {"kernels": 150, "end_to_end": 120, "past_2_31": 40, "bandwidth": 30, "weight_grad": 40,
+        "llama_1b_layer": 180, "kernel_compile": 60}
 DEADLINE_S = 7.5 * 60
 
 
@@ -72,7 +76,7 @@ def check_kernels() -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton_kernels.py",
-         "tests/test_residual_kernels.py"],
+         "tests/test_residual_kernels.py", "tests/test_dequant_matmul.py"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=PLAN["kernels"] + 60,
     )
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]
@@ -186,6 +190,67 @@ def check_bandwidth() -> dict[str, Any]:
     return {"ok": True, "rows": rows}
 
 
+def _weight_grad_case(m: int, bits: int, base: bool, b: int = 16384, n: int = 4096) -> dict[str, Any]:
+    """One shape: quantize, the kernel's error against dY^T X^ in float32, and kernel vs reconstruct + GEMM."""
+    from pamm_fx.kernels import dequant_matmul_triton, residual_triton
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    dtype = torch.bfloat16
+    x = torch.randn(b, n, device="cuda", dtype=dtype, generator=gen)
+    dy = torch.randn(b, m, device="cuda", dtype=dtype, generator=gen)
+    k = b // 8
+    c, f, alpha = ((x[::8].contiguous(), torch.randint(0, k, (b,), device="cuda", dtype=torch.int32, generator=gen),
+                    torch.rand(b, device="cuda", generator=gen) + 0.5) if base else (None, None, None))
+    seed = torch.tensor(1, device="cuda")
+    quantize_ms = _cuda_median_ms(lambda: residual_triton.quantize_residual(x, c, f, alpha, seed, 0, bits), runs=10)
+    q, lo, scale = residual_triton.quantize_residual(x, c, f, alpha, seed, 0, bits)
+
+    def explicit() -> torch.Tensor:
+        return dy.t().mm(residual_triton.reconstruct(q, lo, scale, c, f, alpha, bits, n, dtype))
+
+    def kernel() -> torch.Tensor:
+        return dequant_matmul_triton.weight_grad(dy, q, lo, scale, bits, n, c, f, alpha)
+
+    x_hat = residual_triton.reconstruct(q, lo, scale, c, f, alpha, bits, n, dtype)
+    exact = dy.float().t().mm(x_hat.float())  # the products the kernel forms, summed in float32
+    del x_hat
+    got = kernel()
+    rel_err = ((got.float() - exact).abs().max() / exact.abs().max()).item()
+    rel_err_explicit = ((explicit().float() - exact).abs().max() / exact.abs().max()).item()
+    del exact, got
+    row: dict[str, Any] = {"estimator": "pamm_sr" if base else "sr", "b x n x m": f"{b}x{n}x{m}", "bits": bits,
+                           "quantize_ms": quantize_ms, "rel_err": rel_err, "rel_err_explicit": rel_err_explicit}
+    for name, fn in (("reconstruct+mm", explicit), ("weight_grad", kernel)):
+        row[f"{name}_ms"] = _cuda_median_ms(fn, runs=10)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        row[f"{name}_extra_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+    row["speedup"] = row["reconstruct+mm_ms"] / row["weight_grad_ms"]
+    # bf16 operands, float32 sums: the kernel is as close to the float32 sum as bf16's rounding of the product.
+    row["ok"] = rel_err < 1e-2
+    return row
+
+
+def check_weight_grad() -> dict[str, Any]:
+    rows = []
+    for base in (False, True):
+        for m in (4096, 11008):
+            for bits in (8, 4):
+                if base and m != 4096:
+                    continue  # pamm_sr adds the gathered base: one shape is enough
+                rows.append(_weight_grad_case(m, bits, base))
+                torch.cuda.empty_cache()
+                r = rows[-1]
+                _log(f"  {r['estimator']} {r['b x n x m']} {bits} bits: quantize {r['quantize_ms']:.2f} ms; "
+                     f"weight_grad {r['weight_grad_ms']:.2f} ms (+{r['weight_grad_extra_mib']:.0f} MiB) vs "
+                     f"reconstruct+mm {r['reconstruct+mm_ms']:.2f} ms (+{r['reconstruct+mm_extra_mib']:.0f} MiB), "
+                     f"{r['speedup']:.2f}x; rel err {r['rel_err']:.1e} (explicit {r['rel_err_explicit']:.1e})")
+    return {"ok": all(r["ok"] for r in rows), "rows": rows}
+
+
 def _layer_step(variant: str) -> dict[str, Any]:
     import pamm_fx
     from pamm_fx.demo.llama import Llama, LlamaConfig
@@ -201,7 +266,9 @@ def _layer_step(variant: str) -> dict[str, Any]:
     if variant == "plain torch.compile":
         compiled = torch.compile(model)
     else:
-        compiled = torch.compile(model, backend=pamm_fx.backend(targets="all" if "all" in variant else "qkv"))
+        estimator = {"estimator": "sr"} if variant.endswith("sr") else {}
+        compiled = torch.compile(model, backend=pamm_fx.backend(targets="all" if "all" in variant else "qkv",
+                                                                **estimator))
 
     def step() -> None:
         compiled(tokens, targets).backward()
@@ -222,7 +289,7 @@ def _layer_step(variant: str) -> dict[str, Any]:
 
 def check_llama_1b_layer() -> dict[str, Any]:
     rows = []
-    for variant in ("plain torch.compile", "pamm qkv", "pamm all", "pamm all + budget 0.5"):
+    for variant in ("plain torch.compile", "pamm qkv", "pamm all", "pamm all + budget 0.5", "pamm all sr"):
         rows.append(_layer_step(variant))
         torch.cuda.empty_cache()  # the variant's model and compiled graphs are gone
         base = rows[0]
@@ -262,6 +329,7 @@ SECTIONS: dict[str, Callable[[], dict[str, Any]]] = {
     "end_to_end": check_end_to_end,
     "past_2_31": check_past_2_31,
     "bandwidth": check_bandwidth,
+    "weight_grad": check_weight_grad,
     "llama_1b_layer": check_llama_1b_layer,
     "kernel_compile": check_kernel_compile,
 }
