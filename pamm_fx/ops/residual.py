@@ -14,8 +14,9 @@ right after ``pamm::compress`` where there is one (same seed and salt; the noise
 from the generator draw), and ``pamm::linear_group`` saves its outputs for the backward
 (:class:`Residual`). ``residual_weight_grad(dY, q, lo, scale, C?, f?, alpha?, bits, n, out_dtype) -> dW``
 runs there once per projection that needs its weight gradient: dY_j^T X^ with X^ decoded inside the
-reduction over the b rows (:mod:`pamm_fx.kernels.dequant_matmul`), so no b x n X^ is ever in memory
-(n says X^'s width, which without C nothing else carries). Under ``pamm_sr`` at ratio 1 X^ is X bit
+reduction over the b rows (:mod:`pamm_fx.kernels.dequant_matmul`), so no b x n X^ is in memory
+(eagerly, under ``aot_eager``, and in Inductor's CUDA form; its CPU form is X^ then one GEMM). n says
+X^'s width, which without C nothing else carries. Under ``pamm_sr`` at ratio 1 X^ is X bit
 for bit, and the CPU path sums a batch of up to ROW_CHUNK rows in one GEMM, as plain's.
 Like ``pamm::compress``:
 eager and ``aot_eager`` run the custom ops (the chunked reference, or Triton on CUDA); Inductor
@@ -168,7 +169,8 @@ def _(*args: Any) -> Tensor:
 def _weight_grad_decomposition(dy: Tensor, q: Tensor, lo: Tensor, scale: Tensor, c: Tensor | None,
                                f: Tensor | None, alpha: Tensor | None, bits: int, n: int,
                                out_dtype: torch.dtype) -> Tensor:
-    """What Inductor compiles for ``pamm::residual_weight_grad``: the Triton op on CUDA, else aten ops."""
+    """What Inductor compiles for ``pamm::residual_weight_grad``: the Triton op on CUDA, else aten ops
+    (X^ in whole, then one GEMM: CPU Inductor has no kernel that decodes inside a GEMM)."""
     return dequant_matmul.weight_grad_traceable(dy, q, lo, scale, bits, n, c, f, alpha, out_dtype)
 
 
