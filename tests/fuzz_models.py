@@ -248,6 +248,37 @@ def _program_features(spec: ModelSpec, rng: random.Random, inductor: bool) -> Mo
     return spec
 
 
+#: Block fields whose interplay with compression is a feature of its own: drawn in a case with ratio < 1.
+_UNDER_COMPRESSION = ("write", "detach_last", "unused", "act_weight", "graph_break", "cross", "fused", "kv_shared")
+
+
+def features(spec: ModelSpec) -> set[str]:
+    """What the case exercises, as "field=value" names: every drawn value of every field (MHA's own fields only
+    in MHA blocks), the number of calls and which dimension varies, and the program features of
+    :data:`_UNDER_COMPRESSION` and the case-level ones again as "ratio<1&..." where the case compresses.
+    The fuzzer's default seeds are chosen to cover each of these (``tests/test_fuzz.py``)."""
+    case = {f"{f.name}={getattr(spec, f.name)}" for f in dataclasses.fields(spec) if f.name not in ("seed", "blocks",
+                                                                                                    "shapes")}
+    case |= {f"blocks={len(spec.blocks)}", f"calls={len(spec.shapes)}", f"autocast={spec.autocast}",
+             f"varying_dim={spec.varying_dim if len(set(spec.shapes)) > 1 else None}"}
+    found = set(case)
+    for b in spec.blocks:
+        for f in dataclasses.fields(b):
+            value = getattr(b, f.name)
+            if f.name == "modes":
+                found |= {f"mode={m}" for m in value}
+            elif f.name == "dropout":
+                found.add(f"dropout={value > 0}")
+            elif not f.name.startswith("mha_") or b.mha != "none":
+                found.add(f"{f.name}={value}")
+        if spec.ratio < 1:
+            found |= {f"ratio<1&{name}={getattr(b, name)}" for name in _UNDER_COMPRESSION}
+    if spec.ratio < 1:
+        found |= {f"ratio<1&{c}" for c in case if c.split("=")[0] in (
+            "nonfinite", "dtype", "autocast", "targets", "dynamic", "calls", "min_tokens", "min_generators", "backend")}
+    return found
+
+
 # --- eager recording of what each projection read and received ------------------------------------
 
 

@@ -21,8 +21,9 @@ every call:
   saved X) is refused by pamm with the same error; every call starts from the same ``torch.manual_seed``
   on both sides, so dropout masks and the user's later random numbers must agree.
 
-Failures print the case's ``describe()``; ``random_spec(seed)`` rebuilds it. 50 cases by default,
-500 with ``--runslow``.
+Failures print the case's ``describe()``; ``random_spec(seed)`` rebuilds it. By default the cases of
+:data:`DEFAULT_SEEDS`, chosen among the 500 so that every feature ``fuzz_models.features`` names is drawn
+at least :data:`COVER` times (or as often as the 500 draw it) at a low measured cost; all 500 with ``--runslow``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import itertools
 
 import pytest
 import torch
-from fuzz_models import ModelSpec, Site, allowed_roles, build, make_inputs, random_spec, recording
+from fuzz_models import ModelSpec, Site, allowed_roles, build, features, make_inputs, random_spec, recording
 from torch import Tensor, fx
 
 from pamm_fx.config import PammConfig
@@ -42,7 +43,13 @@ from pamm_fx.ops import record_compressions
 from pamm_fx.passes.fxutil import row_slice
 from pamm_fx.testing import capture_rewrites
 
-DEFAULT_CASES, SLOW_CASES = 50, 500
+SLOW_CASES, COVER = 500, 3
+#: The default run: a greedy cover of the features of the 500 cases (each feature COVER times), cheapest per
+#: missing feature first, by per-case durations measured with ``--durations`` on the 2-core CPU dev machine.
+#: The first 50 seeds, the default before, took 2,187 s there under load; these 36 took 610 s in the same
+#: runs, and draw every feature, where the first 50 drew some once or never (e.g. a compressed case with
+#: NaN/Inf input, an activation weight or a write to X before the projections).
+DEFAULT_SEEDS = frozenset({3, 4, 5, 7, 13, 17, 21, 23, 25, 29, 30, 38, 44, 103, 111, 112, 125, 137, 168, 200, 205, 228, 254, 258, 322, 335, 346, 355, 369, 377, 383, 384, 392, 437, 445, 479})
 Compression = tuple[Tensor, Tensor, Tensor, Tensor]  # (X rows, C, f, alpha)
 
 
@@ -286,8 +293,19 @@ def _check(spec: ModelSpec) -> list[str]:
     return problems
 
 
+def test_default_seeds_draw_every_feature() -> None:
+    """Each feature the 500 cases draw is drawn by at least COVER default cases (fewer only where the 500 draw it
+    fewer times): a feature added to ``fuzz_models`` must join the default run."""
+    drawn = {s: features(random_spec(s)) for s in range(SLOW_CASES)}
+    total = collections.Counter(f for fs in drawn.values() for f in fs)
+    default = collections.Counter(f for s in DEFAULT_SEEDS for f in drawn[s])
+    short = {f: f"{default[f]} of {min(COVER, n)}" for f, n in total.items() if default[f] < min(COVER, n)}
+    assert not short, "add to DEFAULT_SEEDS seeds that draw " + "; ".join(
+        f"{f} ({have}: e.g. seeds {[s for s, fs in drawn.items() if f in fs][:8]})" for f, have in sorted(short.items()))
+
+
 @pytest.mark.parametrize(
-    "seed", [*range(DEFAULT_CASES), *(pytest.param(s, marks=pytest.mark.slow) for s in range(DEFAULT_CASES, SLOW_CASES))]
+    "seed", [pytest.param(s, marks=() if s in DEFAULT_SEEDS else pytest.mark.slow) for s in range(SLOW_CASES)]
 )
 def test_pamm_matches_plain_compile(seed: int) -> None:
     spec = random_spec(seed)
