@@ -194,9 +194,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{v.loss:.4f}", f"{vals[v.name]:.4f} ({vals[v.name] / vals[plain] - 1:+.2%})",
         ))
     same = "vs plain" + budget
+    header = ("", "saved for backward", "vs plain", same, "step time", "vs plain", same, "train loss",
+              "validation loss")
+    keep = [i for i, h in enumerate(header) if args.budget or h != same]  # no budget: no budget baseline
     print()
-    print(_table(("", "saved for backward", "vs plain", same, "step time", "vs plain", same, "train loss",
-                  "validation loss"), rows))
+    print(_table(tuple(header[i] for i in keep), [tuple(r[i] for i in keep) for r in rows]))
     print("\ngenerators k per compressed group: " + "; ".join(f"{v.name}: {v.ks}" for v in variants if v.options))
     print(f"(saved for backward: one step, exact; step times: medians over steps {warmup + 1}-{args.steps}, "
           f"after compilation; a {args.steps}-step run says nothing about quality: see docs/benchmarks.md)")
