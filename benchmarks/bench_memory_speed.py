@@ -116,7 +116,8 @@ EXTRA = [Variant("all", None, 16), Variant("all", 0.5, 16), Variant("defaults", 
 #: The weight-gradient estimators of issue 19 (``--estimators``), with plain and its budget to compare against.
 ESTIMATOR_VARIANTS = [
     Variant(), Variant(None, 0.5), Variant("defaults"), Variant("all"),
-    Variant("all", None, None, "sr"), Variant("all", None, None, "auto"), Variant("all", 0.5, None, "auto"),
+    Variant("all", None, None, "sr"), Variant("all", 0.5, None, "sr"), Variant("all", None, None, "auto"),
+    Variant("all", 0.5, None, "auto"),
 ]
 #: One site family at a time (``--sites``): what each costs and saves.
 SITE_VARIANTS = [Variant(site) for site in ("attn_out", "mlp_up", "mlp_down", "head")]
@@ -294,7 +295,8 @@ def main() -> None:
                    "with budget 0.5")
     p.add_argument("--sites", action="store_true", help="also pamm on one site family at a time")
     p.add_argument("--estimators", action="store_true", help="only plain, plain + budget 0.5, pamm defaults, and "
-                   "pamm all under the estimators pamm, sr and auto (auto also with budget 0.5); use a separate --out")
+                   "pamm all under the estimators pamm, sr and auto (sr and auto also with budget 0.5); "
+                   "use a separate --out")
     p.add_argument("--only", help="comma-separated variant names to run (of all the above), e.g. "
                    "'plain,pamm defaults,pamm all,pamm all + budget 0.5'")
     p.add_argument("--before-timing", help="shell command run before the timed rounds of each size (e.g. to pause "
