@@ -20,6 +20,19 @@ def _compress(x, seed=7, ratio=(1, 8), min_gen=1, eps=INF, salt=0):
     return torch.ops.pamm.compress(x, torch.tensor(seed), ratio[0], ratio[1], min_gen, 1, eps, salt)
 
 
+def test_stream_key_is_an_opaque_op_that_inductor_keeps_as_one_call():
+    """The key is computed by its own op (opcheck), so Inductor never inlines its nested hash rounds
+    into every row's or element's hash: the compiled draw calls it once and equals the eager draw."""
+    from torch._inductor.utils import run_and_get_code
+
+    for seed, salt in [(0, 0), (12345, 7), (2**62 + 3, 2**40 + 1)]:
+        opcheck(torch.ops.pamm.stream_key.default, (torch.tensor(seed), salt))
+    draw = torch.compile(lambda s: sample_generators(100, 5, s, 7), backend="inductor", fullgraph=True)
+    out, (code, *_) = run_and_get_code(draw, torch.tensor(12345))
+    assert out.tolist() == PINNED_DRAW
+    assert code.count("torch.ops.pamm.stream_key.default(") == 1, code
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck_compress(shape, dtype):

@@ -39,7 +39,7 @@ __all__ = ["RECOMMENDED_ALL", "main"]
 
 #: The options the docs recommend for compressing every linear (``targets="all"``): the one place the demo
 #: names them, so that it always shows the documented configuration.
-RECOMMENDED_ALL: dict[str, Any] = {"targets": "all", "estimator": "pamm_sr"}
+RECOMMENDED_ALL: dict[str, Any] = {"targets": "all", "estimator": "sr"}
 
 
 @dataclasses.dataclass

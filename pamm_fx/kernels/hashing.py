@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["HASH_MUL", "M32", "mix32"]
+import torch
+from torch import Tensor
+
+__all__ = ["HASH_MUL", "M32", "key_of", "mix32", "stream_key"]
 
 M32 = (1 << 32) - 1
 #: Odd 27-bit multiplier of a 32-bit integer hash (x ^= x >> 16; x *= H; ...): a 32-bit value times it
@@ -24,3 +27,26 @@ def mix32(x: Any) -> Any:
     x = x ^ (x >> 16)
     x = (x * HASH_MUL) & M32
     return x ^ (x >> 16)
+
+
+def key_of(seed: Tensor, salt: int) -> Tensor:
+    """The 32-bit key (an int64 0-dim tensor on ``seed``'s device) of the stream (seed, salt), in tensor ops."""
+    s = seed.to(torch.int64)
+    lo = mix32((s & M32) ^ mix32(salt & M32))
+    return mix32(((s >> 32) & M32) ^ mix32(lo ^ ((salt >> 32) & M32)))
+
+
+@torch.library.custom_op("pamm::stream_key", mutates_args=())
+def stream_key(seed: Tensor, salt: int) -> Tensor:
+    """:func:`key_of` as an op of its own, with no decomposition, so that Inductor computes the key once into
+    a buffer. Inlined into the per-row or per-element hash that reads it, its three nested ``mix32`` rounds
+    multiply that expression's size by 2^9 (``x ^ (x >> 16)`` reads x twice), and compiling one
+    rounding-noise kernel took minutes. (A Triton wrapper, whose kernel reads the key from a buffer anyway,
+    uses :func:`key_of`.)
+    """
+    return key_of(seed, salt)
+
+
+@stream_key.register_fake
+def _(seed: Tensor, salt: int) -> Tensor:
+    return seed.new_empty((), dtype=torch.int64)

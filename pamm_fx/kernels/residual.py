@@ -43,6 +43,7 @@ from torch import Tensor
 
 from pamm_fx.kernels.device import use_triton
 from pamm_fx.kernels.hashing import M32 as _M32
+from pamm_fx.kernels.hashing import key_of, stream_key
 from pamm_fx.kernels.hashing import mix32 as _mix32
 
 __all__ = [
@@ -70,11 +71,11 @@ ROW_CHUNK = 2048
 _DOMAIN = 0x7E51D0A1
 
 
-def noise_key(seed: Tensor, salt: int) -> Tensor:
-    """The 32-bit stream key (an int64 0-dim tensor on ``seed``'s device) of (seed, salt)."""
-    s = seed.to(torch.int64)
-    lo = _mix32((s & _M32) ^ _mix32((salt ^ _DOMAIN) & _M32))
-    return _mix32(((s >> 32) & _M32) ^ _mix32(lo ^ ((salt >> 32) & _M32)))
+def noise_key(seed: Tensor, salt: int, opaque: bool = True) -> Tensor:
+    """The 32-bit stream key (an int64 0-dim tensor on ``seed``'s device) of (seed, salt): the generator
+    draw's key of salt ^ _DOMAIN, through ``pamm::stream_key`` unless ``opaque`` is False (tensor ops, for
+    a wrapper whose kernel reads the key from a buffer anyway)."""
+    return stream_key(seed, salt ^ _DOMAIN) if opaque else key_of(seed, salt ^ _DOMAIN)
 
 
 def packed_bytes(n: Any, bits: int) -> Any:

@@ -256,7 +256,7 @@ def quantize_residual_triton(x: Tensor, c: Tensor | None, f: Tensor | None, alph
     scale = torch.zeros(b, dtype=torch.float32, device=x.device)
     if b == 0 or n == 0:
         return q, lo, scale
-    key = noise_key(seed.to(x.device), salt).reshape(1)
+    key = noise_key(seed.to(x.device), salt, opaque=False).reshape(1)
     block_r, block_n, one_tile = _blocks(n)
     has_base = c is not None
     # Without a base the kernel reads none of C, f, alpha: X and the key (inputs, never written) stand in.

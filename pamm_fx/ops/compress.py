@@ -43,6 +43,7 @@ from pamm_fx.config import num_generators
 from pamm_fx.kernels import assign as assign_kernels
 from pamm_fx.kernels.hashing import M32 as _M32
 from pamm_fx.kernels.hashing import mix32 as _mix32
+from pamm_fx.kernels.hashing import stream_key
 from pamm_fx.ops.forward_only import emit_outputs, register_non_differentiable
 
 __all__ = ["Compress", "compress", "emit", "parse", "record_compressions", "sample_generators"]
@@ -56,9 +57,7 @@ def sample_generators(b: Any, k: Any, seed: Tensor, salt: int) -> Tensor:
     uniform draw without replacement, with no host synchronisation and no RNG state. Sorting keeps
     C in token order, so k == b gives C = X and f = identity. ``seed`` is an int64 scalar tensor.
     """
-    s = seed.to(torch.int64)
-    lo = _mix32((s & _M32) ^ _mix32(salt & _M32))
-    key = _mix32(((s >> 32) & _M32) ^ _mix32(lo ^ ((salt >> 32) & _M32)))
+    key = stream_key(seed, salt)
     rows = torch.arange(b, dtype=torch.int64, device=seed.device)
     keys = ((_mix32(_mix32(rows & _M32) ^ key) >> 1) << 32) | rows
     return (keys.topk(k, largest=False, sorted=False).values & _M32).sort().values
