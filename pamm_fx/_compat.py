@@ -31,6 +31,7 @@ __all__ = [
     "fake_mode_of",
     "forward_ad_active",
     "inductor_compile",
+    "source_keyed",
     "inductor_mode_options",
     "init_logs_with",
     "observe_pass",
@@ -64,6 +65,34 @@ def inductor_compile(gm: Any, example_inputs: list[Any], patches: dict[str, Any]
     from torch._inductor.compile_fx import compile_fx
 
     return compile_fx(gm, example_inputs, config_patches=patches or None)
+
+
+def source_keyed(patches: dict[str, Any], key: str) -> dict[str, Any]:
+    """``patches`` plus a post-grad pass that does nothing but put ``key`` (a hash of our sources) into
+    Inductor's FX graph cache key (``CustomGraphPass.uuid``), chaining the pass the user set.
+
+    The key hashes the graph, torch and Inductor's config, not what our ops do: after an upgrade of this
+    package a graph calling ``pamm::`` ops with the same arguments would load code compiled for the old
+    schemas or decompositions (seen: a cached call passing a renamed keyword failed at run time).
+    The patch rides in ``compile_fx``'s config patches, which the lazily compiled backward applies too.
+    """
+    from torch._inductor import config
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    inner = patches.get("post_grad_custom_post_pass", config.post_grad_custom_post_pass)
+
+    class _SourceKey(CustomGraphPass):
+        def __call__(self, graph: Any) -> None:
+            if inner is not None:
+                inner(graph)
+
+        def uuid(self) -> Any:
+            theirs = None if inner is None else getattr(inner, "uuid", lambda: None)()
+            if inner is not None and theirs is None:
+                return None  # their pass has no key: Inductor bypasses the cache, as it would without us
+            return key, theirs
+
+    return {**patches, "post_grad_custom_post_pass": _SourceKey()}
 
 
 def aot_eager_compile(gm: Any, example_inputs: list[Any], patches: dict[str, Any]) -> Any:

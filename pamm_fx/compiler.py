@@ -12,8 +12,11 @@ to the captured graph with a warning: a compile never fails because of us.
 from __future__ import annotations
 
 import collections
+import functools
+import hashlib
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from torch import fx
@@ -84,8 +87,18 @@ def remove_observer(fn: Observer) -> None:
 Inner = Callable[[fx.GraphModule, Sequence[Any], dict[str, Any]], Callable]
 
 
+@functools.cache
+def source_key() -> str:
+    """A hash of every source file of the package, which joins Inductor's cache key (``_compat.source_keyed``)."""
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        h.update(path.relative_to(Path(__file__).parent).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
 def _inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], patches: dict[str, Any]) -> Callable:
-    return _compat.inductor_compile(gm, list(example_inputs), patches)
+    return _compat.inductor_compile(gm, list(example_inputs), _compat.source_keyed(patches, source_key()))
 
 
 def _aot_eager(gm: fx.GraphModule, example_inputs: Sequence[Any], patches: dict[str, Any]) -> Callable:

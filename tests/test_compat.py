@@ -164,3 +164,40 @@ def test_private_torch_apis_live_in_compat_only() -> None:
     assert not found, f"private torch APIs outside pamm_fx/_compat.py (wrap them there): {found}"
     assert _private_torch_uses("import torch._dynamo\nx = torch.utils._pytree  # torch._y\ns = 'torch._z'") == [
         (1, "torch._dynamo"), (2, "torch.utils._pytree")]
+
+
+def test_source_keyed_puts_our_sources_in_inductors_cache_key() -> None:
+    """The hash of the package's sources is the uuid Inductor hashes into its FX graph cache key (so an upgrade
+    never loads code compiled for old op schemas); a pass the user set still runs, and one without a key keeps
+    Inductor's cache bypass."""
+    import hashlib
+    from pathlib import Path
+
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    import pamm_fx
+    from pamm_fx.compiler import source_key
+
+    root = Path(pamm_fx.__file__).parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
+    assert source_key() == h.hexdigest()
+    keyed = _compat.source_keyed({"max_autotune": False}, "k1")
+    assert keyed["max_autotune"] is False and keyed["post_grad_custom_post_pass"].uuid() == ("k1", None)
+
+    seen = []
+
+    class Theirs(CustomGraphPass):
+        def __call__(self, graph) -> None:
+            seen.append(graph)
+
+        def uuid(self) -> str:
+            return "theirs"
+
+    chained = _compat.source_keyed({"post_grad_custom_post_pass": Theirs()}, "k1")["post_grad_custom_post_pass"]
+    chained("graph")
+    assert seen == ["graph"] and chained.uuid() == ("k1", "theirs")
+    keyless = _compat.source_keyed({"post_grad_custom_post_pass": lambda g: None}, "k1")
+    assert keyless["post_grad_custom_post_pass"].uuid() is None
