@@ -90,9 +90,10 @@ def _compile(model: Llama, options: dict[str, Any] | None, budget: float | None,
 
 
 def _ks(records: list[Any]) -> str:
-    """The k of every compressed group, as "k=256 x 9 groups", from the plans the backend made."""
-    ks = Counter(r.plan.estimate(g).k for r in records for g in r.plan.groups)
-    return ", ".join(f"k={k} x {n} group{'s' * (n > 1)}" for k, n in sorted(ks.items())) or "no group compressed"
+    """What each compressed group keeps, as "k=256 x 4 groups, X at 8 bits x 9 groups", from the backend's plans."""
+    ks = Counter(f"X at {g.bits} bits" if g.estimator == "sr" else f"k={r.plan.estimate(g).k}"
+                 for r in records for g in r.plan.groups)
+    return ", ".join(f"{k} x {n} group{'s' * (n > 1)}" for k, n in sorted(ks.items())) or "no group compressed"
 
 
 def _ratio(num: float, den: float) -> str:
@@ -199,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     keep = [i for i, h in enumerate(header) if args.budget or h != same]  # no budget: no budget baseline
     print()
     print(_table(tuple(header[i] for i in keep), [tuple(r[i] for i in keep) for r in rows]))
-    print("\ngenerators k per compressed group: " + "; ".join(f"{v.name}: {v.ks}" for v in variants if v.options))
+    print("\nper compressed group (generators k, or X's bits under estimator 'sr'): "
+          + "; ".join(f"{v.name}: {v.ks}" for v in variants if v.options))
     print(f"(saved for backward: one step, exact; step times: medians over steps {warmup + 1}-{args.steps}, "
           f"after compilation; a {args.steps}-step run says nothing about quality: see docs/benchmarks.md)")
     return 0
