@@ -496,7 +496,8 @@ def table(summary: list[dict[str, Any]]) -> str:
         exact = s["estimator"] == "exact"
         rows.append([
             s["estimator"], s["targets"], f"{s['tokens']:,}",
-            "-" if exact or s["estimator"].endswith("-only") else s["k"],
+            "-" if exact or s["estimator"].endswith("-only") or MIXES.get(s["estimator"], ("pamm",))[0] != "pamm"
+            else s["k"],
             f"{s['saved_fraction']:.3f}", ",".join(map(str, s["seeds"])),
             " ".join(f"{v:.4f}" for v in losses),
             "-" if exact or not paired else f"{statistics.fmean(paired):+.2f}%",
