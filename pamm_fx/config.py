@@ -41,9 +41,9 @@ TARGETS = ("qkv", "attn_out", "mlp", "mlp_up", "mlp_down", "head", "other", "all
 #: generators: X alone at ``bits`` bits with stochastic rounding, dW = dY^T deq(q(X)), unbiased).
 ESTIMATORS = ("pamm", "pamm_sr", "sr")
 #: What ``estimator="auto"`` means: PAMM at attention's Q/K/V, X at 8 bits everywhere else: a little less
-#: saved and a faster step than ``"sr"`` everywhere, but it keeps PAMM's biased q/k/v gradient, which moved a
-#: proxy's loss by up to 3.6% in either direction (docs/estimator_study.md, round 2); ``"sr"`` is the
-#: recommendation for ``targets="all"``. Read only through :meth:`PammConfig.site_estimator`.
+#: saved than ``"sr"`` everywhere, at a step time within noise of it, but it keeps PAMM's biased q/k/v
+#: gradient, which moved a proxy's loss by up to 3.6% in either direction (docs/estimator_study.md, round 2);
+#: ``"sr"`` is the recommendation for ``targets="all"``. Read only through :meth:`PammConfig.site_estimator`.
 AUTO_ESTIMATOR: Mapping[str, str] = types.MappingProxyType({"qkv": "pamm", "all": "sr"})
 #: Valid ``bits``: a whole number of codes per byte.
 BITS = (2, 4, 8)
