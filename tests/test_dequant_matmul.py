@@ -8,36 +8,14 @@ the same tests run the compiled kernel on CUDA tensors. Sizes are tiny: the inte
 
 from __future__ import annotations
 
-import os
-import re
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-triton = pytest.importorskip(
-    "triton",
-    reason="triton is not installed: `pip install 'triton>=3.7.1'` (CPU runs use its interpreter, TRITON_INTERPRET=1)",
-)
-
 from torch._dynamo.backends.common import aot_autograd  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+from triton_setup import TraceableInterpreted, kernel_device  # noqa: E402  (before pamm_fx: sets TRITON_INTERPRET)
 
 from pamm_fx.kernels import dequant_matmul, dequant_matmul_triton, residual  # noqa: E402
 
-_INTERPRETED = isinstance(dequant_matmul_triton._weight_grad_kernel, InterpretedFunction)
-if not _INTERPRETED and not torch.cuda.is_available():
-    pytest.skip(
-        "no GPU and the Triton kernels were imported before TRITON_INTERPRET=1 was set: run with TRITON_INTERPRET=1",
-        allow_module_level=True,
-    )
-if _INTERPRETED and tuple(map(int, re.findall(r"\d+", triton.__version__)[:3])) < (3, 7, 1):
-    pytest.skip(f"triton {triton.__version__}'s interpreter is broken with numpy >= 2.4: `pip install 'triton>=3.7.1'`",
-                allow_module_level=True)
-DEVICE = "cpu" if _INTERPRETED else "cuda"
+_INTERPRETED, DEVICE = kernel_device(dequant_matmul_triton._weight_grad_kernel)
 #: Worst relative error of rounding X^ to the operand dtype, per element: the interpreter truncates
 #: float32 -> bf16/fp16 (the GPU rounds to nearest, half of this); float32 is only summation order.
 ROUNDING = {torch.float32: 2.0**-18, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
@@ -201,26 +179,11 @@ def test_base_is_all_or_nothing() -> None:
         dequant_matmul.weight_grad_reference(dy, q, lo, scale, 3, 5)
 
 
-class _TraceableInterpreted(JITFunction):
-    """As in tests/test_residual_kernels.py: an interpreted kernel that passes triton_op's
-    isinstance(JITFunction) check, so that on CPU the op traces into the kernel-wrapper HOP."""
-
-    def __init__(self, interpreted: InterpretedFunction) -> None:
-        super().__init__(interpreted.fn)
-        self._interpreted = interpreted
-
-    def run(self, *args: object, grid: object, warmup: bool, **kwargs: object) -> object:
-        return self._interpreted.run(*args, grid=grid, warmup=warmup, **kwargs)
-
-    def __call__(self, *args: object, **kwargs: object) -> object:
-        return self._interpreted(*args, **kwargs)
-
-
 @pytest.fixture
 def traceable_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     if _INTERPRETED:
         monkeypatch.setattr(dequant_matmul_triton, "_weight_grad_kernel",
-                            _TraceableInterpreted(dequant_matmul_triton._weight_grad_kernel))
+                            TraceableInterpreted(dequant_matmul_triton._weight_grad_kernel))
 
 
 @pytest.mark.usefixtures("traceable_kernel")

@@ -8,36 +8,15 @@ GPU the same tests run the compiled kernels on CUDA tensors.
 from __future__ import annotations
 
 import math
-import os
-import re
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-triton = pytest.importorskip(
-    "triton",
-    reason="triton is not installed: `pip install 'triton>=3.7.1'` (CPU runs use its interpreter, TRITON_INTERPRET=1)",
-)
-
 from torch._dynamo.backends.common import aot_autograd  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+from triton_setup import InterpretedFunction, TraceableInterpreted, kernel_device  # noqa: E402  (before pamm_fx: sets TRITON_INTERPRET)
 
 from pamm_fx.kernels import residual, residual_triton  # noqa: E402
 
-_INTERPRETED = isinstance(residual_triton._quantize_kernel, InterpretedFunction)
-if not _INTERPRETED and not torch.cuda.is_available():
-    pytest.skip(
-        "no GPU and the Triton kernels were imported before TRITON_INTERPRET=1 was set: run with TRITON_INTERPRET=1",
-        allow_module_level=True,
-    )
-if _INTERPRETED and tuple(map(int, re.findall(r"\d+", triton.__version__)[:3])) < (3, 7, 1):
-    pytest.skip(f"triton {triton.__version__}'s interpreter is broken with numpy >= 2.4: `pip install 'triton>=3.7.1'`",
-                allow_module_level=True)
-DEVICE = "cpu" if _INTERPRETED else "cuda"
+_INTERPRETED, DEVICE = kernel_device(residual_triton._quantize_kernel)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 IMPLS = ["reference", "triton"]
 
@@ -270,29 +249,12 @@ def test_bits_are_validated() -> None:
                                           torch.tensor(0, device=DEVICE), 0, 1)
 
 
-class _TraceableInterpreted(JITFunction):
-    """An interpreted kernel that passes triton_op's isinstance(JITFunction) check (see
-    tests/test_triton_kernels.py): on CPU it restores the GPU tracing path (the kernel-wrapper HOP).
-    The kernels' @triton.jit helpers are wrapped too (the kernel's dependency walk accepts only
-    JITFunctions), and a call from inside a running kernel goes to the interpreted helper."""
-
-    def __init__(self, interpreted: InterpretedFunction) -> None:
-        super().__init__(interpreted.fn)
-        self._interpreted = interpreted
-
-    def run(self, *args: object, grid: object, warmup: bool, **kwargs: object) -> object:
-        return self._interpreted.run(*args, grid=grid, warmup=warmup, **kwargs)
-
-    def __call__(self, *args: object, **kwargs: object) -> object:
-        return self._interpreted(*args, **kwargs)
-
-
 @pytest.fixture
 def traceable_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     if _INTERPRETED:
         for name, fn in list(vars(residual_triton).items()):
             if isinstance(fn, InterpretedFunction):
-                monkeypatch.setattr(residual_triton, name, _TraceableInterpreted(fn))
+                monkeypatch.setattr(residual_triton, name, TraceableInterpreted(fn))
 
 
 @pytest.mark.usefixtures("traceable_kernel")

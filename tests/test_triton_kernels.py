@@ -11,40 +11,16 @@ process) and the same tests run the compiled kernels on CUDA tensors.
 from __future__ import annotations
 
 import math
-import os
-import re
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-triton = pytest.importorskip(
-    "triton",
-    reason="triton is not installed: `pip install 'triton>=3.7.1'` (CPU runs use its interpreter, TRITON_INTERPRET=1)",
-)
-
 from functorch.compile import make_boxed_func  # noqa: E402
 from torch._dynamo.backends.common import aot_autograd  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+from triton_setup import TraceableInterpreted, kernel_device  # noqa: E402  (before pamm_fx: sets TRITON_INTERPRET)
 
 from pamm_fx.kernels import assign, assign_triton, contract, contract_triton  # noqa: E402
 
-_INTERPRETED = isinstance(assign_triton._assign_kernel, InterpretedFunction)
-if not _INTERPRETED and not torch.cuda.is_available():
-    pytest.skip(
-        "no GPU and the Triton kernels were imported before TRITON_INTERPRET=1 was set: run with TRITON_INTERPRET=1",
-        allow_module_level=True,
-    )
-if _INTERPRETED and tuple(map(int, re.findall(r"\d+", triton.__version__)[:3])) < (3, 7, 1):
-    pytest.skip(
-        f"triton {triton.__version__}'s interpreter calls int() on 1-element numpy arrays, which numpy >= 2.4 "
-        "rejects: `pip install 'triton>=3.7.1'` for the CPU interpreter tests",
-        allow_module_level=True,
-    )
-DEVICE = "cpu" if _INTERPRETED else "cuda"
+_INTERPRETED, DEVICE = kernel_device(assign_triton._assign_kernel)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -198,31 +174,13 @@ def test_contract_is_bitwise_deterministic() -> None:
     assert torch.equal(first, second)
 
 
-class _TraceableInterpreted(JITFunction):
-    """A JITFunction, so ``wrap_triton`` traces it into a graph, that launches through the interpreter.
-
-    Under ``TRITON_INTERPRET=1`` ``@triton.jit`` returns an ``InterpretedFunction`` and
-    ``wrap_triton`` hands that back unwrapped (torch/_library/triton.py), so tracing the op
-    with fake tensors runs the interpreter on them, which reads their (nonexistent) storage:
-    opcheck's test_faketensor and test_aot_dispatch_dynamic fail on that, not on the op.
-    This twin restores the GPU tracing path (the kernel-wrapper HOP) on CPU tensors.
-    """
-
-    def __init__(self, interpreted: InterpretedFunction) -> None:
-        super().__init__(interpreted.fn)
-        self._interpreted = interpreted
-
-    def run(self, *args: object, grid: object, warmup: bool, **kwargs: object) -> object:
-        return self._interpreted.run(*args, grid=grid, warmup=warmup, **kwargs)
-
-
 @pytest.fixture
 def traceable_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """On CPU, let the triton_ops' bodies wrap traceable kernels (on a GPU they already do)."""
     if _INTERPRETED:
         for module, name in [(contract_triton, "_partial_kernel"), (contract_triton, "_reduce_kernel"),
                              (assign_triton, "_assign_kernel")]:
-            monkeypatch.setattr(module, name, _TraceableInterpreted(getattr(module, name)))
+            monkeypatch.setattr(module, name, TraceableInterpreted(getattr(module, name)))
 
 
 def _contract_args(b: int, widths: list[int], k: int, dtype: torch.dtype) -> tuple:
