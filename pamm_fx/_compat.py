@@ -31,13 +31,13 @@ __all__ = [
     "fake_mode_of",
     "forward_ad_active",
     "inductor_compile",
+    "inductor_decompositions",
     "source_keyed",
     "inductor_mode_options",
     "init_logs_with",
     "observe_pass",
     "outside_tracing",
     "python_dispatcher",
-    "register_inductor_decomposition",
     "register_log_alias",
     "shapes_as_first_compile",
     "tag_must_save",
@@ -60,11 +60,23 @@ def dynamo_counters() -> Any:
     return torch._dynamo.utils.counters
 
 
-def inductor_compile(gm: Any, example_inputs: list[Any], patches: dict[str, Any]) -> Any:
-    """Inductor on an FX graph with config ``patches`` (``torch._inductor.compile_fx.compile_fx``)."""
+def inductor_compile(gm: Any, example_inputs: list[Any], patches: dict[str, Any],
+                     decompositions: dict[Any, Any]) -> Any:
+    """Inductor on an FX graph with config ``patches``, tracing with the table ``decompositions``
+    (``torch._inductor.compile_fx.compile_fx``)."""
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs, config_patches=patches or None)
+    return compile_fx(gm, example_inputs, config_patches=patches or None, decompositions=decompositions)
+
+
+def inductor_decompositions(patches: dict[str, Any]) -> dict[Any, Any]:
+    """Inductor's own decomposition table under config ``patches`` (it depends on the config)
+    (``torch._inductor.decomposition.select_decomp_table``)."""
+    from torch._inductor import config
+    from torch._inductor.decomposition import select_decomp_table
+
+    with config.patch(patches):
+        return dict(select_decomp_table())
 
 
 def source_keyed(patches: dict[str, Any], key: str) -> dict[str, Any]:
@@ -228,13 +240,6 @@ def tag_must_save(*tensors: Any) -> None:
         slot = get_proxy_slot(t, mode.tracer, None)
         if slot is not None:
             slot.proxy.node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
-
-
-def register_inductor_decomposition(op: Any, fn: Any) -> None:
-    """Make Inductor (only) trace ``fn`` in place of ``op`` (``torch._inductor.decomposition``)."""
-    from torch._inductor.decomposition import register_decomposition
-
-    register_decomposition(op)(fn)
 
 
 def shapes_as_first_compile() -> Any:

@@ -24,6 +24,7 @@ from torch import fx
 from pamm_fx import _compat, seed
 from pamm_fx import logs as _logs
 from pamm_fx.config import PammConfig, resolve
+from pamm_fx.ops.decompositions import DECOMPOSITIONS
 from pamm_fx.plan import Plan, apply, plan
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "backend",
     "counters",
     "counters_by_compile",
+    "decompositions",
     "pamm_aot_eager_backend",
     "pamm_backend",
     "remove_observer",
@@ -97,8 +99,15 @@ def source_key() -> str:
     return h.hexdigest()
 
 
+def decompositions(patches: dict[str, Any] | None = None) -> dict[Any, Any]:
+    """Inductor's decomposition table plus ours (:mod:`pamm_fx.ops.decompositions`): what every Inductor
+    compile of the backend traces with, passed explicitly so that no earlier compile can drop ours."""
+    return {**_compat.inductor_decompositions(patches or {}), **DECOMPOSITIONS}
+
+
 def _inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], patches: dict[str, Any]) -> Callable:
-    return _compat.inductor_compile(gm, list(example_inputs), _compat.source_keyed(patches, source_key()))
+    return _compat.inductor_compile(gm, list(example_inputs), _compat.source_keyed(patches, source_key()),
+                                    decompositions(patches))
 
 
 def _aot_eager(gm: fx.GraphModule, example_inputs: Sequence[Any], patches: dict[str, Any]) -> Callable:

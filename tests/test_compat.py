@@ -110,9 +110,13 @@ def test_compile_entry_points_and_explain_backend() -> None:
         return ((x.sin() * 2).sum(),)
 
     x = torch.randn(4, requires_grad=True)
-    for compile_with in (_compat.aot_eager_compile, _compat.inductor_compile):
-        gm = torch.fx.symbolic_trace(f)
-        assert torch.allclose(compile_with(gm, [x], {})(x)[0], f(x)[0])
+    gm = torch.fx.symbolic_trace(f)
+    assert torch.allclose(_compat.aot_eager_compile(gm, [x], {})(x)[0], f(x)[0])
+    # The decompositions passed are the ones Inductor traces with (here: sin written as cos, to see it).
+    cos_for_sin = {torch.ops.aten.sin.default: lambda t: torch.ops.aten.cos.default(t)}
+    gm = torch.fx.symbolic_trace(f)
+    assert torch.allclose(_compat.inductor_compile(gm, [x], {}, cos_for_sin)(x)[0], (x.cos() * 2).sum())
+    assert torch.ops.aten.addmm.default in _compat.inductor_decompositions({})
     wrapped = _compat.explain_backend(lambda gm, example_inputs: gm.forward)
 
     def broken(x: torch.Tensor) -> torch.Tensor:

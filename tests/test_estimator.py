@@ -19,12 +19,11 @@ from functorch.compile import make_boxed_func
 from torch import Tensor, nn
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import min_cut_rematerialization_partition
-from torch._inductor.compile_fx import select_decomp_table
 from torch.library import opcheck
 
 import pamm_fx
 import pamm_fx.ops  # registers the ops
-from pamm_fx.compiler import PammBackend
+from pamm_fx.compiler import PammBackend, decompositions
 from pamm_fx.config import PammConfig, resolve
 from pamm_fx.kernels import residual as residual_kernels
 from pamm_fx.testing import describe_rewrites
@@ -266,7 +265,7 @@ def _decomposing_backend(graphs: list[str]) -> PammBackend:
         graphs.append(str(gm.graph))
         return make_boxed_func(gm)
 
-    inner = aot_autograd(fw_compiler=keep, bw_compiler=keep, decompositions=select_decomp_table(),
+    inner = aot_autograd(fw_compiler=keep, bw_compiler=keep, decompositions=decompositions(),
                          partition_fn=functools.partial(min_cut_rematerialization_partition, compiler="inductor"))
     return PammBackend(resolve(SR), inner=lambda gm, example_inputs, patches: inner(gm, example_inputs))
 
@@ -324,7 +323,7 @@ def test_the_payload_is_tagged_must_save_for_the_partitioner() -> None:
     x = _batch().reshape(-1, D)
     c, f, alpha = _compressed(x, den=8)
     gm = make_fx(lambda x, seed: torch.ops.pamm.quantize_residual(x, c, f, alpha, seed, 1, 4),
-                 decomposition_table=select_decomp_table())(x, torch.tensor(3))
+                 decomposition_table=decompositions())(x, torch.tensor(3))
     (output,) = gm.graph.find_nodes(op="output")
     producers = output.args[0]
     assert len(producers) == 3 and all(n.meta.get("recompute") == CheckpointPolicy.MUST_SAVE for n in producers)

@@ -44,6 +44,7 @@ from pamm_fx.kernels import assign as assign_kernels
 from pamm_fx.kernels.hashing import M32 as _M32
 from pamm_fx.kernels.hashing import mix32 as _mix32
 from pamm_fx.kernels.hashing import stream_key
+from pamm_fx.ops.decompositions import decomposition
 from pamm_fx.ops.forward_only import emit_outputs, register_non_differentiable
 
 __all__ = ["Compress", "compress", "emit", "parse", "record_compressions", "sample_generators"]
@@ -181,7 +182,7 @@ def _compress_decomposition(*args: Any) -> Any:
     return c, f, alpha
 
 
-_compat.register_inductor_decomposition(torch.ops.pamm.compress.default, _compress_decomposition)
+decomposition(torch.ops.pamm.compress.default)(_compress_decomposition)
 
 
 # The flop formula, so that FlopCounterMode (and with it the partitioner's runtime estimator under an

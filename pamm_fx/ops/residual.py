@@ -46,6 +46,7 @@ from pamm_fx import _compat
 from pamm_fx.kernels import dequant_matmul
 from pamm_fx.kernels import residual as residual_kernels
 from pamm_fx.ops.compress import rows_of
+from pamm_fx.ops.decompositions import decomposition
 from pamm_fx.ops.forward_only import emit_outputs, register_non_differentiable
 
 __all__ = [
@@ -149,7 +150,7 @@ def _quantize_decomposition(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
     return out
 
 
-_compat.register_inductor_decomposition(torch.ops.pamm.quantize_residual.default, _quantize_decomposition)
+decomposition(torch.ops.pamm.quantize_residual.default)(_quantize_decomposition)
 
 
 @torch.library.custom_op("pamm::residual_weight_grad", mutates_args=())
@@ -174,7 +175,7 @@ def _weight_grad_decomposition(dy: Tensor, q: Tensor, lo: Tensor, scale: Tensor,
     return dequant_matmul.weight_grad_traceable(dy, q, lo, scale, bits, n, c, f, alpha, out_dtype)
 
 
-_compat.register_inductor_decomposition(torch.ops.pamm.residual_weight_grad.default, _weight_grad_decomposition)
+decomposition(torch.ops.pamm.residual_weight_grad.default)(_weight_grad_decomposition)
 
 
 # Flop formulas, so that FlopCounterMode (and the partitioner's runtime estimator under an
