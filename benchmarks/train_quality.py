@@ -64,6 +64,10 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "site-head": {"targets": "head"},
     # the fix: only the sites that held quality one at a time
     "qkv-head": {"targets": ["qkv", "head"]},
+    # issue 25: what the partitioner keeps, at 8 bits with stochastic rounding (pamm_fx.saved)
+    "saved-all": {"targets": "none", "saved": "all"},
+    "saved-wgrad": {"targets": "none", "saved": "wgrad"},
+    "saved-all4": {"targets": "none", "saved": "all", "saved_bits": 4},
 }
 
 

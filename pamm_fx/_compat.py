@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch._dynamo
+import torch._inductor.custom_graph_pass
 import torch._logging
 
 __all__ = [
@@ -34,6 +35,9 @@ __all__ = [
     "inductor_decompositions",
     "source_keyed",
     "inductor_mode_options",
+    "min_cut_partition",
+    "CustomPartitionerFn",
+    "user_partitioner",
     "init_logs_with",
     "observe_pass",
     "outside_tracing",
@@ -50,6 +54,9 @@ NN_LINEAR = torch._C._nn.linear
 NN_SDPA = torch._C._nn.scaled_dot_product_attention
 #: The type of an ATen op overload in a traced graph, whose ``_schema`` says what it writes (``torch._ops.OpOverload``).
 OpOverload = torch._ops.OpOverload
+#: The base class Inductor's ``custom_partitioner_fn`` config requires: a callable with ``uuid()`` for the cache
+#: key (``torch._inductor.custom_graph_pass.CustomPartitionerFn``).
+CustomPartitionerFn = torch._inductor.custom_graph_pass.CustomPartitionerFn
 #: Dynamo's own control-flow exceptions (``torch._dynamo.exc.TorchDynamoException``): never a failure of ours.
 DynamoException = torch._dynamo.exc.TorchDynamoException
 
@@ -109,12 +116,33 @@ def source_keyed(patches: dict[str, Any], key: str) -> dict[str, Any]:
 
 def aot_eager_compile(gm: Any, example_inputs: list[Any], patches: dict[str, Any]) -> Any:
     """AOTAutograd without Inductor (``torch._dynamo.backends.debugging.aot_eager``), under the Inductor
-    config ``patches`` (the decompositions AOTAutograd traces read that config too)."""
-    from torch._dynamo.backends.debugging import aot_eager
+    config ``patches`` (the decompositions AOTAutograd traces read that config too); a
+    ``custom_partitioner_fn`` there becomes AOTAutograd's partition function, as Inductor would use it."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.backends.debugging import aot_eager, boxed_nop
     from torch._inductor import config
 
+    patches = dict(patches)
+    partitioner = patches.pop("custom_partitioner_fn", None)
     with config.patch(patches):
-        return aot_eager(gm, example_inputs)
+        if partitioner is None:
+            return aot_eager(gm, example_inputs)
+        return aot_autograd(fw_compiler=boxed_nop, bw_compiler=boxed_nop, partition_fn=partitioner,
+                            keep_inference_input_mutations=True)(gm, example_inputs)
+
+
+def min_cut_partition(gm: Any, joint_inputs: Any, **kwargs: Any) -> Any:
+    """The min-cut partitioner Inductor runs by default (``torch._functorch.partitioners``)."""
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    return min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+
+
+def user_partitioner(patches: dict[str, Any]) -> Any:
+    """The ``custom_partitioner_fn`` Inductor would use under ``patches`` (None: min-cut)."""
+    from torch._inductor import config
+
+    return patches.get("custom_partitioner_fn", config.custom_partitioner_fn)
 
 
 def explain_backend(backend: Any) -> Any:

@@ -26,6 +26,7 @@ from pamm_fx import logs as _logs
 from pamm_fx.config import PammConfig, resolve
 from pamm_fx.ops.decompositions import DECOMPOSITIONS
 from pamm_fx.plan import Plan, apply, plan
+from pamm_fx.saved import SavedPartitioner, SavedPolicy
 
 __all__ = [
     "PammBackend",
@@ -137,7 +138,7 @@ def _compile(
     if p.error is not None:
         _bump(mine, "fallbacks")
     _bump(mine, "linears_skipped", len(p.rejections))
-    if not p.groups:
+    if not p.needs_seed:
         checkpointed = [r for r in p.rejections if r.category == "checkpointed"]
         if checkpointed and len(checkpointed) == len(p.rejections):
             log.info("pamm: all %d projections of this graph are inside activation-checkpoint regions and stay "
@@ -156,7 +157,7 @@ def _compile(
         return inner(gm, example_inputs, patches)
     fake_mode = _compat.detect_fake_mode(example_inputs)
     try:
-        compiled = inner(new, [*example_inputs, seed.example(fake_mode, p.seed_device)], patches)
+        compiled = inner(new, [*example_inputs, seed.example(fake_mode, p.seed_device)], _saved_patches(p, patches))
     except _compat.DynamoException:
         raise  # Dynamo's own control flow (e.g. RestartAnalysis from Inductor's scalar pass), not a failure
     except Exception:
@@ -174,6 +175,19 @@ def _compile(
         return compiled(*args, seeds())
 
     return run
+
+
+def _saved_patches(p: Plan, patches: dict[str, Any]) -> dict[str, Any]:
+    """``patches`` plus, under ``saved`` other than "exact", the partition function that compresses the
+    partitioner's saved tensors (:mod:`pamm_fx.saved`), chaining the user's ``custom_partitioner_fn``."""
+    cfg = p.config
+    if cfg.saved == "exact":
+        return patches
+    n = len(p.original.graph.find_nodes(op="placeholder"))  # the seed comes right after these
+    part = SavedPartitioner(SavedPolicy(cfg.saved, cfg.saved_bits), f"primals_{n + 1}", p.salt_base,
+                            p.weight_grad_inputs, n + 1, source_key(), decompositions,
+                            _compat.user_partitioner(patches))
+    return {**patches, "custom_partitioner_fn": part}
 
 
 class PammBackend:

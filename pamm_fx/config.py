@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 __all__ = ["num_generators", "PammConfig", "AUTO_ESTIMATOR", "BITS", "DEFAULT_BITS", "ESTIMATORS", "SITES",
-           "SITE_FAMILIES", "TARGETS", "OPTIONS", "defaults", "resolve"]
+           "SITE_FAMILIES", "SAVED_MODES", "TARGETS", "OPTIONS", "defaults", "resolve"]
 
 #: The site a projection is classified as (:mod:`pamm_fx.passes.structure`): attention's Q/K/V
 #: projections, attention's output projection, an MLP's up/gate and down projections, a head
@@ -34,8 +34,9 @@ SITES = ("qkv", "attn_out", "mlp_up", "mlp_down", "head", "other")
 #: Names that stand for several sites in ``targets``.
 SITE_FAMILIES = {"mlp": ("mlp_up", "mlp_down"), "all": SITES}
 #: Valid values of the ``targets`` option (also the keys of its dict form): a site, ``"mlp"`` (both
-#: MLP sites) or ``"all"`` (every trainable linear; in a dict, every site not named otherwise).
-TARGETS = ("qkv", "attn_out", "mlp", "mlp_up", "mlp_down", "head", "other", "all")
+#: MLP sites), ``"all"`` (every trainable linear; in a dict, every site not named otherwise) or ``"none"``
+#: (no projection is rewritten: for ``saved`` alone, which compresses what the partitioner keeps).
+TARGETS = ("qkv", "attn_out", "mlp", "mlp_up", "mlp_down", "head", "other", "all", "none")
 #: Weight-gradient estimators of a group: ``"pamm"`` (the paper: dW = B~^T C, biased), ``"pamm_sr"`` (PAMM
 #: plus the residual X - X~ at ``bits`` bits with stochastic rounding: unbiased given C) and ``"sr"`` (no
 #: generators: X alone at ``bits`` bits with stochastic rounding, dW = dY^T deq(q(X)), unbiased).
@@ -45,6 +46,9 @@ ESTIMATORS = ("pamm", "pamm_sr", "sr")
 #: gradient, which moved a proxy's loss by up to 3.6% in either direction (docs/estimator_study.md, round 2);
 #: ``"sr"`` is the recommendation for ``targets="all"``. Read only through :meth:`PammConfig.site_estimator`.
 AUTO_ESTIMATOR: Mapping[str, str] = types.MappingProxyType({"qkv": "pamm", "all": "sr"})
+#: Values of ``saved``: the partitioner's saved tensors kept as they are, those read only for weight
+#: gradients at ``saved_bits``, or every saved activation at ``saved_bits`` (dX approximate).
+SAVED_MODES = ("exact", "wgrad", "all")
 #: Valid ``bits``: a whole number of codes per byte.
 BITS = (2, 4, 8)
 #: ``bits`` when the option is None, per estimator that keeps a quantized payload.
@@ -87,6 +91,9 @@ def _parse_targets(value: Any) -> str | tuple[tuple[str, float | None], ...]:
         if value not in TARGETS:
             raise ValueError(f"pamm option 'targets' must be one of {valid} or a dict of them to ratios, got {value!r}")
         return value
+    valid = [t for t in TARGETS if t != "none"]  # in a list or dict
+    if isinstance(value, (Mapping, list, tuple, set, frozenset)) and "none" in value:
+        raise ValueError(f"pamm option 'targets': 'none' stands alone, not in a list or dict, got {value!r}")
     if isinstance(value, Mapping):
         items = list(value.items())
     elif isinstance(value, (list, tuple, set, frozenset)) and value:
@@ -191,6 +198,11 @@ class PammConfig:
         :meth:`site_estimator` only.
     bits: bits per element of the quantized payload (the residual under ``"pamm_sr"``, X under
         ``"sr"``), one of :data:`BITS`; None takes each estimator's :data:`DEFAULT_BITS`.
+    saved: what happens to the tensors the partitioner keeps for the backward, after it has chosen them
+        (:mod:`pamm_fx.saved`): ``"exact"`` keeps them; ``"wgrad"`` keeps those the backward reads only for
+        parameters' weight gradients at ``saved_bits`` with stochastic rounding (dX exact); ``"all"``
+        keeps every saved activation so, dX included (dX becomes approximate, unbiased).
+    saved_bits: bits per element under ``saved``, one of :data:`BITS`.
     """
 
     ratio: float = 1 / 64
@@ -201,6 +213,8 @@ class PammConfig:
     targets: str | tuple[tuple[str, float | None], ...] = "qkv"
     estimator: str | tuple[tuple[str, str], ...] = "pamm"
     bits: int | None = None
+    saved: str = "exact"
+    saved_bits: int = 8
 
     def __post_init__(self) -> None:
         frac = _parse_ratio(self.ratio)
@@ -222,6 +236,10 @@ class PammConfig:
         if self.bits is not None and (type(self.bits) is not int or self.bits not in BITS):
             raise ValueError(f"pamm option 'bits' must be one of {list(BITS)} or None (each estimator's default "
                              f"{dict(DEFAULT_BITS)}), got {self.bits!r}")
+        if self.saved not in SAVED_MODES:
+            raise ValueError(f"pamm option 'saved' must be one of {list(SAVED_MODES)}, got {self.saved!r}")
+        if type(self.saved_bits) is not int or self.saved_bits not in BITS:
+            raise ValueError(f"pamm option 'saved_bits' must be one of {list(BITS)}, got {self.saved_bits!r}")
         named = {self.targets: None} if isinstance(self.targets, str) else dict(self.targets)
         object.__setattr__(self, "_site_fractions", {
             site: frac if r is None else Fraction(r).limit_denominator(_MAX_DENOMINATOR) for site, r in named.items()})
@@ -316,6 +334,8 @@ _FROM_ENV: dict[str, Callable[[str], Any]] = {
     "targets": _targets_from_env,
     "estimator": _estimator_from_env,
     "bits": int,
+    "saved": str,
+    "saved_bits": int,
 }
 assert set(_FROM_ENV) == set(OPTIONS)
 

@@ -27,7 +27,7 @@ from pamm_fx import _compat, seed
 from pamm_fx.config import PammConfig
 from pamm_fx.kernels.residual import payload_bytes_per_row
 from pamm_fx.names import fmt_value
-from pamm_fx.passes.checks import kept_bytes_per_row
+from pamm_fx.passes.checks import is_parameter, kept_bytes_per_row, requires_grad
 from pamm_fx.passes.fxutil import hint, is_static, rows, val
 from pamm_fx.passes.match import Group, Rejection, find_groups
 from pamm_fx.passes.normalize import normalize_linears
@@ -84,8 +84,23 @@ class Plan:
 
     @property
     def seed_device(self) -> torch.device:
-        """Where the per-call seed lives (:func:`pamm_fx.seed.device_of` the groups' X)."""
-        return seed.device_of(val(g.x) for g in self.groups)
+        """Where the per-call seed lives (:func:`pamm_fx.seed.device_of` the groups' X, else the graph's
+        tensor inputs: the saved-tensor pass needs it on the model's device too)."""
+        xs = [val(g.x) for g in self.groups] or [val(n) for n in self.graph.graph.find_nodes(op="placeholder")]
+        return seed.device_of(x for x in xs if isinstance(x, torch.Tensor) and x.is_floating_point())
+
+    @property
+    def needs_seed(self) -> bool:
+        """Whether the compiled graph takes the per-call seed: it has groups, or compresses saved tensors."""
+        return bool(self.groups) or self.config.saved != "exact"
+
+    @property
+    def weight_grad_inputs(self) -> frozenset[int]:
+        """Positions of the graph's inputs that are trainable parameters (whose gradients are weight
+        gradients): the saved-tensor pass's ``"wgrad"`` mode compresses only what feeds those alone."""
+        inputs = self.original.graph.find_nodes(op="placeholder")
+        return frozenset(i for i, n in enumerate(inputs)
+                         if is_parameter(self.original, n) and requires_grad(self.original, n))
 
     def estimate(self, group: Group) -> Estimate:
         xv = val(group.x)
@@ -150,7 +165,10 @@ def plan(gm: fx.GraphModule, example_inputs: Sequence[Any], config: PammConfig) 
 
 
 def apply(p: Plan) -> fx.GraphModule | None:
-    """The rewritten copy of the planned graph, or None when the plan has no group."""
-    if not p.groups:
+    """The rewritten copy of the planned graph (its groups fused, the per-call seed added), or None when
+    the plan needs neither."""
+    if not p.needs_seed:
         return None
-    return rewrite_groups(p.graph, p.groups, p.config, salt_base=p.salt_base, seed_device=p.seed_device)
+    # Without groups only the seed is added: to the graph as captured (normalization is for matching).
+    return rewrite_groups(p.graph if p.groups else p.original, p.groups, p.config, salt_base=p.salt_base,
+                          seed_device=p.seed_device)
