@@ -233,7 +233,7 @@ def memory_order(v: torch.Tensor) -> list[int] | None:
 def _quantizer(bits: int, salt: int, order: list[int]) -> Callable[..., Any]:
     def quantize(s: torch.Tensor, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dense = s.permute(order)
-        return fmt.quantize_aten(dense.reshape(-1, dense.shape[-1]), None, None, None, seed, salt, bits)
+        return fmt.quantize_rotated(dense.reshape(-1, dense.shape[-1]), seed, salt, bits)
 
     return quantize
 

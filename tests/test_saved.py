@@ -236,6 +236,6 @@ def test_forward_outputs_and_backward_inputs_keep_aotautograds_calling_conventio
     first_uses = [n.name for n in seen["bw"].graph.nodes if n.op == "call_function"][:3]
     assertExpectedInline = __import__("expecttest").TestCase().assertExpectedInline
     assertExpectedInline(f"forward returns: {fw_out}\nbackward takes: {bw_in}\nbackward starts: {first_uses}", """\
-forward returns: _unsafe_view_1, view, convert_element_type_3, convert_element_type_7, t_4, t_8, where, where_1, where_3, where_4, primals_2, mul
+forward returns: _unsafe_view_1, view, convert_element_type_2, convert_element_type_5, t_4, t_8, where, where_1, where_3, where_4, primals_2, mul
 backward takes: primals_2, mul, view, mm_q, silu_q, t_4, t_8, mm_lo, mm_scale, silu_lo, silu_scale, tangents_1
 backward starts: ['view_2', 't_2', 'convert_element_type_2']""")

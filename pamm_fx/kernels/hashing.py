@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["HASH_MUL", "M32", "key_of", "mix32", "stream_key"]
+__all__ = ["HASH_MUL", "M32", "key_of", "mix32", "rotation_phases", "stream_key"]
 
 M32 = (1 << 32) - 1
 #: Odd 27-bit multiplier of a 32-bit integer hash (x ^= x >> 16; x *= H; ...): a 32-bit value times it
@@ -50,3 +50,21 @@ def stream_key(seed: Tensor, salt: int) -> Tensor:
 @stream_key.register_fake
 def _(seed: Tensor, salt: int) -> Tensor:
     return seed.new_empty((), dtype=torch.int64)
+
+
+@torch.library.custom_op("pamm::rotation_phases", mutates_args=())
+def rotation_phases(seed: Tensor, salt: int, rows: int, cols: int) -> tuple[Tensor, Tensor]:
+    """Per-row phases p (rows,) and per-column offsets c (cols,) in [0, 1), float32, hashed from (seed, salt):
+    the rotated rounding noise u_ij = frac(p_i + c_j). Its own op, like :func:`stream_key`, so that Inductor
+    computes the hashes once per row and column instead of inlining them into every element."""
+    key = key_of(seed, salt)
+    r = torch.arange(rows, dtype=torch.int64, device=seed.device)
+    c = torch.arange(cols, dtype=torch.int64, device=seed.device)
+    p = (mix32((r & M32) ^ key) >> 8).to(torch.float32) * 2.0**-24
+    off = (mix32(mix32(c & M32) ^ key ^ 0x5BD1E995) >> 8).to(torch.float32) * 2.0**-24
+    return p, off
+
+
+@rotation_phases.register_fake
+def _(seed: Tensor, salt: int, rows: int, cols: int) -> tuple[Tensor, Tensor]:
+    return seed.new_empty(rows, dtype=torch.float32), seed.new_empty(cols, dtype=torch.float32)
