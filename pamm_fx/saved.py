@@ -47,8 +47,8 @@ from pamm_fx import _compat
 from pamm_fx.config import SAVED_MODES
 from pamm_fx.kernels import residual as fmt
 
-__all__ = ["MIN_ELEMENTS", "MIN_ROW", "SavedChoice", "SavedPartitioner", "SavedPolicy", "compress_saved",
-           "last_choices", "memory_order"]
+__all__ = ["MIN_ELEMENTS", "MIN_ROW", "ROW_MAX", "ROW_TARGET", "SavedChoice", "SavedPartitioner", "SavedPolicy",
+           "compress_saved", "last_choices", "memory_order", "row_width"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,11 @@ log = logging.getLogger(__name__)
 MIN_ELEMENTS = 4096
 #: Rows shorter than this stay as they are: 8 bytes of lo and scale per row would eat the saving.
 MIN_ROW = 16
+#: Rows are the innermost dims in memory, merged while shorter than ROW_TARGET into rows of at most ROW_MAX
+#: (an attention output's heads and head dims: one token's row across heads, never several tokens' rows of
+#: a wide tensor), so that per-row work and lo/scale bytes stay small against the row.
+ROW_TARGET = 256
+ROW_MAX = 512
 #: Separates the salts of saved tensors from the groups' (which count up from the graph's salt base).
 _SALT_DOMAIN = 1 << 40
 
@@ -192,8 +197,9 @@ def _why_not(node: fx.Node, target: fx.Node | None, policy: SavedPolicy, user_ou
     order = memory_order(v)
     if order is None:
         return "not one dense block in any dim order (a broadcast or overlapping layout)"
-    if not isinstance(v.shape[order[-1]], int) or v.shape[order[-1]] < MIN_ROW:
-        return f"rows (its innermost dim in memory) of under {MIN_ROW} elements, or of a size that varies"
+    n = row_width(v, order)
+    if n is None or n < MIN_ROW:
+        return f"rows (its innermost dims in memory) of under {MIN_ROW} elements, or of a size that varies"
     if _bytes(v) // v.element_size() < MIN_ELEMENTS:
         return f"under {MIN_ELEMENTS} elements"
     return None
@@ -230,25 +236,40 @@ def memory_order(v: torch.Tensor) -> list[int] | None:
     return order
 
 
-def _quantizer(bits: int, salt: int, order: list[int]) -> Callable[..., Any]:
+def row_width(v: torch.Tensor, order: list[int]) -> int | None:
+    """Elements per quantized row: the innermost dim in memory order, times the next ones while the row is
+    under :data:`ROW_TARGET` and stays within :data:`ROW_MAX` (static sizes only); None when the innermost
+    dim's size varies from call to call."""
+    inner = v.shape[order[-1]]
+    if not isinstance(inner, int):
+        return None
+    n = inner
+    for i in reversed(order[:-1]):
+        size = v.shape[i]
+        if n >= ROW_TARGET or not isinstance(size, int) or n * size > ROW_MAX:
+            break
+        n *= size
+    return n
+
+
+def _quantizer(bits: int, salt: int, order: list[int], n: int) -> Callable[..., Any]:
     def quantize(s: torch.Tensor, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        dense = s.permute(order)
-        return fmt.quantize_rotated(dense.reshape(-1, dense.shape[-1]), seed, salt, bits)
+        return fmt.quantize_rotated(s.permute(order).reshape(-1, n), seed, salt, bits)
 
     return quantize
 
 
-def _decoder(bits: int, like: torch.Tensor, order: list[int], sym_inputs: int) -> Callable[..., torch.Tensor]:
-    """decode(q, lo, scale, *sizes): the root in its shape and strides. Its sizes in memory order are ints,
-    one size that varies (then rows // the product of the rest), or taken from ``sym_inputs`` SymInt
-    arguments (the backward's own saved sizes), in order of appearance."""
+def _decoder(bits: int, like: torch.Tensor, order: list[int], n: int, sym_inputs: int) -> Callable[..., torch.Tensor]:
+    """decode(q, lo, scale, *sizes): the root in its shape and strides, from rows of ``n`` elements. Its sizes
+    in memory order are ints, one size that varies (then derived from the row count), or taken from
+    ``sym_inputs`` SymInt arguments (the backward's own saved sizes), in order of appearance."""
     shape = [like.shape[i] for i in order]
     dtype = like.dtype
     inverse = sorted(range(len(order)), key=order.__getitem__)
     varying = [i for i, d in enumerate(shape) if not isinstance(d, int)]
 
     def decode(q: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, *sizes: Any) -> torch.Tensor:
-        deq = fmt.reconstruct_aten(q, lo, scale, None, None, None, bits, shape[-1], dtype)
+        deq = fmt.reconstruct_aten(q, lo, scale, None, None, None, bits, n, dtype)
         dims = list(shape)
         if sym_inputs:
             for i, size in zip(varying, sizes):
@@ -258,7 +279,7 @@ def _decoder(bits: int, like: torch.Tensor, order: list[int], sym_inputs: int) -
             rest = 1
             for j, d in enumerate(shape):
                 rest = rest * (d if j != i else 1)
-            dims[i] = q.shape[0] * shape[-1] // rest
+            dims[i] = q.shape[0] * n // rest
         return deq.view(dims).permute(inverse)
 
     return decode
@@ -377,6 +398,7 @@ def compress_saved(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int,
             continue
         rv = root.meta["val"]
         order = memory_order(rv)
+        width = row_width(rv, order)
         first = root not in done
         sizes = _sizes_for(rv, order, bw) if first else []
         if sizes is None:
@@ -387,7 +409,7 @@ def compress_saved(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int,
             continue
         if first:
             with fw.graph.inserting_before(root.next):  # (inserting_after would reverse the copied nodes)
-                quantize = _quantizer(policy.bits, (salt_base ^ _SALT_DOMAIN) | index, order)
+                quantize = _quantizer(policy.bits, (salt_base ^ _SALT_DOMAIN) | index, order, width)
                 quantized = _inline(fw.graph, quantize, [root, seed], decompositions)
             inputs = []
             for part, suffix in zip(quantized, ("q", "lo", "scale")):
@@ -401,7 +423,7 @@ def compress_saved(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int,
             anchor = min(uses, key=position.__getitem__) if uses else None
             if anchor is not None:
                 with bw.graph.inserting_before(anchor):
-                    decode = _decoder(policy.bits, rv, order, len(sizes))
+                    decode = _decoder(policy.bits, rv, order, width, len(sizes))
                     (done[root],) = _inline(bw.graph, decode, [*inputs, *sizes], decompositions)
             else:
                 done[root] = None
@@ -414,8 +436,7 @@ def compress_saved(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int,
                     env[view] = value
             target.replace_all_uses_with(value)
         bw.graph.erase_node(target)
-        n = rv.shape[order[-1]]
-        after = _bytes(rv) // rv.element_size() // n * fmt.payload_bytes_per_row(n, policy.bits, rv.dtype)
+        after = _bytes(rv) // rv.element_size() // width * fmt.payload_bytes_per_row(width, policy.bits, rv.dtype)
         choices.append(SavedChoice(node.name, tuple(v.shape), v.dtype, _bytes(rv) if first else 0,
                                    after if first else 0, True,
                                    f"{policy.bits} bits per element, per-row lo/scale, stochastic rounding", root.name))

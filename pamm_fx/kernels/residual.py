@@ -152,6 +152,8 @@ def _quantize_rows(x: Tensor, c: Tensor | None, f: Tensor | None, alpha: Tensor 
         u = t - t.floor()
     q = (fl + (u.to(wd) < v - fl).to(wd)).clamp_max(levels)
     q = torch.where(scale[:, None] > 0, q, 0).to(torch.int32)  # scale 0 or NaN: code 0
+    if bits == 8:  # one code per byte: no packing (a sum over a size-1 dim would cost Inductor a reduction)
+        return q.to(torch.uint8), lo, scale
     per = 8 // bits
     width = packed_bytes(n, bits)
     q = torch.nn.functional.pad(q, (0, width * per - n)).view(b, width, per)
@@ -164,8 +166,11 @@ def _dequantize_rows(q: Tensor, lo: Tensor, scale: Tensor, n: int, bits: int, dt
     """deq(q) rows (plus ``base``, X~ in lo's dtype, when given) in ``dtype``."""
     b = q.shape[0]
     levels = (1 << bits) - 1
-    codes = (q.to(torch.int32)[:, :, None] >> _shifts(bits, q.device)) & levels
-    codes = codes.reshape(b, q.shape[1] * (8 // bits))[:, :n]  # not -1: ambiguous for b = 0
+    if bits == 8:
+        codes = q[:, :n]
+    else:
+        codes = (q.to(torch.int32)[:, :, None] >> _shifts(bits, q.device)) & levels
+        codes = codes.reshape(b, q.shape[1] * (8 // bits))[:, :n]  # not -1: ambiguous for b = 0
     deq = lo[:, None] + codes.to(lo.dtype) * scale[:, None]
     return (deq if base is None else base + deq).to(dtype)
 
