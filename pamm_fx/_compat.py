@@ -36,6 +36,7 @@ __all__ = [
     "source_keyed",
     "inductor_mode_options",
     "min_cut_partition",
+    "partition_only",
     "CustomPartitionerFn",
     "user_partitioner",
     "init_logs_with",
@@ -129,6 +130,20 @@ def aot_eager_compile(gm: Any, example_inputs: list[Any], patches: dict[str, Any
             return aot_eager(gm, example_inputs)
         return aot_autograd(fw_compiler=boxed_nop, bw_compiler=boxed_nop, partition_fn=partitioner,
                             keep_inference_input_mutations=True)(gm, example_inputs)
+
+
+def partition_only(gm: Any, example_inputs: list[Any], partitioner: Any, decompositions: dict[Any, Any]) -> None:
+    """Trace ``gm``'s joint graph with ``decompositions`` and partition it as Inductor would (its joint-graph
+    passes, then ``partitioner`` as ``custom_partitioner_fn``), compiling nothing
+    (``torch._dynamo.backends.common.aot_autograd``, ``torch._inductor.compile_fx.partition_fn``)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.backends.debugging import boxed_nop
+    from torch._inductor import config
+    from torch._inductor.compile_fx import partition_fn
+
+    with config.patch(custom_partitioner_fn=partitioner):
+        aot_autograd(fw_compiler=boxed_nop, bw_compiler=boxed_nop, partition_fn=partition_fn,
+                     decompositions=decompositions)(gm, example_inputs)
 
 
 def min_cut_partition(gm: Any, joint_inputs: Any, **kwargs: Any) -> Any:

@@ -38,6 +38,7 @@ __all__ = [
     "pamm_aot_eager_backend",
     "pamm_backend",
     "remove_observer",
+    "saved_partitioner",
 ]
 
 log = logging.getLogger(__name__)
@@ -177,17 +178,22 @@ def _compile(
     return run
 
 
-def _saved_patches(p: Plan, patches: dict[str, Any]) -> dict[str, Any]:
-    """``patches`` plus, under ``saved`` other than "exact", the partition function that compresses the
-    partitioner's saved tensors (:mod:`pamm_fx.saved`), chaining the user's ``custom_partitioner_fn``."""
+def saved_partitioner(p: Plan, patches: dict[str, Any]) -> SavedPartitioner | None:
+    """The partition function that compresses the partitioner's saved tensors under ``p``'s ``saved``
+    (:mod:`pamm_fx.saved`), chaining the ``custom_partitioner_fn`` of ``patches`` or Inductor's config;
+    None under ``saved="exact"``. The backend and ``explain()`` both take it from here."""
     cfg = p.config
     if cfg.saved == "exact":
-        return patches
+        return None
     n = len(p.original.graph.find_nodes(op="placeholder"))  # the seed comes right after these
-    part = SavedPartitioner(SavedPolicy(cfg.saved, cfg.saved_bits), f"primals_{n + 1}", p.salt_base,
+    return SavedPartitioner(SavedPolicy(cfg.saved, cfg.saved_bits), f"primals_{n + 1}", p.salt_base,
                             p.weight_grad_inputs, n + 1, source_key(), decompositions,
                             _compat.user_partitioner(patches))
-    return {**patches, "custom_partitioner_fn": part}
+
+
+def _saved_patches(p: Plan, patches: dict[str, Any]) -> dict[str, Any]:
+    part = saved_partitioner(p, patches)
+    return patches if part is None else {**patches, "custom_partitioner_fn": part}
 
 
 class PammBackend:

@@ -30,13 +30,15 @@ from typing import Any
 import torch
 from torch import fx
 
-from pamm_fx import _compat
+from pamm_fx import _compat, seed
 from pamm_fx.capture import capture
+from pamm_fx.compiler import saved_partitioner
 from pamm_fx.config import OPTIONS, resolve
 from pamm_fx.names import fmt_value, param_name
 from pamm_fx.passes.fxutil import is_linear, val
 from pamm_fx.passes.match import Group, Rejection
 from pamm_fx.plan import Plan, apply
+from pamm_fx.saved import partition_choices
 from pamm_fx.sideeffects import modules_of
 
 __all__ = [
@@ -120,8 +122,25 @@ class GraphBreak:
 
 
 @dataclasses.dataclass
+class SavedInfo:
+    """One tensor the partitioner keeps for the backward, under ``saved`` other than "exact": kept as it is
+    (and why) or compressed, with its bytes before and after (a view of a compressed tensor counts 0: its
+    root's bytes are counted once)."""
+
+    name: str
+    shape: str
+    dtype: str
+    compressed: bool
+    bytes_before: int
+    bytes_after: int
+    why: str
+    root: str = ""
+
+
+@dataclasses.dataclass
 class GraphReport:
-    """One graph Dynamo captured: its groups, skipped linears, and the graph before/after the rewrite."""
+    """One graph Dynamo captured: its groups, skipped linears, the graph before/after the rewrite, and under
+    ``saved`` the partitioner's saved tensors with what happens to each."""
 
     index: int
     compile_id: str
@@ -131,6 +150,7 @@ class GraphReport:
     after: str = ""
     error: str = ""
     dot: str = ""
+    saved: list[SavedInfo] = dataclasses.field(default_factory=list)
 
 
 def _from_dict(cls: type, data: dict[str, Any]) -> Any:
@@ -242,11 +262,29 @@ class ExplainReport:
                 lines.extend(f"    {s.weight:<{width}}  [{s.category}] {s.reason}" for s in g.skipped)
             if not g.groups and not g.skipped:
                 lines.append("  no linear projection")
+            lines.extend(_saved_lines(g.saved, self.options))
         if self.graph_breaks:
             lines.append("\ngraph breaks:")
             lines.extend(f"  {i}. {b.reason}  ({b.location})" for i, b in enumerate(self.graph_breaks, 1))
         lines.extend(f"\nnote: {n}" for n in self.notes)
         return "\n".join(lines)
+
+
+def _saved_lines(saved: list[SavedInfo], options: dict[str, Any]) -> list[str]:
+    if not saved:
+        return []
+    before, after = sum(t.bytes_before for t in saved), sum(t.bytes_after for t in saved)
+    n = sum(t.compressed for t in saved)
+    what = "dX approximate (unbiased)" if options.get("saved") == "all" else "weight gradients only, dX exact"
+    lines = [f"  saved for backward (saved={options.get('saved')!r}, {options.get('saved_bits')} bits; {what}): "
+             f"{n} of {len(saved)} tensors compressed, {_mib(before)} -> {_mib(after)}"]
+    width = max(len(t.name) for t in saved)
+    for t in saved:
+        size = f"{_mib(t.bytes_before)} -> {_mib(t.bytes_after)}" if t.compressed else _mib(t.bytes_before)
+        via = f" (of {t.root})" if t.compressed and t.root and t.root != t.name else ""
+        state = "compressed" + via if t.compressed else f"kept: {t.why}"
+        lines.append(f"    {t.name:<{width}}  {t.dtype} {t.shape}  {size}  {state}")
+    return lines
 
 
 def _mib(n: int) -> str:
@@ -407,6 +445,8 @@ class _Collector:
         )
         outputs = _outputs(p.graph)
         rejections = [(r, r.node.args[0] in outputs) for r in p.rejections]
+        if p.config.saved != "exact" and not p.error:
+            report.saved = _saved(p)
         if p.groups:
             report.dot = _dot(report.index, p.groups)
             try:
@@ -426,6 +466,20 @@ class _Collector:
         for report, rejections in zip(self.graphs, self._rejections):
             report.skipped += [_skip(r, x_is_output, graph_breaks) for r, x_is_output in rejections]
         return self.graphs
+
+
+def _saved(p: Plan) -> list[SavedInfo]:
+    """The partitioner's saved tensors of the rewritten graph and what ``saved`` does to each, as the backend's
+    compile would decide them (:func:`pamm_fx.saved.partition_choices`)."""
+    part = saved_partitioner(p, {})
+    new = apply(p)
+    if part is None or new is None:
+        return []
+    inputs = [n.meta.get("example_value") for n in p.original.graph.find_nodes(op="placeholder")]
+    fake_mode = _compat.detect_fake_mode([i for i in inputs if isinstance(i, torch.Tensor)])
+    choices = partition_choices(new, [*inputs, seed.example(fake_mode, p.seed_device)], part)
+    return [SavedInfo(c.name, str(tuple(c.shape)).replace("torch.SymInt", ""), str(c.dtype).removeprefix("torch."),
+                      c.compressed, c.bytes_before, c.bytes_after, c.why, c.root) for c in choices]
 
 
 def _location(reason: Any) -> str:

@@ -48,7 +48,7 @@ from pamm_fx.config import SAVED_MODES
 from pamm_fx.kernels import residual as fmt
 
 __all__ = ["MIN_ELEMENTS", "MIN_ROW", "ROW_MAX", "ROW_TARGET", "SavedChoice", "SavedPartitioner", "SavedPolicy",
-           "compress_saved", "last_choices", "memory_order", "row_width"]
+           "compress_saved", "last_choices", "memory_order", "partition_choices", "row_width"]
 
 log = logging.getLogger(__name__)
 
@@ -493,6 +493,8 @@ class SavedPartitioner(_compat.CustomPartitionerFn):
         self.policy, self.seed_name, self.salt_base = policy, seed_name, salt_base
         self.weight_grads, self.num_inputs, self.key = weight_grads, num_inputs, key
         self.decompositions, self.inner = decompositions, inner
+        #: the choices of the partitions this object ran, newest last (``explain()`` reads them)
+        self.choices: list[list[SavedChoice]] = []
 
     def __call__(self, gm: fx.GraphModule, joint_inputs: Sequence[Any], **kwargs: Any) -> tuple[Any, Any]:
         kwargs.setdefault("compiler", "inductor")
@@ -508,6 +510,7 @@ class SavedPartitioner(_compat.CustomPartitionerFn):
                                  self.weight_grads, self.decompositions())
         last_choices.append(choices)
         del last_choices[:-64]
+        self.choices.append(choices)
         done = [c for c in choices if c.compressed]
         log.info("pamm: saved=%r compressed %d of %d saved tensors: %d -> %d bytes", self.policy.mode, len(done),
                  len(choices), sum(c.bytes_before for c in choices), sum(c.bytes_after for c in choices))
@@ -519,3 +522,12 @@ class SavedPartitioner(_compat.CustomPartitionerFn):
             return None
         return (self.key, self.policy.mode, self.policy.bits, self.seed_name, self.salt_base,
                 tuple(sorted(self.weight_grads)), self.num_inputs, theirs)
+
+
+def partition_choices(gm: fx.GraphModule, example_inputs: Sequence[Any], part: SavedPartitioner) -> list[SavedChoice]:
+    """What ``part`` decides for the (rewritten, seed-taking) graph ``gm``: AOTAutograd traces the joint graph
+    with the backend's decompositions and runs Inductor's own partition step (its joint-graph passes, then
+    ``part``), with no code generated; for ``explain()``. Empty when no backward is traced (no input needs
+    a gradient)."""
+    _compat.partition_only(gm, list(example_inputs), part, part.decompositions())
+    return part.choices[-1] if part.choices else []

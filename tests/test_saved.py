@@ -239,3 +239,25 @@ def test_forward_outputs_and_backward_inputs_keep_aotautograds_calling_conventio
 forward returns: _unsafe_view_1, view, convert_element_type_2, convert_element_type_5, t_4, t_8, where, where_1, where_3, where_4, primals_2, mul
 backward takes: primals_2, mul, view, mm_q, silu_q, t_4, t_8, mm_lo, mm_scale, silu_lo, silu_scale, tangents_1
 backward starts: ['view_2', 't_2', 'sym_size_int_1']""")
+
+
+def test_explain_lists_each_saved_tensor_as_the_backend_decides_it() -> None:
+    """explain() runs the same partition step the backend's Inductor compile runs (no code generated): each
+    kept tensor with its choice, bytes and reason, and the same choices as a real compile."""
+    import pamm_fx
+
+    x, y = _inputs()
+    model = _model()
+    report = pamm_fx.explain(model, x.clone().requires_grad_(True), y, targets="none", saved="all")
+    (graph,) = report.graphs
+    explained = {(t.name, t.compressed, t.why) for t in graph.saved}
+    assert sum(t.compressed for t in graph.saved) >= 5
+    text = str(report)
+    assert "saved for backward (saved='all', 8 bits; dX approximate (unbiased))" in text
+    assert "kept: attention statistics" in text and "compressed (of mm)" in text
+    torch._dynamo.reset()
+    saved_mod.last_choices.clear()
+    _step(model, _compile(model, "pamm", saved="all"), x, y)
+    (compiled,) = saved_mod.last_choices
+    assert explained == {(c.name, c.compressed, c.why) for c in compiled}
+    assert not pamm_fx.explain(model, x, y, targets="none").graphs[0].saved  # saved="exact": nothing listed
