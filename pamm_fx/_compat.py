@@ -7,6 +7,7 @@ torch >= 2.11 (checked: 2.13 here, 2.11 on the GPU machine).
 
 from __future__ import annotations
 
+import functools
 import os
 import types
 from collections.abc import Sequence
@@ -41,6 +42,7 @@ __all__ = [
     "source_keyed",
     "inductor_mode_options",
     "init_logs_with",
+    "manual_seed_count",
     "observe_pass",
     "outside_tracing",
     "python_dispatcher",
@@ -318,3 +320,33 @@ def restore_dynamo_compile_state(state: tuple[Any, ...]) -> None:
     eval_frame.cached_backends.clear()
     eval_frame.cached_backends.update(backends)
 
+
+#: ``torch.manual_seed`` calls counted since :func:`manual_seed_count` first ran.
+_manual_seeds = 0
+
+
+def manual_seed_count() -> int:
+    """How many times ``torch.manual_seed`` has run (whatever its values) since this was first called.
+
+    torch has no hook for it, and re-seeding a generator with the value it had may leave it in the very
+    state it was in, so the count comes from wrapping ``torch.random._manual_seed_impl`` once: the public
+    ``torch.manual_seed`` (and ``torch.random.manual_seed``, Lightning's ``seed_everything``, Hugging Face's
+    ``set_seed``) looks that name up on every call, so callers that imported it earlier are counted too and
+    its identity, which Dynamo's trace rules key on, is unchanged. A generator's own ``manual_seed`` method
+    is not counted.
+    """
+    import torch.random
+
+    impl = torch.random._manual_seed_impl
+    if not getattr(impl, "_pamm_counted", False):
+
+        @functools.wraps(impl)
+        def counted(seed: Any) -> Any:
+            global _manual_seeds
+            out = impl(seed)
+            _manual_seeds += 1
+            return out
+
+        counted._pamm_counted = True  # type: ignore[attr-defined]
+        torch.random._manual_seed_impl = counted
+    return _manual_seeds

@@ -222,3 +222,15 @@ def test_dynamo_code_state_seen_counted_forgotten_and_compile_state_restored() -
     assert _compat.cache_entry_count(code) == 0 and _compat.cache_entries(code) == []
     _compat.restore_dynamo_compile_state(state)
     assert _compat.dynamo_compile_state() == state
+
+
+def test_manual_seed_count_counts_every_torch_manual_seed() -> None:
+    from torch import manual_seed  # imported before counting started: still counted
+
+    before = _compat.manual_seed_count()
+    torch.manual_seed(0)
+    torch.random.manual_seed(0)
+    manual_seed(0)
+    assert _compat.manual_seed_count() == before + 3 and torch.initial_seed() == 0
+    torch.default_generator.manual_seed(0)  # a generator's own method: not counted
+    assert _compat.manual_seed_count() == before + 3
