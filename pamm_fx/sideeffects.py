@@ -19,7 +19,7 @@ import collections
 import contextlib
 import gc
 import types
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -54,7 +54,7 @@ def modules_of(fn: Any) -> list[nn.Module]:
     return found
 
 
-def _containers(values: Iterator[Any] | list[Any], seen: dict[int, tuple[Any, Any]]) -> None:
+def _containers(values: Iterable[Any], seen: dict[int, tuple[Any, Any]]) -> None:
     """Record a shallow copy of every container reachable from ``values`` through containers and tuples
     (not through modules, tensors or other objects), keyed by id."""
     stack = list(values)
@@ -95,7 +95,6 @@ def preserved(roots: list[nn.Module]) -> Iterator[list[str]]:
     containers: dict[int, tuple[Any, Any]] = {}
     _containers((v for _, attrs in attributes for v in attrs.values()), containers)
     buffers = [(t, t.detach().clone()) for _, m in modules for t in m._buffers.values() if t is not None]
-    buffer_ids = {id(t) for t, _ in buffers}
     tensors = [(f"{prefix}.{name}" if prefix else name, t, t._version) for prefix, m in modules
                for name, t in vars(m).items() if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter)]
     params = [(f"{prefix}.{name}" if prefix else name, p, p._version)
@@ -117,8 +116,7 @@ def preserved(roots: list[nn.Module]) -> Iterator[list[str]]:
             for t, copy in buffers:  # always copied back: batch_norm's stat update bumps no version
                 t.copy_(copy)
         changed.extend(f"parameter {name}" for name, p, version in params if p._version != version)
-        changed.extend(f"tensor attribute {name}" for name, t, version in tensors
-                       if id(t) not in buffer_ids and t._version != version)
+        changed.extend(f"tensor attribute {name}" for name, t, version in tensors if t._version != version)
 
 
 def _clone(code: types.CodeType) -> types.CodeType:
@@ -141,6 +139,7 @@ def dynamo_untouched() -> Iterator[list[str]]:
     on exit, and the frame counters and the
     backends Dynamo keeps alive are put back, so later compiles get the ids (and our salts) they would have
     had. Yields a list that receives a description of each code object whose entries changed anyway.
+    Another thread calling one of those functions during the block runs its clone (the same bytecode).
     """
     before = {id(code): (code, _compat.cache_entry_count(code)) for code in _compat.dynamo_seen_codes()}
     compiled = [code for code, count in before.values() if count]
