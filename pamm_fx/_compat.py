@@ -7,7 +7,9 @@ torch >= 2.11 (checked: 2.13 here, 2.11 on the GPU machine).
 
 from __future__ import annotations
 
+import functools
 import os
+import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,12 +26,17 @@ __all__ = [
     "activation_memory_budget",
     "aot_eager_compile",
     "artifact_logger",
+    "cache_entries",
+    "cache_entry_count",
     "compile_id",
     "compile_id_text",
     "detect_fake_mode",
+    "dynamo_compile_state",
     "dynamo_counters",
+    "dynamo_seen_codes",
     "explain_backend",
     "fake_mode_of",
+    "forget_code",
     "forward_ad_active",
     "inductor_compile",
     "inductor_decompositions",
@@ -40,10 +47,12 @@ __all__ = [
     "CustomPartitionerFn",
     "user_partitioner",
     "init_logs_with",
+    "manual_seed_count",
     "observe_pass",
     "outside_tracing",
     "python_dispatcher",
     "register_log_alias",
+    "restore_dynamo_compile_state",
     "shapes_as_first_compile",
     "tag_must_save",
     "trace_artifact",
@@ -303,3 +312,84 @@ def python_dispatcher() -> Any:
     from torch._dispatch.python import enable_python_dispatcher
 
     return enable_python_dispatcher()
+
+
+def dynamo_seen_codes() -> list[types.CodeType]:
+    """The live code objects Dynamo's frame hook has processed since its last reset: the only ones that can
+    carry its cache entries or frame state (``torch._dynamo.convert_frame.input_codes``, weak references)."""
+    from torch._dynamo import convert_frame
+
+    return [code for ref in list(convert_frame.input_codes.seen) if (code := ref()) is not None]
+
+
+def cache_entries(code: types.CodeType) -> list[Any]:
+    """Dynamo's cache entries on ``code``, every isolate region
+    (``torch._C._dynamo.eval_frame._debug_get_cache_entry_list``)."""
+    return list(torch._C._dynamo.eval_frame._debug_get_cache_entry_list(code))
+
+
+def cache_entry_count(code: types.CodeType) -> int:
+    """How many compiled entries Dynamo keeps on ``code``: cache entries of every region, which all count
+    towards ``accumulated_recompile_limit``, plus precompile entries (``torch._C._dynamo.eval_frame``)."""
+    frames = torch._C._dynamo.eval_frame
+    return frames._get_total_cache_entry_count(code) + len(frames._debug_get_precompile_entries(code))
+
+
+def forget_code(code: types.CodeType) -> None:
+    """Drop everything Dynamo keeps on ``code`` (entries, frame state, skip marks), as if it never ran it
+    (``torch._C._dynamo.eval_frame.reset_code``, what ``torch._dynamo.reset`` does per code object)."""
+    torch._C._dynamo.eval_frame.reset_code(code)
+
+
+def dynamo_compile_state() -> tuple[Any, ...]:
+    """What a compile moves in Dynamo's module state besides code objects: the frame id counters that
+    number later compiles (``torch._dynamo.convert_frame.FRAME_COUNTER``/``FRAME_COMPILE_COUNTER``, which
+    our salts read through the compile id) and the backends it keeps alive until ``torch._dynamo.reset``
+    (``torch._dynamo.eval_frame.cached_backends``)."""
+    from torch._dynamo import convert_frame, eval_frame
+
+    return (convert_frame.FRAME_COUNTER, dict(convert_frame.FRAME_COMPILE_COUNTER),
+            dict(eval_frame.cached_backends))
+
+
+def restore_dynamo_compile_state(state: tuple[Any, ...]) -> None:
+    """Put back what :func:`dynamo_compile_state` returned."""
+    from torch._dynamo import convert_frame, eval_frame
+
+    counter, compile_counts, backends = state
+    convert_frame.FRAME_COUNTER = counter
+    convert_frame.FRAME_COMPILE_COUNTER.clear()
+    convert_frame.FRAME_COMPILE_COUNTER.update(compile_counts)
+    eval_frame.cached_backends.clear()
+    eval_frame.cached_backends.update(backends)
+
+
+#: ``torch.manual_seed`` calls counted since :func:`manual_seed_count` first ran.
+_manual_seeds = 0
+
+
+def manual_seed_count() -> int:
+    """How many times ``torch.manual_seed`` has run (whatever its values) since this was first called.
+
+    torch has no hook for it, and re-seeding a generator with the value it had may leave it in the very
+    state it was in, so the count comes from wrapping ``torch.random._manual_seed_impl`` once: the public
+    ``torch.manual_seed`` (and ``torch.random.manual_seed``, Lightning's ``seed_everything``, Hugging Face's
+    ``set_seed``) looks that name up on every call, so callers that imported it earlier are counted too and
+    its identity, which Dynamo's trace rules key on, is unchanged. A generator's own ``manual_seed`` method
+    is not counted.
+    """
+    import torch.random
+
+    impl = torch.random._manual_seed_impl
+    if not getattr(impl, "_pamm_counted", False):
+
+        @functools.wraps(impl)
+        def counted(seed: Any) -> Any:
+            global _manual_seeds
+            out = impl(seed)
+            _manual_seeds += 1
+            return out
+
+        counted._pamm_counted = True  # type: ignore[attr-defined]
+        torch.random._manual_seed_impl = counted
+    return _manual_seeds

@@ -501,11 +501,12 @@ def explain(
     """Capture ``model(*example_inputs, **model_kwargs)`` with Dynamo and report the pamm rewrite plan; no
     training, no Inductor.
 
-    The plan is made by the same :func:`pamm_fx.plan.plan` the backend runs. Dynamo's caches are left
-    alone: graphs the user already compiled stay compiled (explain's own capture is a separate cache
-    entry, guarded on its backend), so calling this between training steps recompiles nothing, and the
-    capture leaves no trace (:func:`pamm_fx.sideeffects.preserved`: buffers such as BatchNorm's
-    statistics, tensors cached on modules and the random generators are as they were).
+    The plan is made by the same :func:`pamm_fx.plan.plan` the backend runs. Dynamo's caches are left as
+    they were: graphs the user already compiled stay compiled and no capture entry stays on any code
+    object (:func:`pamm_fx.sideeffects.dynamo_untouched`), so calling this between training steps, however
+    often, recompiles nothing and brings no code nearer its ``recompile_limit``; and the capture leaves no
+    trace on the model (:func:`pamm_fx.sideeffects.preserved`: its Python attributes, counters and dict
+    caches, buffers such as BatchNorm's statistics, and the random generators are as they were).
     ``model`` may be the module or what ``torch.compile`` returned for it. Hugging Face models:
     ``explain(model, model_kwargs=tokenizer(text, return_tensors="pt"))``.
     """
@@ -520,8 +521,9 @@ def explain(
     captured = capture(model, example_inputs, config, collector, model_kwargs)
     breaks = [_graph_break(r) for r in captured.break_reasons]
     graphs = collector.finish(bool(breaks))
-    notes = [f"the forward modified parameter {name} in place; explain() could not restore it"
-             for name in captured.touched]
+    notes = [f"the forward modified {name} in place; explain() could not restore it" for name in captured.touched]
+    notes += [f"explain() changed Dynamo's cache entries on {where}, which torch cannot undo one by one"
+              for where in captured.caches_changed]
     if not graphs:
         notes.append(_nothing_captured(seen))
     if missed := _linears_not_captured(model, captured.graph_inputs):

@@ -107,7 +107,7 @@ class Plan:
         b_sym, n = rows(xv), hint(xv.shape[-1])
         b = hint(b_sym)
         m = sum(p.out_features for p in group.projections)
-        dtype = group.dtype or xv.dtype  # under autocast X is saved in the compute dtype either way
+        dtype = group.dtype  # plain saves X as its linears read it: cast to the compute dtype under autocast
         frac, cfg = group.ratio, self.config
         if group.estimator == "sr":
             k, formula = 0, "no generators, k = 0"

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import fx
 
+from pamm_fx import _compat
+
 __all__ = ["PLACEHOLDER", "Source", "add_placeholder", "device_of", "example"]
 
 PLACEHOLDER = "pamm_seed"
@@ -49,11 +51,18 @@ class Source:
 
     The stream is a counter on that device, started from hash(root, stream id) and advanced in place
     each call: it never draws from (so never consumes or shifts) any torch generator, needs no host
-    round trip after the first call, and is a pure function of (root, stream id, call number), so
-    seeded runs repeat across processes. ``root`` is ``config.seed``, or with ``seed=None`` the
-    default generator's ``torch.initial_seed()``, read on the host each call (it reads no random
-    state): ``torch.manual_seed(s)`` before training makes the draws repeat, and re-seeding with a
-    different value restarts the stream. ``stream`` tells apart the graphs of one program.
+    round trip after the first call, and is a pure function of (root, stream id, calls since the start),
+    so seeded runs repeat across processes. ``root`` is ``config.seed``, or with ``seed=None`` the default
+    generator's ``torch.initial_seed()``, read on the host each call (it reads no random state).
+
+    Restarts (``seed=None``), as torch's own generators restart: every ``torch.manual_seed`` call, with a new
+    value or the same one, restarts the stream from its start (counted by :func:`pamm_fx._compat.manual_seed_count`:
+    a generator re-seeded with its value may be in the very state it was in, so the call itself is what
+    counts), and so does any other change of ``torch.initial_seed()`` (``torch.seed()``). A program that
+    re-seeds and repeats its steps thus repeats PAMM's rows and ``sr`` noise, as it repeats its dropout
+    masks. An int ``seed`` is a stream of its own that torch's seeding never restarts. The restart is an
+    in-place fill of the device counter (no host sync, no CPU tensor). ``stream`` tells apart the graphs
+    of one program.
     """
 
     def __init__(self, seed: int | None, device: torch.device, stream: int) -> None:
@@ -61,14 +70,20 @@ class Source:
         self._fixed = seed
         self._stream = stream
         self._root: int | None = None
+        self._seedings = _compat.manual_seed_count()
         self._counter: torch.Tensor | None = None
 
     def __call__(self) -> torch.Tensor:
-        root = self._fixed if self._fixed is not None else torch.initial_seed()
-        if self._counter is None or root != self._root:
-            self._root = root
+        follows_torch = self._fixed is None
+        root = torch.initial_seed() if follows_torch else self._fixed
+        seedings = _compat.manual_seed_count() if follows_torch else self._seedings
+        if self._counter is None or root != self._root or seedings != self._seedings:
+            self._root, self._seedings = root, seedings
             start = int(_mix64(root, self._stream))
-            self._counter = torch.tensor(start, dtype=torch.int64, device=self._device)
+            if self._counter is None:
+                self._counter = torch.tensor(start, dtype=torch.int64, device=self._device)
+            else:
+                self._counter.fill_(start)
         self._counter.add_(1)
         # A copy: the graph (or a recomputation in its backward) may still hold last call's seed.
         return self._counter.clone()

@@ -4,7 +4,10 @@ Not a test module. :func:`random_spec` turns a seed into a :class:`ModelSpec` (l
 and autocast islands, graph breaks, tied/frozen weights, a sequence of input shapes, the backend
 options; and, drawn from a second stream so that older seeds keep their cases: writes to X between
 projections, detached and unused projections, dropout, non-finite inputs, float64,
-``nn.MultiheadAttention`` blocks), :func:`build` into an ``nn.Module``, :func:`make_inputs` into the inputs of each call.
+``nn.MultiheadAttention`` blocks; and from a third: the whole step under bf16 autocast (every linear then
+reads an autocast output, optionally a bf16 input), a plain compile of the model before pamm's, repeated
+``explain()`` calls mid-training, a forward with Python-side state), :func:`build` into an ``nn.Module``,
+:func:`make_inputs` into the inputs of each call.
 Every linear whose weight is a parameter goes through :class:`Proj`, which, inside
 :func:`recording`, logs the X it read and the gradient of its output (dY) in eager mode, so that
 the fuzzer can recompute a PAMM weight gradient from a recorded compression.
@@ -98,6 +101,12 @@ class ModelSpec:
     nonfinite: str = "none"  # "nan" or "inf": one entry of the first call's x
     dtype: str = "float32"  # or "float64": the model and its inputs
     seed_none: bool = False  # options seed=None: PAMM must not touch the user's generator
+    #: issue 24: "model" runs every call under bf16 autocast (around the compiled call: MLP down projections,
+    #: output projections and the head read bf16 autocast outputs), "bf16_x" also feeds x (and mem) in bf16
+    amp: str = "none"
+    plain_first: bool = False  # a plain compile of the model runs one step before pamm compiles it
+    explains: int = 0  # explain() calls before the second call (the first with one call)
+    python_state: bool = False  # the forward bumps a call counter and caches its output in a dict
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -118,7 +127,7 @@ class ModelSpec:
 
     @property
     def autocast(self) -> bool:
-        return any(b.autocast_block or "autocast" in b.modes for b in self.blocks)
+        return self.amp != "none" or any(b.autocast_block or "autocast" in b.modes for b in self.blocks)
 
     @property
     def options(self) -> dict[str, object]:
@@ -137,6 +146,8 @@ class ModelSpec:
             f"  calls (batch, seq): {list(self.shapes)}, dynamic={self.dynamic}",
             f"  memory={self.memory}, repeat={self.repeat}, tie_qk={self.tie_qk}, frozen={list(self.frozen)}",
             f"  nonfinite={self.nonfinite}, dtype={self.dtype}, seed_none={self.seed_none}",
+            f"  amp={self.amp}, plain_first={self.plain_first}, explains={self.explains}, "
+            f"python_state={self.python_state}",
         ]
         for i, b in enumerate(self.blocks):
             fields = ", ".join(f"{f.name}={getattr(b, f.name)!r}" for f in dataclasses.fields(b))
@@ -204,6 +215,7 @@ def random_spec(seed: int) -> ModelSpec:
         backend="inductor" if inductor else "eager",
     )
     spec = _program_features(spec, random.Random(seed * 7919 + 1), inductor)
+    spec = _session_features(spec, random.Random(seed * 7919 + 2))
     if spec.dynamic == "mark" and not inductor:
         # Dynamo's eager backend raises ConstraintViolationError on a marked dim after a graph break (torch 2.13),
         # where aot_eager does not: a plain-side failure, not ours.
@@ -248,6 +260,21 @@ def _program_features(spec: ModelSpec, rng: random.Random, inductor: bool) -> Mo
     return spec
 
 
+def _session_features(spec: ModelSpec, rng: random.Random) -> ModelSpec:
+    """Issue 24's features, from a third random stream (the fields of the first two stay as they were): autocast
+    over the whole step (a bf16 X for most linears; float64 cases have none), a plain compile first, repeated
+    explain() calls (3: the oracle checks Dynamo's cache entries themselves, so it needs no more than
+    recompile_limit's 8 to see one left behind), Python-side state in the forward."""
+    amp = rng.choice(["none"] * 6 + ["model", "bf16_x"])
+    return dataclasses.replace(
+        spec,
+        amp="none" if spec.dtype == "float64" else amp,
+        plain_first=rng.random() < 0.15,
+        explains=3 if rng.random() < 0.12 else 0,
+        python_state=rng.random() < 0.2,
+    )
+
+
 #: Block fields whose interplay with compression is a feature of its own: drawn in a case with ratio < 1.
 _UNDER_COMPRESSION = ("write", "detach_last", "unused", "act_weight", "graph_break", "cross", "fused", "kv_shared")
 
@@ -275,7 +302,8 @@ def features(spec: ModelSpec) -> set[str]:
             found |= {f"ratio<1&{name}={getattr(b, name)}" for name in _UNDER_COMPRESSION}
     if spec.ratio < 1:
         found |= {f"ratio<1&{c}" for c in case if c.split("=")[0] in (
-            "nonfinite", "dtype", "autocast", "targets", "dynamic", "calls", "min_tokens", "min_generators", "backend")}
+            "nonfinite", "dtype", "autocast", "targets", "dynamic", "calls", "min_tokens", "min_generators", "backend",
+            "amp", "plain_first", "explains", "python_state")}
     return found
 
 
@@ -334,6 +362,11 @@ class Proj(nn.Module):
 
 def _autocast(enabled: bool) -> contextlib.AbstractContextManager:
     return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+def step_autocast(spec: ModelSpec) -> contextlib.AbstractContextManager:
+    """The context each forward of the case runs in (the caller's bf16 autocast under ``amp``)."""
+    return _autocast(spec.amp != "none")
 
 
 def _call(proj: Proj, x: Tensor, mode: str) -> Tensor:
@@ -498,6 +531,9 @@ class FuzzModel(nn.Module):
             self.enc, self.enc_norm = Proj(DIM, DIM, True, "enc"), nn.LayerNorm(DIM)
         self.norm = nn.RMSNorm(DIM)
         self.head = Proj(DIM, VOCAB, False, "head")
+        if spec.python_state:
+            self.calls = 0
+            self.cache: dict[str, Tensor] = {}
         if spec.tie_qk:
             for blk in self.blocks:
                 b = blk.spec
@@ -518,7 +554,18 @@ class FuzzModel(nn.Module):
         for _ in range(self.spec.repeat):
             for blk in self.blocks:
                 h = blk(h, memory, w)
-        return self.head(self.norm(h))
+        out = self.head(self.norm(h))
+        if self.spec.python_state:
+            self.calls += 1
+            # A copy: caching out.detach() itself trips torch 2.13's AOTAutogradCache under plain Inductor (a second
+            # compile of the same program loads an artifact whose output-alias replay reads garbage sizes; seeds 5
+            # and 205; torch._functorch.config.enable_autograd_cache=False avoids it), a plain-side failure.
+            self.cache["out"] = out.detach().clone()
+        return out
+
+    def state(self) -> tuple[int, Tensor] | None:
+        """The Python-side state the forward changes (``python_state``): its call count and cached output."""
+        return (self.calls, self.cache.get("out")) if self.spec.python_state else None
 
 
 def build(spec: ModelSpec) -> FuzzModel:
@@ -533,6 +580,8 @@ def make_inputs(spec: ModelSpec, call: int) -> tuple[dict[str, Tensor], Tensor]:
     inputs = {"x": torch.randn(batch, seq, DIM, generator=gen, dtype=dtype)}
     if spec.memory != "none":
         inputs["mem"] = torch.randn(batch, MEM_SEQ, DIM, generator=gen, dtype=dtype)
+    if spec.amp == "bf16_x":
+        inputs = {k: v.bfloat16() for k, v in inputs.items()}
     if spec.weight_arg:
         inputs["w"] = torch.randn(DIM, DIM, generator=gen, dtype=dtype) / DIM
     loss_proj = torch.randn(batch, seq, VOCAB, generator=gen)

@@ -205,3 +205,32 @@ def test_source_keyed_puts_our_sources_in_inductors_cache_key() -> None:
     assert seen == ["graph"] and chained.uuid() == ("k1", "theirs")
     keyless = _compat.source_keyed({"post_grad_custom_post_pass": lambda g: None}, "k1")
     assert keyless["post_grad_custom_post_pass"].uuid() is None
+
+
+def test_dynamo_code_state_seen_counted_forgotten_and_compile_state_restored() -> None:
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return x.cos() + 1
+
+    code = f.__code__
+    state = _compat.dynamo_compile_state()
+    torch.compile(f, backend="eager")(torch.randn(3))
+    torch.compile(f, backend="aot_eager")(torch.randn(3))
+    assert any(c is code for c in _compat.dynamo_seen_codes())
+    assert _compat.cache_entry_count(code) == 2 and len(_compat.cache_entries(code)) == 2
+    assert _compat.dynamo_compile_state() != state  # a frame id was taken, the backends kept alive
+    _compat.forget_code(code)
+    assert _compat.cache_entry_count(code) == 0 and _compat.cache_entries(code) == []
+    _compat.restore_dynamo_compile_state(state)
+    assert _compat.dynamo_compile_state() == state
+
+
+def test_manual_seed_count_counts_every_torch_manual_seed() -> None:
+    from torch import manual_seed  # imported before counting started: still counted
+
+    before = _compat.manual_seed_count()
+    torch.manual_seed(0)
+    torch.random.manual_seed(0)
+    manual_seed(0)
+    assert _compat.manual_seed_count() == before + 3 and torch.initial_seed() == 0
+    torch.default_generator.manual_seed(0)  # a generator's own method: not counted
+    assert _compat.manual_seed_count() == before + 3

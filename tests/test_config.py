@@ -71,10 +71,18 @@ def test_backend_factory_validates_eagerly():
     assert pamm_fx.backend(ratio=0.25).config.ratio == 0.25
 
 
-def test_bad_options_fail_at_first_compile():
+def test_bad_options_fail_at_first_compile_with_our_value_error_first():
+    """torch.compile calls the backend first at the first compile, and Dynamo wraps what it raises: the error is
+    BackendCompilerFailed (a RuntimeError) whose message is ours right after Dynamo's one-line prefix, with our
+    ValueError as its inner_exception (what the README says). pamm_fx.backend() and resolve() raise it as is."""
     fn = torch.compile(lambda x: x + 1, backend="pamm", options={"ratio": 2})
-    with pytest.raises(Exception, match=r"ratio.*\(0, 1\]"):
+    with pytest.raises(RuntimeError) as info:
         fn(torch.ones(2))
+    assert isinstance(info.value.inner_exception, ValueError)
+    assert str(info.value).splitlines()[:2] == [
+        "backend='pamm' raised:", "ValueError: pamm option 'ratio' must be in (0, 1], got 2"]
+    with pytest.raises(ValueError, match=r"^pamm option 'ratio' must be in \(0, 1\], got 2$"):
+        pamm_fx.config.resolve({"ratio": 2})
 
 
 # --- options without code: PAMM_<OPTION>, pamm_fx.config.defaults, resolve ----------------------

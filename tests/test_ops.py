@@ -58,6 +58,21 @@ def test_opcheck_linear_group_and_contract(shape, dtype):
     opcheck(torch.ops.pamm.contract.default, (grads, f, alpha, c.shape[0]))
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.float16])
+def test_opcheck_linear_group_with_x_in_another_dtype(x_dtype):
+    """Under autocast X may be in another dtype than the (cast) weights: the op computes in the weights'
+    dtype and returns dX in X's dtype."""
+    x = torch.randn(2, 24, 16, dtype=x_dtype, requires_grad=True)
+    c, f, alpha = _compress(x.detach().bfloat16())
+    weights = [torch.randn(m, 16, dtype=torch.bfloat16, requires_grad=True) for m in (8, 4)]
+    bias = torch.randn(4, dtype=torch.bfloat16, requires_grad=True)
+    opcheck(torch.ops.pamm.linear_group.default, (x, weights, [bias], [False, True], c, f, alpha))
+    outs = torch.ops.pamm.linear_group.default(x, weights, [bias], [False, True], c, f, alpha)
+    assert [o.dtype for o in outs] == [torch.bfloat16] * 2
+    sum(o.float().sum() for o in outs).backward()
+    assert x.grad.dtype == x_dtype and all(w.grad.dtype == torch.bfloat16 for w in weights)
+
+
 def test_k_formula_on_symints_matches_ints():
     for b in (0, 1, 7, 63, 64, 65, 1000):
         assert num_generators(b, 1, 64, 1) == min(b, max(1, math.ceil(b / 64)))

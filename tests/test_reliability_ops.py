@@ -158,6 +158,44 @@ def test_seed_none_draws_follow_manual_seed_without_touching_it() -> None:
     assert any(not torch.equal(p, q) for p, q in zip(a, other))
 
 
+@pytest.mark.parametrize("estimator", ["pamm", "sr"])
+def test_manual_seed_with_the_same_value_restarts_the_stream(estimator: str) -> None:
+    """Issue 24: re-seeding with the same value restarts PAMM's stream, as it restarts dropout: the same generator
+    rows and sr noise (weight gradients) again. Was: only a new value restarted it, so the rows went on."""
+    model = _model(dropout=0.2)
+    compiled = torch.compile(model, backend="pamm_aot_eager", options={**COMPRESS, "estimator": estimator})
+    x = _randn(2, 32, D)
+
+    def step() -> tuple[list[Tensor], dict[str, Tensor]]:
+        model.zero_grad(set_to_none=True)
+        with record_compressions() as seen:
+            compiled(x).sum().backward()
+        return [c for _, c, _, _ in seen], {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    torch.manual_seed(7)
+    first = [step(), step()]
+    torch.manual_seed(7)
+    again = [step(), step()]
+    for (rows, grads), (rows2, grads2) in zip(first, again):
+        assert all(torch.equal(a, b) for a, b in zip(rows, rows2))
+        assert all(torch.equal(g, grads2[n]) for n, g in grads.items()), "not the same noise/rows after re-seeding"
+    assert any(not torch.equal(a, b) for a, b in zip(first[0][1].values(), first[1][1].values()))  # steps differ
+
+
+def test_fixed_seed_stream_ignores_torch_manual_seed() -> None:
+    """An int ``seed`` option is a stream of its own: torch's re-seeding does not restart it."""
+    model = _model()
+    compiled = torch.compile(model, backend="pamm_aot_eager", options={**COMPRESS, "seed": 3})
+    x = _randn(2, 32, D)
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        with record_compressions() as seen:
+            compiled(x)
+        draws.append(seen[0][1])
+    assert not torch.equal(*draws)
+
+
 @pytest.mark.parametrize("backend,plain", [("pamm_aot_eager", "aot_eager"), ("pamm", "inductor")],
                          ids=["aot_eager", "inductor"])
 def test_float64_ratio_one_is_float64_exact(backend: str, plain: str) -> None:

@@ -7,6 +7,13 @@ one PAMM contraction (:mod:`pamm_fx.ops.contract`) shared by the whole group. Un
 forms each weight gradient as dY_j^T X^, X^ = X~ + deq(q(R)) (= B~_j^T C + dY_j^T deq(q(R))).
 Under ``estimator="sr"`` there is no PAMM payload (C, f, alpha are None): it saves the quantized
 X alone and dW_j = dY_j^T deq(q(X)).
+
+Dtypes: the weights (and biases) share one dtype, the group's compute dtype, and X may be in another
+(under autocast: a float32 X with bf16-cast weights). The op then computes as autocast computes each
+linear: X cast to the weights' dtype, Y_j and dW_j in that dtype, and each member's dX contribution
+``dY_j W_j`` cast back to X's dtype before the contributions are summed (in X's dtype, as autograd
+sums the gradients of autocast's per-linear casts of X). Without autocast all dtypes are X's and the
+casts are no-ops.
 This module owns
 the schema, the fake kernel, the autograd, the flop formula and :class:`LinearGroup`, the typed
 form of its arguments that :func:`emit` writes into a graph and :func:`parse` reads back.
@@ -93,13 +100,14 @@ def linear_group(
             "projection is not supported; compile this model with backend='inductor' for forward-mode AD."
         )
     call = LinearGroup.from_op_args((x, weights, biases, has_bias, c, f, alpha, q, lo, scale, bits))
-    return [torch.nn.functional.linear(x, w, b) for w, b in zip(call.weights, call.biases)]
+    xc = x.to(call.weights[0].dtype)
+    return [torch.nn.functional.linear(xc, w, b) for w, b in zip(call.weights, call.biases)]
 
 
 @linear_group.register_fake
 def _(*args: Any) -> list[Tensor]:
     call = LinearGroup.from_op_args(args)
-    return [call.x.new_empty(*call.x.shape[:-1], w.shape[0]) for w in call.weights]
+    return [call.x.new_empty(*call.x.shape[:-1], w.shape[0], dtype=w.dtype) for w in call.weights]
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
@@ -107,6 +115,7 @@ def _setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
     r = call.residual
     ctx.save_for_backward(call.c, call.f, call.alpha, *call.weights, *((r.q, r.lo, r.scale) if r else ()))
     ctx.num_weights = len(call.weights)
+    ctx.x_dtype = call.x.dtype
     ctx.bits = r.bits if r else 0
     ctx.has_bias = [b is not None for b in call.biases]
     # An output that gets no gradient (detached, unused, non-differentiable use) must arrive as None, not
@@ -160,10 +169,12 @@ def _backward(ctx: Any, grads: list[Tensor | None]) -> tuple:
     dx = None
     if needs_x:
         # Last member first: the order autograd accumulates the separate linears' dX in, so ratio 1 is
-        # bitwise plain.
+        # bitwise plain. Each contribution is cast to X's dtype before the sum, as autocast's per-linear
+        # casts of X are (a no-op without autocast).
         for g, w in reversed(list(zip(grads, weights))):
             if g is not None:
-                dx = g.matmul(w) if dx is None else dx + g.matmul(w)
+                part = g.matmul(w).to(ctx.x_dtype)
+                dx = part if dx is None else dx + part
     dweights: list[Tensor | None] = [None] * len(weights)
     wanted_w = [need and g is not None for need, g in zip(needs_w, grads)]
     if any(wanted_w):

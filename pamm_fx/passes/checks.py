@@ -40,12 +40,13 @@ __all__ = [
     "PROJECTION_CHECKS",
     "Check",
     "GroupDraft",
+    "cast_inputs",
     "compute_dtype",
     "disabled",
     "is_parameter",
 ]
 
-#: Dtypes autocast computes linears in; anything else differing from X's dtype is not autocast.
+#: Dtypes autocast computes linears in; a cast of X, weight or bias to any other dtype is not autocast's.
 AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 #: Bytes PAMM keeps per row of X whatever the ratio: f (int32) and alpha (float32).
 INDEX_BYTES_PER_ROW = 8
@@ -65,7 +66,8 @@ class GroupDraft:
     gm: fx.GraphModule
     x: fx.Node
     members: tuple[Candidate, ...]
-    dtype: torch.dtype | None
+    #: The members' compute dtype (:func:`compute_dtype`: their output's).
+    dtype: torch.dtype
     ratio: Fraction
     #: Linears of the graph that stay exact and still make autograd save X (for their own dW).
     exact_readers: tuple[Candidate, ...]
@@ -153,12 +155,19 @@ def requires_grad(gm: fx.GraphModule, node: object) -> bool:
     return isinstance(v, torch.Tensor) and v.requires_grad
 
 
-def compute_dtype(c: Candidate) -> torch.dtype | None:
-    """The dtype the linear computes in when it is not X's (autocast), else None."""
-    xv, out = val(c.x), val(c.node)
-    if isinstance(xv, torch.Tensor) and isinstance(out, torch.Tensor) and out.dtype != xv.dtype:
-        return out.dtype
-    return None
+def compute_dtype(c: Candidate) -> torch.dtype:
+    """The dtype the linear computes in: its output's. Under autocast that is autocast's dtype whatever
+    X's, the weight's and the bias' dtypes are (each is cast to it, as autocast casts them); elsewhere
+    it is X's, which the weight's and bias' must then equal."""
+    out = val(c.node)
+    return out.dtype if isinstance(out, torch.Tensor) else val(c.x).dtype
+
+
+def cast_inputs(c: Candidate) -> list[str]:
+    """Which of X, the weight and the bias are not in the compute dtype (autocast casts them)."""
+    dtype = compute_dtype(c)
+    named = (("X", c.x), ("weight", c.weight), ("bias", c.bias))
+    return [name for name, node in named if isinstance(v := val(node), torch.Tensor) and v.dtype != dtype]
 
 
 # --- projection checks: (candidate, graph, config) -> reason or None ---------------------------
@@ -217,12 +226,14 @@ def _grad_mode(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | No
     return "computed without grad (a torch.no_grad region): no weight gradient to approximate"
 
 
-@_check(PROJECTION_CHECKS, "autocast", "it computes in X's dtype or in autocast's bf16/f16")
+@_check(PROJECTION_CHECKS, "autocast", "X, weight and bias are in its output's dtype, or that dtype is "
+        "autocast's bf16/f16 (which the rewrite casts them to)")
 def _autocast(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | None:
     dtype = compute_dtype(c)
-    if dtype is None or dtype in AUTOCAST_DTYPES:
+    casts = cast_inputs(c)
+    if not casts or dtype in AUTOCAST_DTYPES:
         return None
-    return f"computes in {dtype}, not X's {val(c.x).dtype}, and not as autocast would (bf16/f16)"
+    return f"computes in {dtype}, which {' and '.join(casts)} are not in, and not as autocast would (bf16/f16)"
 
 
 @_check(PROJECTION_CHECKS, "no_attention", "under targets='qkv', its output feeds attention")
@@ -275,7 +286,7 @@ def _exact_ratio(d: GroupDraft, config: PammConfig) -> str | None:
         "ratio (f and alpha; the residual under pamm_sr; the quantized X under sr)")
 def _row_bytes(d: GroupDraft, config: PammConfig) -> str | None:
     xv = val(d.x)
-    n, dtype = hint(xv.shape[-1]), d.dtype or xv.dtype
+    n, dtype = hint(xv.shape[-1]), d.dtype
     row_bytes = n * dtype.itemsize
     kept = kept_bytes_per_row(d.estimator, d.bits, n, dtype)
     if row_bytes > kept:

@@ -14,9 +14,10 @@ each :data:`pamm_fx.passes.checks.PROJECTION_CHECKS` entry may leave one exact (
 reason), the survivors are grouped by (X, compute dtype, region, ratio, estimator), and each
 :data:`pamm_fx.passes.checks.GROUP_CHECKS` entry may leave a whole group exact.
 
-Under ``torch.autocast`` a linear computes in its output's dtype (bf16/f16), not X's; the
-group then records that dtype and the rewrite casts X, weights and biases to it explicitly,
-because custom ops do not follow autocast.
+Every group records its members' compute dtype, their output's (:func:`pamm_fx.passes.checks.compute_dtype`),
+and is keyed on it: under ``torch.autocast`` that is autocast's bf16/f16 whatever X's dtype (a bf16 X read
+by float32 weights and a float32 X alike), and the rewrite casts whichever of X, weights and biases are not
+in it, because custom ops do not follow autocast.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class Group:
     """Trainable projections reading ``x`` in one region and compute dtype, compressed together.
 
     site: the first of :data:`pamm_fx.config.SITES` among its members' sites (``qkv`` if any feeds attention);
-    ratio: the generator ratio every member's site gets; dtype: the compute dtype under autocast, else None;
+    ratio: the generator ratio every member's site gets; dtype: the members' compute dtype (their output's:
+    autocast's under autocast, else X's);
     estimator: every member's (:meth:`PammConfig.site_estimator`, resolved here once: the rewrite, the
     estimates and the reports read it from the group); bits: its payload's bits, None under ``pamm``.
     """
@@ -68,7 +70,7 @@ class Group:
     site: str
     ratio: Fraction
     region: Region
-    dtype: torch.dtype | None = None
+    dtype: torch.dtype
     estimator: str = "pamm"
     bits: int | None = None
 

@@ -13,11 +13,17 @@ input: that keeps them in the projections' grad-mode and autocast region (Dynamo
 ``with torch.no_grad()`` as ``_set_grad_enabled`` calls in the graph, so a node placed after
 X but inside a no-grad block would lose every gradient of the group).
 
-Under autocast (``Group.dtype`` set) X, the weights and the biases are first cast
-explicitly to the dtype the linears computed in (``.to(dtype)``), because custom ops
-do not follow autocast: C is then stored in that dtype, alpha stays float32, and the
-casts' backward returns dX and the weight gradients in the original dtypes, as
-autocast's own casts do.
+Under autocast the linears compute in their output's dtype (``Group.dtype``), which X, a weight or
+a bias may not be in (a float32 X, or a bf16 X read by float32 weights). Custom ops do not follow
+autocast, so the rewrite makes its casts explicit, to the letter of what autocast did to each linear:
+
+- each weight and bias not in the compute dtype is cast by its own ``.to(dtype)`` node, whose
+  backward returns the weight and bias gradients computed in that dtype in the parameter's dtype;
+- X goes to ``pamm::linear_group`` as it is: the op casts it to its weights' dtype inside and returns
+  each member's dX contribution cast back to X's dtype, summed there, as autograd sums the gradients
+  of autocast's one cast per linear;
+- ``pamm::compress`` and ``pamm::quantize_residual`` read ``X.to(dtype)``, so C and the payload are
+  in the dtype plain saves X in for its weight gradients (alpha stays float32).
 
 Each group follows its own estimator (``Group.estimator``, resolved once by the match): ``pamm``
 writes compress then linear_group; ``pamm_sr`` also quantizes the residual between them;
@@ -139,14 +145,13 @@ def _rewrite(new: fx.GraphModule, env: dict[fx.Node, fx.Node], groups: list[Grou
         weights = [env[p.weight] for p in group.projections]
         biases = [env[p.bias] if p.bias is not None else None for p in group.projections]
         with graph.inserting_before(first):
-            if group.dtype is not None:
-                x, *weights = _cast(graph, group.dtype, [x, *weights], fake_mode)
-                biases = [_cast(graph, group.dtype, [b], fake_mode)[0] if b is not None else None for b in biases]
-            detached = graph.call_method("detach", (x,))
-            xv = val(x)
+            detached = graph.call_method("detach", (_cast(graph, group.dtype, x, fake_mode),))
+            xv = val(detached.args[0])
             if fake_mode is not None and xv is not None:
                 with fake_mode:
                     detached.meta["example_value"] = xv.detach()
+            weights = [_cast(graph, group.dtype, w, fake_mode) for w in weights]
+            biases = [_cast(graph, group.dtype, b, fake_mode) if b is not None else None for b in biases]
             c = f = alpha = residual = None
             if group.estimator != "sr":
                 _, (c, f, alpha) = emit_compress(graph, Compress(
@@ -167,14 +172,14 @@ def _rewrite(new: fx.GraphModule, env: dict[fx.Node, fx.Node], groups: list[Grou
     graph.lint()
 
 
-def _cast(graph: fx.Graph, dtype: torch.dtype, tensors: list[fx.Node], fake_mode: Any) -> list[fx.Node]:
-    """``t.to(dtype)`` for each tensor, at the graph's current insertion point."""
-    out: list[fx.Node] = []
-    for node in tensors:
-        cast = graph.call_method("to", (node, dtype))
-        v = val(node)
-        if fake_mode is not None and isinstance(v, torch.Tensor):
-            with fake_mode:
-                cast.meta["example_value"] = v.to(dtype)
-        out.append(cast)
-    return out
+def _cast(graph: fx.Graph, dtype: torch.dtype, node: fx.Node, fake_mode: Any) -> fx.Node:
+    """``node.to(dtype)`` at the graph's current insertion point where its value is in another dtype
+    (autocast's cast, made explicit), else ``node`` itself."""
+    v = val(node)
+    if not isinstance(v, torch.Tensor) or v.dtype == dtype:
+        return node
+    cast = graph.call_method("to", (node, dtype))
+    if fake_mode is not None:
+        with fake_mode:
+            cast.meta["example_value"] = v.to(dtype)
+    return cast
