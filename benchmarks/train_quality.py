@@ -68,6 +68,8 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "saved-all": {"targets": "none", "saved": "all"},
     "saved-wgrad": {"targets": "none", "saved": "wgrad"},
     "saved-all4": {"targets": "none", "saved": "all", "saved_bits": 4},
+    # stacked with Inductor's recompute budget (FUNCTORCH): the partitioner recomputes, the rest is compressed
+    "saved-all-budget0.3": {"targets": "none", "saved": "all"},
     # torch's own answer: plain Inductor with its fp8 activation pass on every saved float tensor (INDUCTOR)
     "fp8": None,
 }
@@ -75,6 +77,8 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
 INDUCTOR: dict[str, dict[str, Any]] = {"fp8": {"post_grad_fusion_options": {"activation_quantization_aten_pass": {
     "allowed_dtypes": "torch.float32;torch.bfloat16", "size_in_mb": 0.0, "quant_type": "torch.float8_e5m2",
     "use_scaling": True, "exclude_primals": True}}}}
+#: variant -> functorch config patches held for the whole run (the budget acts when the graphs are partitioned).
+FUNCTORCH: dict[str, dict[str, Any]] = {"saved-all-budget0.3": {"activation_memory_budget": 0.3}}
 
 
 def parse_run(label: str) -> tuple[str, int, int | None]:
@@ -117,7 +121,8 @@ def val_loss(model: Llama, val: torch.Tensor, seq: int, windows: int | None = No
 
 def train_one(label: str, args: argparse.Namespace) -> dict[str, Any]:
     variant = parse_run(label)[0]
-    with torch._inductor.config.patch(INDUCTOR.get(variant, {})):
+    with torch._inductor.config.patch(INDUCTOR.get(variant, {})), \
+            torch._functorch.config.patch(FUNCTORCH.get(variant, {})):
         return _train_one(label, args)
 
 
