@@ -34,9 +34,11 @@ from pamm_fx import _compat, seed
 from pamm_fx.capture import capture
 from pamm_fx.compiler import saved_partitioner
 from pamm_fx.config import OPTIONS, resolve
+from pamm_fx.fxutil import is_linear, val
 from pamm_fx.names import fmt_value, param_name
-from pamm_fx.passes.fxutil import is_linear, val
-from pamm_fx.passes.match import Group, Rejection
+from pamm_fx.passes.categories import GRAPH_BREAK, REWRITE_FAILED, Rejection
+from pamm_fx.passes.checks import NO_ATTENTION
+from pamm_fx.passes.match import Group
 from pamm_fx.plan import Plan, apply
 from pamm_fx.saved import partition_choices
 from pamm_fx.sideeffects import modules_of
@@ -334,9 +336,9 @@ def _skip(rej: Rejection, x_is_output: bool, graph_breaks: bool) -> SkipInfo:
     """A skip as reported: when X itself leaves the graph, the reason says a graph break may split its
     group, and the category is ``graph_break`` when Dynamo did break the model (:func:`explain` knows
     the breaks only after the whole capture, so this is decided then, once)."""
-    if rej.category != "no_attention" or not x_is_output:
+    if rej.category != NO_ATTENTION.name or not x_is_output:
         return SkipInfo(rej.weight_name, rej.category, rej.reason)
-    return SkipInfo(rej.weight_name, "graph_break" if graph_breaks else rej.category,
+    return SkipInfo(rej.weight_name, GRAPH_BREAK.name if graph_breaks else rej.category,
                     "a graph break splits its group: X is an output of this graph, so the projections of X after "
                     "the break are in another graph and this one does not reach attention here")
 
@@ -455,7 +457,7 @@ class _Collector:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 report.error = f"{type(exc).__name__}: {first}"
                 report.skipped = [
-                    SkipInfo(q.weight, "rewrite_failed", f"the rewrite of its group failed ({report.error})")
+                    SkipInfo(q.weight, REWRITE_FAILED.name, f"the rewrite of its group failed ({report.error})")
                     for g in report.groups for q in g.projections
                 ]
                 report.groups = []

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from pamm_fx.passes.fxutil import row_slice
+from pamm_fx.fxutil import row_slice
 
 __all__ = ["param_name", "fmt_value"]
 

@@ -6,10 +6,19 @@
                               │
                               └──> explain() report, capture_rewrites() records, CLI, logs
 
-:func:`plan` copies the captured graph, normalizes the copy, finds candidates, runs the check
-table and fixes everything the rewrite will do (groups, salts, k as a formula, estimated bytes
-and FLOPs). :func:`apply` carries it out on another copy. Nothing else matches or rewrites,
-so what ``explain()`` prints is what the backend does.
+:func:`plan` copies the captured graph and runs the passes on the copy, in this order (each in its own
+module, none importing a later one):
+
+1. :func:`~pamm_fx.passes.mha.decompose_attention`: ``nn.MultiheadAttention``'s opaque call written out;
+2. :func:`~pamm_fx.passes.normalize.normalize_linears`: every projection as ``linear(x, w, b)``;
+3. :func:`~pamm_fx.passes.unrecognised.unrecognised_products`: a scan naming parameters read in any
+   other form (changes nothing);
+4. :func:`~pamm_fx.passes.match.find_groups`: candidates (:mod:`~pamm_fx.passes.structure`), the check
+   table (:mod:`~pamm_fx.passes.checks`), groups;
+
+then fixes everything the rewrite will do (groups, salts, k as a formula, estimated bytes and FLOPs).
+:func:`apply` carries it out on another copy (5. :func:`~pamm_fx.passes.rewrite.rewrite_groups`).
+Nothing else matches or rewrites, so what ``explain()`` prints is what the backend does.
 """
 
 from __future__ import annotations
@@ -25,13 +34,16 @@ from torch import fx
 
 from pamm_fx import _compat, seed
 from pamm_fx.config import PammConfig
+from pamm_fx.fxutil import copy_graph_module, hint, is_parameter, is_static, requires_grad, rows, val
 from pamm_fx.kernels.residual import payload_bytes_per_row
 from pamm_fx.names import fmt_value
-from pamm_fx.passes.checks import is_parameter, kept_bytes_per_row, requires_grad
-from pamm_fx.passes.fxutil import hint, is_static, rows, val
-from pamm_fx.passes.match import Group, Rejection, find_groups
+from pamm_fx.passes.categories import Rejection
+from pamm_fx.passes.checks import kept_bytes_per_row
+from pamm_fx.passes.match import Group, find_groups
+from pamm_fx.passes.mha import decompose_attention
 from pamm_fx.passes.normalize import normalize_linears
-from pamm_fx.passes.rewrite import copy_graph_module, rewrite_groups
+from pamm_fx.passes.rewrite import rewrite_groups
+from pamm_fx.passes.unrecognised import unrecognised_products
 
 __all__ = ["Estimate", "Plan", "apply", "plan", "salt_base"]
 
@@ -146,11 +158,21 @@ def plan(gm: fx.GraphModule, example_inputs: Sequence[Any], config: PammConfig) 
     """
     del example_inputs  # shapes come from the nodes' example values
     work, _ = copy_graph_module(gm)
+    grad_enabled = torch.is_grad_enabled()
     result = Plan(gm, work, config, [], [], salt_base(), _compat.compile_id_text())
     try:  # every stage of planning, estimates included: never fail a user's compile because of us
+        with _compat.observe_pass(work, "pamm_decompose_attention"):
+            decompose_attention(work, grad_enabled)
         with _compat.observe_pass(work, "pamm_normalize_linears"):
             normalize_linears(work)
-        match = find_groups(work, config, grad_enabled=torch.is_grad_enabled())
+        unrecognised = unrecognised_products(work)
+        match = find_groups(work, config, grad_enabled)
+        rejections = [*unrecognised, *match.rejections]
+        for g in match.groups:
+            log.info("pamm %s group (%s): X=%s %s -> %s", g.site, g.estimator, g.x.name, fmt_value(val(g.x)),
+                     [p.weight_name for p in g.projections])
+        for r in rejections:
+            log.info("pamm leaves %s exact [%s]: %s", r.weight_name, r.category, r.reason)
         for g in match.groups:
             est = result.estimate(g)
             if est.dynamic:
@@ -160,7 +182,7 @@ def plan(gm: fx.GraphModule, example_inputs: Sequence[Any], config: PammConfig) 
         log.warning("pamm: planning failed; compiling the captured graph untouched", exc_info=True)
         result.error = traceback.format_exc(limit=3).strip().splitlines()[-1]
         return result
-    result.groups, result.rejections = match.groups, match.rejections
+    result.groups, result.rejections = match.groups, rejections
     return result
 
 

@@ -27,12 +27,12 @@ from torch import fx
 from pamm_fx import compiler as _backend
 from pamm_fx.capture import capture
 from pamm_fx.config import resolve
+from pamm_fx.fxutil import val
 from pamm_fx.names import fmt_value, param_name
 from pamm_fx.ops.compress import parse as parse_compress
 from pamm_fx.ops.linear_group import parse as parse_linear_group
 from pamm_fx.ops.residual import QuantizeResidual
 from pamm_fx.ops.residual import parse as parse_residual
-from pamm_fx.passes.fxutil import val
 from pamm_fx.plan import Plan, apply
 
 if TYPE_CHECKING:

@@ -1,8 +1,9 @@
 """The semantic checks, as a table: each named check either passes a candidate or says why not.
 
 Structure (:mod:`pamm_fx.passes.structure`) finds candidates; these checks decide which may be
-compressed. A check's name is the stable ``category`` that logs, ``explain()`` and tools see,
-and its reason is the sentence for people. The rules they enforce:
+compressed. A check's name is the stable ``category`` that logs, ``explain()`` and tools see (each row
+declares it in :mod:`pamm_fx.passes.categories`, with the categories decided elsewhere), and its reason
+is the sentence for people. The rules they enforce:
 
 - only a *parameter*'s weight gradient may be approximated: a weight that is an activation
   (a graph input after a graph break, a computed tensor) is left exact;
@@ -28,12 +29,14 @@ from torch import fx
 
 from pamm_fx import _compat
 from pamm_fx.config import PammConfig
+from pamm_fx.fxutil import hint, is_parameter, is_static, op_name, requires_grad, rows, storage, val, written
 from pamm_fx.kernels.residual import payload_bytes_per_row
-from pamm_fx.passes.fxutil import hint, is_static, op_name, row_slice, rows, storage, val, written
+from pamm_fx.passes.categories import CATEGORIES, declare
 from pamm_fx.passes.structure import Candidate, attention_output_of
 
 __all__ = [
     "AUTOCAST_DTYPES",
+    "NO_ATTENTION",
     "GROUP_CHECKS",
     "INDEX_BYTES_PER_ROW",
     "kept_bytes_per_row",
@@ -43,7 +46,6 @@ __all__ = [
     "cast_inputs",
     "compute_dtype",
     "disabled",
-    "is_parameter",
 ]
 
 #: Dtypes autocast computes linears in; a cast of X, weight or bias to any other dtype is not autocast's.
@@ -78,11 +80,16 @@ class GroupDraft:
 
 @dataclasses.dataclass(frozen=True)
 class Check:
-    """A named rule: ``fn`` returns None to pass, else the reason the projection stays exact."""
+    """A named rule: ``fn`` returns None to pass, else the reason the projection stays exact.
+
+    known_linear: whether a candidate this check refuses is still a well-formed linear of the graph (its X
+    and weight graph values of known shapes), so that the match may ask whether autograd keeps its X saved.
+    """
 
     name: str
     fn: Callable[..., str | None]
     doc: str
+    known_linear: bool = True
 
 
 #: Checks run on each candidate, in registration order: (candidate, graph, config) -> reason or None.
@@ -91,11 +98,14 @@ PROJECTION_CHECKS: list[Check] = []
 GROUP_CHECKS: list[Check] = []
 
 
-def _check(table: list[Check], name: str, doc: str) -> Callable[[Callable[..., str | None]], Callable[..., str | None]]:
-    """Register a function as the next row of ``table``, like Inductor's pattern registrations."""
+def _check(table: list[Check], name: str, doc: str,
+           known_linear: bool = True) -> Callable[[Callable[..., str | None]], Callable[..., str | None]]:
+    """Register a function as the next row of ``table`` (and its name as a category), like Inductor's
+    pattern registrations."""
+    declare(name, doc, "projection" if table is PROJECTION_CHECKS else "group")
 
     def register(fn: Callable[..., str | None]) -> Callable[..., str | None]:
-        table.append(Check(name, fn, doc))
+        table.append(Check(name, fn, doc, known_linear))
         return fn
 
     return register
@@ -116,43 +126,6 @@ def disabled(*names: str) -> Iterator[None]:
         yield
     finally:
         PROJECTION_CHECKS[:], GROUP_CHECKS[:] = saved
-
-
-def _base_weight(node: object) -> object:
-    """W for ``W.t()`` (a (in, out) weight that normalize transposed) or a row slice of W (a q/k/v part
-    of a packed in-projection weight), else the node itself."""
-    if isinstance(node, fx.Node) and node.op == "call_method" and node.target == "t" and node.args:
-        return node.args[0]
-    part = row_slice(node)
-    return part[0] if part is not None else node
-
-
-def is_parameter(gm: fx.GraphModule, node: object) -> bool:
-    """Whether a weight node is a parameter of the model: a get_attr of an ``nn.Parameter``, or a graph
-    input Dynamo lifted from one (its fake value carries ``_is_param``, its grapharg the real tensor)."""
-    node = _base_weight(node)
-    if not isinstance(node, fx.Node):
-        return False
-    if node.op == "get_attr":
-        attr = gm
-        for part in str(node.target).split("."):
-            attr = getattr(attr, part, None)
-        return isinstance(attr, torch.nn.Parameter)
-    if node.op != "placeholder":
-        return False
-    example = getattr(node.meta.get("grapharg"), "example", None)
-    return isinstance(example, torch.nn.Parameter) or bool(getattr(val(node), "_is_param", False))
-
-
-def requires_grad(gm: fx.GraphModule, node: object) -> bool:
-    node = _base_weight(node)
-    if isinstance(node, fx.Node) and node.op == "get_attr":
-        attr = gm
-        for part in str(node.target).split("."):
-            attr = getattr(attr, part, None)
-        return isinstance(attr, torch.Tensor) and attr.requires_grad
-    v = val(node)
-    return isinstance(v, torch.Tensor) and v.requires_grad
 
 
 def compute_dtype(c: Candidate) -> torch.dtype:
@@ -183,14 +156,14 @@ def _checkpointed(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str |
             "torch._functorch.config.activation_memory_budget instead of checkpointing")
 
 
-@_check(PROJECTION_CHECKS, "not_graph_value", "X and the weight are graph values")
+@_check(PROJECTION_CHECKS, "not_graph_value", "X and the weight are graph values", known_linear=False)
 def _graph_value(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | None:
     if isinstance(c.x, fx.Node) and isinstance(c.weight, fx.Node):
         return None
     return "input or weight is not a graph value"
 
 
-@_check(PROJECTION_CHECKS, "shape", "known shapes, a 2-D weight")
+@_check(PROJECTION_CHECKS, "shape", "known shapes, a 2-D weight", known_linear=False)
 def _shape(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | None:
     xv, wv = val(c.x), val(c.weight)
     if isinstance(xv, torch.Tensor) and isinstance(wv, torch.Tensor) and xv.dim() >= 1 and wv.dim() == 2:
@@ -241,6 +214,10 @@ def _attention(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | No
     if config.targets != "qkv" or c.site == "qkv":
         return None
     return "output does not feed attention (targets='qkv')"
+
+
+#: The category ``explain()`` re-reads once it knows the graph breaks (a projection whose X leaves the graph).
+NO_ATTENTION = CATEGORIES["no_attention"]
 
 
 @_check(PROJECTION_CHECKS, "not_target", "its site (pamm_fx.config.SITES) is one of the targets")

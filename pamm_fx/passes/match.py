@@ -23,22 +23,19 @@ in it, because custom ops do not follow autocast.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from fractions import Fraction
 
 import torch
 from torch import fx
 
 from pamm_fx.config import SITES, PammConfig
-from pamm_fx.names import fmt_value, param_name
+from pamm_fx.fxutil import Region, hint, val
+from pamm_fx.names import param_name
 from pamm_fx.passes import checks
-from pamm_fx.passes.fxutil import hint, val
-from pamm_fx.passes.normalize import unrecognised_products
-from pamm_fx.passes.structure import Candidate, Region, find_candidates
+from pamm_fx.passes.categories import Rejection
+from pamm_fx.passes.structure import Candidate, find_candidates
 
 __all__ = ["Projection", "Group", "Rejection", "MatchResult", "find_groups"]
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,28 +72,17 @@ class Group:
     bits: int | None = None
 
 
-@dataclasses.dataclass(frozen=True)
-class Rejection:
-    """A linear left exact, and why: ``category`` is the name of the check that refused it (a stable key
-    for tools), ``reason`` the sentence for people."""
-
-    node: fx.Node
-    reason: str
-    category: str
-    weight_name: str
-
-
 @dataclasses.dataclass
 class MatchResult:
     groups: list[Group]
     rejections: list[Rejection]
 
 
-def _first_failure(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> tuple[str, str] | None:
+def _first_failure(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> tuple[checks.Check, str] | None:
     for check in checks.PROJECTION_CHECKS:
         reason = check.fn(c, gm, config)
         if reason is not None:
-            return check.name, reason
+            return check, reason
     return None
 
 
@@ -122,15 +108,14 @@ def find_groups(gm: fx.GraphModule, config: PammConfig, grad_enabled: bool = Tru
     grad_enabled: the grad mode the graph starts in (Dynamo guards on it; regions inside may change it).
     """
     candidates = find_candidates(gm, grad_enabled)
-    rejections = [Rejection(node, reason, "unrecognised", param_name(param))
-                  for node, param, reason in unrecognised_products(gm)]
+    rejections: list[Rejection] = []
     drafts: dict[tuple, list[Candidate]] = {}
     exact: list[Candidate] = []
     for c in candidates:
         failure = _first_failure(c, gm, config)
         if failure is not None:
-            rejections.append(Rejection(c.node, failure[1], failure[0], c.weight_name))
-            if failure[0] not in ("not_graph_value", "shape") and _keeps_x_saved(c, gm):
+            rejections.append(Rejection(c.node, failure[1], failure[0].name, c.weight_name))
+            if failure[0].known_linear and _keeps_x_saved(c, gm):
                 exact.append(c)
             continue
         key = (c.x, checks.compute_dtype(c), c.region.index, config.site_ratio(c.site), config.site_estimator(c.site))
@@ -147,9 +132,4 @@ def find_groups(gm: fx.GraphModule, config: PammConfig, grad_enabled: bool = Tru
             continue
         projections = tuple(_projection(c) for c in members)
         groups.append(Group(x, projections, _site(members), ratio, members[0].region, dtype, estimator, bits))
-    for g in groups:
-        log.info("pamm %s group (%s): X=%s %s -> %s", g.site, g.estimator, g.x.name, fmt_value(val(g.x)),
-                 [p.weight_name for p in g.projections])
-    for r in rejections:
-        log.info("pamm leaves %s exact [%s]: %s", r.weight_name, r.category, r.reason)
     return MatchResult(groups, rejections)

@@ -49,33 +49,22 @@ from torch import fx
 
 from pamm_fx import _compat, seed
 from pamm_fx.config import PammConfig
+from pamm_fx.fxutil import copy_graph_module, val
 from pamm_fx.ops.compress import Compress
 from pamm_fx.ops.compress import emit as emit_compress
 from pamm_fx.ops.linear_group import LinearGroup
 from pamm_fx.ops.linear_group import emit as emit_linear_group
 from pamm_fx.ops.residual import QuantizeResidual
 from pamm_fx.ops.residual import emit as emit_quantize_residual
-from pamm_fx.passes.fxutil import val
 from pamm_fx.passes.match import Group
 
-__all__ = ["RewriteError", "copy_graph_module", "rewrite_groups"]
+__all__ = ["RewriteError", "rewrite_groups"]
 
 log = logging.getLogger(__name__)
 
 
 class RewriteError(RuntimeError):
     """A group whose nodes cannot be fused without reordering the graph."""
-
-
-def copy_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
-    """A copy of ``gm`` (node metadata included) and the map from its nodes to the copy's."""
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    out = graph.graph_copy(gm.graph, env)
-    graph.output(out)
-    new = fx.GraphModule(gm, graph)
-    new.meta = dict(getattr(gm, "meta", {}))
-    return new, env
 
 
 def _fake_mode(graph: fx.Graph) -> Any:

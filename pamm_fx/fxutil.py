@@ -1,7 +1,10 @@
-"""Small facts about FX nodes that every pass asks: example values, sizes, which call a node is."""
+"""Small facts about FX nodes that several passes (and the readers of a plan) ask: example values, sizes,
+which call a node is, which region of grad mode and autocast it runs in, whether a weight is a trainable
+parameter, what a node writes; and a copy of a graph module that keeps node metadata."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -16,8 +19,9 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from pamm_fx import _compat
 
 __all__ = [
-    "LINEAR", "MATMUL_FUNCTIONS", "MATMUL_METHODS", "UNBACKED_HINT", "hint", "is_linear", "is_static", "op_name",
-    "row_slice", "rows", "storage", "val", "written",
+    "LINEAR", "MATMUL_FUNCTIONS", "MATMUL_METHODS", "UNBACKED_HINT", "Region", "copy_graph_module", "hint",
+    "is_linear", "is_parameter", "is_static", "op_name", "regions", "requires_grad", "row_slice", "rows", "storage",
+    "val", "written",
 ]
 
 #: The one call form of a projection after :func:`pamm_fx.passes.normalize.normalize_linears`.
@@ -152,3 +156,93 @@ def written(node: fx.Node) -> list[fx.Node]:
     flat: list[fx.Node] = []
     fx.node.map_arg(targets, flat.append)
     return [n for n in flat if isinstance(val(n), torch.Tensor)]
+
+
+def copy_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
+    """A copy of ``gm`` (node metadata included) and the map from its nodes to the copy's."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, env)
+    graph.output(out)
+    new = fx.GraphModule(gm, graph)
+    new.meta = dict(getattr(gm, "meta", {}))
+    return new, env
+
+
+#: Calls that change grad mode or autocast state: each starts a new region.
+_GRAD_MODE = frozenset({"_set_grad_enabled"})
+_AUTOCAST_ENTER = frozenset({"_enter_autocast"})
+_AUTOCAST_EXIT = frozenset({"_exit_autocast"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Region:
+    """A stretch of the graph between two grad-mode or autocast boundaries.
+
+    index: the stretch's position (0 before the first boundary); grad_enabled: the grad mode in it;
+    autocast: the (device, dtype) of each enabled autocast context open in it, outermost first.
+    """
+
+    index: int
+    grad_enabled: bool
+    autocast: tuple[tuple[str, torch.dtype | None], ...] = ()
+
+
+def regions(graph: fx.Graph, grad_enabled: bool) -> dict[fx.Node, Region]:
+    """The region of every node: Dynamo records ``with torch.no_grad()`` and ``torch.autocast`` blocks
+    as ``_set_grad_enabled`` / ``_enter_autocast`` / ``_exit_autocast`` calls in the graph.
+
+    grad_enabled: the grad mode the graph starts in (Dynamo guards on it)."""
+    out: dict[fx.Node, Region] = {}
+    index, stack = 0, []
+    for node in graph.nodes:
+        name = op_name(node) if node.op == "call_function" else ""
+        if name in _GRAD_MODE and node.args and isinstance(node.args[0], bool):
+            index, grad_enabled = index + 1, node.args[0]
+        elif name in _AUTOCAST_ENTER:
+            device, dtype, enabled = (list(node.args) + [None, None, True])[:3]
+            index, stack = index + 1, [*stack, (node, (device, dtype) if enabled else None)]
+        elif name in _AUTOCAST_EXIT:
+            index, stack = index + 1, [s for s in stack if s[0] is not node.args[0]]
+        out[node] = Region(index, grad_enabled, tuple(s[1] for s in stack if s[1] is not None))
+    return out
+
+
+def _base_weight(node: object) -> object:
+    """W for ``W.t()`` (a (in, out) weight that normalize transposed) or a row slice of W (a q/k/v part
+    of a packed in-projection weight), else the node itself."""
+    if isinstance(node, fx.Node) and node.op == "call_method" and node.target == "t" and node.args:
+        return node.args[0]
+    part = row_slice(node)
+    return part[0] if part is not None else node
+
+
+def _attribute(gm: fx.GraphModule, node: fx.Node) -> object:
+    attr: object = gm
+    for part in str(node.target).split("."):
+        attr = getattr(attr, part, None)
+    return attr
+
+
+def is_parameter(gm: fx.GraphModule, node: object) -> bool:
+    """Whether a weight node is a parameter of the model: a get_attr of an ``nn.Parameter``, or a graph
+    input Dynamo lifted from one (its fake value carries ``_is_param``, its grapharg the real tensor)."""
+    node = _base_weight(node)
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "get_attr":
+        return isinstance(_attribute(gm, node), torch.nn.Parameter)
+    if node.op != "placeholder":
+        return False
+    example = getattr(node.meta.get("grapharg"), "example", None)
+    return isinstance(example, torch.nn.Parameter) or bool(getattr(val(node), "_is_param", False))
+
+
+def requires_grad(gm: fx.GraphModule, node: object) -> bool:
+    """Whether a weight node (or the parameter it is a transpose or row slice of) requires grad."""
+    node = _base_weight(node)
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        attr = _attribute(gm, node)
+        return isinstance(attr, torch.Tensor) and attr.requires_grad
+    v = val(node)
+    return isinstance(v, torch.Tensor) and v.requires_grad
