@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from torch import fx
 
-from pamm_fx import _compat, seed
+from pamm_fx import _compat, estimators, seed
 from pamm_fx.capture import capture
 from pamm_fx.compiler import saved_partitioner
-from pamm_fx.config import OPTIONS, resolve
+from pamm_fx.config import DEFAULT_ESTIMATOR, OPTIONS, resolve
 from pamm_fx.fxutil import is_linear, val
 from pamm_fx.names import fmt_value, param_name
 from pamm_fx.passes.categories import GRAPH_BREAK, REWRITE_FAILED, Rejection
@@ -95,7 +95,7 @@ class GroupInfo:
     wgrad_flops_after: int
     site: str = "qkv"
     #: The group's estimator and its payload's bits (None under ``pamm``), as the plan resolved them.
-    estimator: str = "pamm"
+    estimator: str = DEFAULT_ESTIMATOR
     bits: int | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
 
@@ -296,8 +296,7 @@ def _mib(n: int) -> str:
 def _group_lines(i: int, g: GroupInfo) -> list[str]:
     ratio = g.saved_bytes_before / max(g.saved_bytes_after, 1)
     speed = g.wgrad_flops_before / max(g.wgrad_flops_after, 1)
-    how = f"estimator={g.estimator}" + (f" bits={g.bits}" if g.bits is not None else "")
-    how += "" if g.estimator == "sr" else f"  ratio={g.ratio}"
+    how = estimators.settings(g.estimator, g.bits, g.ratio)
     lines = [f"  group {i} ({g.site}): X={g.x} {g.x_type}  b={g.b} n={g.n}  {how}  {g.k_formula}"]
     width = max(len(p.weight) for p in g.projections)
     for p in g.projections:
@@ -350,25 +349,20 @@ _ESTIMATE_FIELDS = ("b", "n", "k", "saved_bytes_before", "saved_bytes_after", "w
 
 def _group(p: Plan, g: Group) -> GroupInfo:
     est = p.estimate(g)
+    ratio = g.estimator.ratio
     info = GroupInfo(
         x=g.x.name,
         x_type=fmt_value(val(g.x)),
         projections=[ProjectionInfo(q.weight_name, q.bias_name, q.out_features) for q in g.projections],
-        ratio=f"{g.ratio.numerator}/{g.ratio.denominator}",
-        k_formula=est.k_formula if g.estimator == "sr" else f"{est.k_formula} = {est.k}",
+        ratio=f"{ratio.numerator}/{ratio.denominator}",
+        k_formula=est.k_text,
         site=g.site,
-        estimator=g.estimator,
-        bits=g.bits,
+        estimator=g.estimator.name,
+        bits=g.estimator.bits,
         **{f: getattr(est, f) for f in _ESTIMATE_FIELDS},
     )
-    if g.estimator == "pamm_sr":
-        info.notes.append(f"estimator pamm_sr: the saved bytes include the residual at {g.bits} bits, "
-                          f"{_mib(est.residual_bytes)} (codes, lo and scale per row); its weight gradients are "
-                          "plain's GEMMs on X^ = X~ + deq(R)")
-    elif g.estimator == "sr":
-        info.notes.append(f"estimator sr: keeps only X at {g.bits} bits with stochastic rounding, "
-                          f"{_mib(est.residual_bytes)} (codes, lo and scale per row; no generators); its weight "
-                          "gradients are plain's GEMMs on deq(q(X)), unbiased")
+    if (note := g.estimator.note(_mib(est.lowbit_bytes))) is not None:
+        info.notes.append(note)
     if est.dynamic:
         info.notes.append(f"b = {est.b_expr} changes from call to call: k is decided on every call by the op "
                           f"(numbers here are for b = {est.b})")
@@ -532,7 +526,7 @@ def explain(
         notes.append(f"{short_names(missed)}: no captured graph reads these linear weights (Dynamo skipped their "
                      "frame or ran it outside its graphs, e.g. a checkpoint wrapper it cannot trace); they run "
                      "eagerly and stay exact, as under plain torch.compile")
-    opts = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    opts = config.options()
     opts["ratio"] = str(config.ratio_fraction)
     opts["eps"] = str(opts["eps"])
     if not isinstance(config.estimator, str):

@@ -35,10 +35,8 @@ from torch import fx
 from pamm_fx import _compat, seed
 from pamm_fx.config import PammConfig
 from pamm_fx.fxutil import copy_graph_module, hint, is_parameter, is_static, requires_grad, rows, val
-from pamm_fx.kernels.residual import payload_bytes_per_row
 from pamm_fx.names import fmt_value
 from pamm_fx.passes.categories import Rejection
-from pamm_fx.passes.checks import kept_bytes_per_row
 from pamm_fx.passes.match import Group, find_groups
 from pamm_fx.passes.mha import decompose_attention
 from pamm_fx.passes.normalize import normalize_linears
@@ -54,12 +52,11 @@ log = logging.getLogger(__name__)
 class Estimate:
     """What a group changes, at the example sizes (``dynamic``: b differs from call to call).
 
-    Saved for backward: X (b x n) before; C (k x n), f (b, int32), alpha (b, fp32) after, plus
-    ``residual_bytes`` under ``estimator="pamm_sr"`` (packed codes, lo and scale per row); under
-    ``"sr"`` only ``residual_bytes`` (the packed X, lo and scale; k = 0, no generators).
-    Weight-gradient FLOPs: dW = dY^T X, 2*b*n*m before; B~ = P^T dY (b*m adds) then B~^T C after,
-    or under ``pamm_sr`` / ``sr`` dY^T X^ (2*b*n*m, as before) on the reconstruction X^ = X~ + deq(R)
-    (X^ = deq(q(X)) under ``sr``).
+    Before: X (b x n) saved, dW = dY^T X in 2*b*n*m FLOPs. After: what the group's estimator says it keeps
+    (:meth:`~pamm_fx.estimators.Estimator.saved_bytes`: generators C (k x n) with f and alpha per row, a
+    low-bit payload of ``lowbit_bytes``, or both) and its weight-gradient FLOPs
+    (:meth:`~pamm_fx.estimators.Estimator.wgrad_flops`). ``k_formula`` is k as a formula of b, ``k_text``
+    what a report prints for it (both the estimator's).
     """
 
     b: int
@@ -69,11 +66,12 @@ class Estimate:
     dynamic: bool
     b_expr: str
     k_formula: str
+    k_text: str
     saved_bytes_before: int
     saved_bytes_after: int
     wgrad_flops_before: int
     wgrad_flops_after: int
-    residual_bytes: int = 0
+    lowbit_bytes: int = 0
 
 
 @dataclasses.dataclass
@@ -120,24 +118,19 @@ class Plan:
         b = hint(b_sym)
         m = sum(p.out_features for p in group.projections)
         dtype = group.dtype  # plain saves X as its linears read it: cast to the compute dtype under autocast
-        frac, cfg = group.ratio, self.config
-        if group.estimator == "sr":
-            k, formula = 0, "no generators, k = 0"
-        else:
-            k = cfg.generators_at(b, frac)
-            formula = f"k = min(b, max({cfg.min_generators}, ceil(b*{frac})))"
-            if cfg.min_tokens > 1:
-                formula += f", b if b < {cfg.min_tokens}"
+        est = group.estimator
+        k = est.k(b)
         return Estimate(
             b=b, n=n, m=m, k=k,
             dynamic=not is_static(b_sym),
             b_expr=str(b_sym),
-            k_formula=formula,
+            k_formula=est.k_formula(),
+            k_text=est.k_text(k),
             saved_bytes_before=b * n * dtype.itemsize,
-            saved_bytes_after=k * n * dtype.itemsize + b * kept_bytes_per_row(group.estimator, group.bits, n, dtype),
+            saved_bytes_after=est.saved_bytes(b, n, dtype),
             wgrad_flops_before=2 * b * n * m,
-            wgrad_flops_after=2 * b * n * m if group.bits is not None else 2 * k * n * m + 2 * b * m,
-            residual_bytes=b * payload_bytes_per_row(n, group.bits, dtype) if group.bits is not None else 0,
+            wgrad_flops_after=est.wgrad_flops(b, n, m),
+            lowbit_bytes=est.lowbit_bytes(b, n, dtype),
         )
 
 
@@ -192,5 +185,5 @@ def apply(p: Plan) -> fx.GraphModule | None:
     if not p.needs_seed:
         return None
     # Without groups only the seed is added: to the graph as captured (normalization is for matching).
-    return rewrite_groups(p.graph if p.groups else p.original, p.groups, p.config, salt_base=p.salt_base,
+    return rewrite_groups(p.graph if p.groups else p.original, p.groups, salt_base=p.salt_base,
                           seed_device=p.seed_device)

@@ -31,8 +31,8 @@ from pamm_fx.fxutil import val
 from pamm_fx.names import fmt_value, param_name
 from pamm_fx.ops.compress import parse as parse_compress
 from pamm_fx.ops.linear_group import parse as parse_linear_group
-from pamm_fx.ops.residual import QuantizeResidual
-from pamm_fx.ops.residual import parse as parse_residual
+from pamm_fx.ops.lowbit import Quantize
+from pamm_fx.ops.lowbit import parse as parse_lowbit
 from pamm_fx.plan import Plan, apply
 
 if TYPE_CHECKING:
@@ -117,17 +117,18 @@ def _describe(record: RewriteRecord) -> str:
     names = canonical_names(graph)
     for node in graph.nodes:
         if (comp := parse_compress(node)) is not None:
+            gens = comp.generators
             lines.append(
-                f"compress({_arg(comp.x.args[0], names)}, ratio={comp.ratio.numerator}/{comp.ratio.denominator}, "
-                f"min_generators={comp.min_generators}, eps={comp.eps}) -> {fmt_value(val(node))}"
+                f"compress({_arg(comp.x.args[0], names)}, ratio={gens.ratio.numerator}/{gens.ratio.denominator}, "
+                f"min_generators={gens.min_generators}, eps={comp.eps}) -> {fmt_value(val(node))}"
             )
-        elif isinstance(quant := parse_residual(node), QuantizeResidual):
+        elif isinstance(quant := parse_lowbit(node), Quantize):
             base = "" if quant.c is not None else ", no base"
-            lines.append(f"quantize_residual({_arg(quant.x.args[0], names)}, bits={quant.bits}{base}) -> "
+            lines.append(f"quantize({_arg(quant.x.args[0], names)}, bits={quant.bits}{base}) -> "
                          f"{fmt_value(val(node))}")
         elif (group := parse_linear_group(node)) is not None:
-            residual = f", residual={group.residual.bits} bits" if group.residual is not None else ""
-            residual = residual if group.c is not None else f", X at {group.residual.bits} bits"
+            residual = f", residual={group.quantized.bits} bits" if group.quantized is not None else ""
+            residual = residual if group.c is not None else f", X at {group.quantized.bits} bits"
             lines.append(f"linear_group({_arg(group.x, names)}{residual})")
             outs = sorted((u for u in node.users if u.target is operator.getitem), key=lambda u: u.args[1])
             for w, b, out in zip(group.weights, group.biases, outs):

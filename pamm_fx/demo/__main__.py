@@ -33,13 +33,15 @@ import pamm_fx.config
 from pamm_fx.demo.data import batches, byte_dataset
 from pamm_fx.demo.llama import Llama, LlamaConfig
 from pamm_fx.demo.measure import saved_for_backward
+from pamm_fx.estimators import SR
+from pamm_fx.names import BACKEND
 from pamm_fx.testing import capture_rewrites
 
 __all__ = ["RECOMMENDED_ALL", "main"]
 
 #: The options the docs recommend for compressing every linear (``targets="all"``): the one place the demo
 #: names them, so that it always shows the documented configuration.
-RECOMMENDED_ALL: dict[str, Any] = {"targets": "all", "estimator": "sr"}
+RECOMMENDED_ALL: dict[str, Any] = {"targets": "all", "estimator": SR.name}
 
 
 @dataclasses.dataclass
@@ -78,7 +80,7 @@ def _compile(model: Llama, options: dict[str, Any] | None, budget: float | None,
         return model(tokens, targets)
 
     run.__code__ = run.__code__.replace(co_name=f"demo_variant_{tag}")
-    fn = torch.compile(run, backend="inductor" if options is None else "pamm", options=options)
+    fn = torch.compile(run, backend="inductor" if options is None else BACKEND, options=options)
     if budget is None:
         return fn
 
@@ -91,8 +93,7 @@ def _compile(model: Llama, options: dict[str, Any] | None, budget: float | None,
 
 def _ks(records: list[Any]) -> str:
     """What each compressed group keeps, as "k=256 x 4 groups, X at 8 bits x 9 groups", from the backend's plans."""
-    ks = Counter(f"X at {g.bits} bits" if g.estimator == "sr" else f"k={r.plan.estimate(g).k}"
-                 for r in records for g in r.plan.groups)
+    ks = Counter(g.estimator.summary(r.plan.estimate(g).k) for r in records for g in r.plan.groups)
     return ", ".join(f"{k} x {n} group{'s' * (n > 1)}" for k, n in sorted(ks.items())) or "no group compressed"
 
 

@@ -12,7 +12,7 @@ codes where the explicit path writes and reads back a D tile.
 Precision: bf16/fp16 D goes to the tensor cores as it is (under the interpreter, whose ``tl.dot``
 has no bf16, both tiles are upcast after the rounding to D, which gives the same exact products; that
 rounding is toward zero there, to nearest on the GPU, so tests bound the error by one D ulp per X^);
-float32 D uses TF32 only when torch allows it for matmuls (:func:`assign_triton.dot_precision`),
+float32 D uses TF32 only when torch allows it for matmuls (:func:`pamm_fx.kernels.triton_util.dot_precision`),
 else ``ieee``, which matches the reference up to summation order. Masked rows and columns load 0,
 so padding adds nothing; a NaN lo/scale row (the format's non-finite row) makes its X^ row NaN,
 and with it every column of dW, as plain's. float64 never comes here. Offsets are int64.
@@ -21,7 +21,8 @@ Small dW, long reduction (e.g. 512 x 512 from 16k tokens: 16 tiles for 132 SMs):
 into slices, each program writes a float32 partial and one torch sum adds them in slice order, so
 the result is deterministic. Everything is sized from shapes (no host synchronisation). dY and C
 are passed with unit column strides (``.contiguous()``, a no-op for the backward's tensors): a
-strided column index cost registers enough to spill.
+strided column index cost registers enough to spill. It launches at once (no op of its own):
+``pamm::dequant_weight_grad`` calls :func:`weight_grad` on CUDA, and Inductor keeps that op whole there.
 """
 
 from __future__ import annotations
@@ -32,13 +33,11 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
-from pamm_fx.kernels.assign_triton import INTERPRETED, dot_precision
-from pamm_fx.kernels.device import triton_dtype
-from pamm_fx.kernels.residual import BITS
+from pamm_fx.kernels import lowbit
+from pamm_fx.kernels.triton_util import INTERPRETED, check_dtype, dot_precision
 
-__all__ = ["weight_grad", "weight_grad_triton"]
+__all__ = ["weight_grad"]
 
 
 @triton.jit
@@ -141,16 +140,15 @@ def _split(b: Any, tiles: Any) -> int:
     return max(1, min(TARGET_PROGRAMS // max(1, tiles), b // MIN_SPLIT_ROWS))
 
 
-@torch.library.triton_op("pamm::weight_grad_triton", mutates_args=())
-def weight_grad_triton(dy: Tensor, q: Tensor, lo: Tensor, scale: Tensor, c: Tensor | None, f: Tensor | None,
-                       alpha: Tensor | None, bits: int, n: int, out_dtype: torch.dtype) -> Tensor:
-    """dW = dY^T (alpha * C[f] + deq(q)) (no base: c, f, alpha None), (m, n) in ``out_dtype``, as an
-    op torch.compile traces into (torch ops plus the wrapped kernel); reads no tensor value on the host."""
-    if bits not in BITS:
-        raise ValueError(f"pamm: residual bits must be one of {BITS}, not {bits!r}")
-    d = dy.dtype if c is None else c.dtype
-    if not triton_dtype(d):
-        raise TypeError(f"pamm: the Triton weight-gradient kernel takes float32/bfloat16/float16, not {d}")
+def weight_grad(dy: Tensor, q: Tensor, lo: Tensor, scale: Tensor, c: Tensor | None, f: Tensor | None,
+                alpha: Tensor | None, bits: int, n: int, out_dtype: torch.dtype | None = None) -> Tensor:
+    """dW = dY^T (alpha * C[f] + deq(q)) (no base: c, f, alpha None), (m, n) in ``out_dtype`` (default D):
+    the Triton twin of :func:`pamm_fx.kernels.dequant_matmul.reference`; reads no tensor value on the host."""
+    lowbit.check_bits(bits)
+    lowbit.check_base(c, f, alpha)
+    d = dy.dtype if c is None else c.dtype  # the operand dtype D (dequant_matmul.operand_dtype)
+    check_dtype(d, "weight-gradient kernel")
+    out_dtype = out_dtype or d
     b, m = dy.shape
     if b == 0 or m == 0 or n == 0:
         return torch.zeros(m, n, dtype=out_dtype, device=dy.device)
@@ -165,7 +163,7 @@ def weight_grad_triton(dy: Tensor, q: Tensor, lo: Tensor, scale: Tensor, c: Tens
     rows_per_split = triton.cdiv(b, split)
     out = torch.empty(m, n, dtype=out_dtype, device=dy.device) if split == 1 else \
         torch.empty(split, m, n, dtype=torch.float32, device=dy.device)
-    wrap_triton(_weight_grad_kernel)[(tiles_m, tiles_n, split)](
+    _weight_grad_kernel[(tiles_m, tiles_n, split)](
         dy, q, lo.float(), scale.float(), c, f, alpha, out, b, m, n, rows_per_split,
         dy.stride(0), q.stride(0), c.stride(0), out.stride(0) if split > 1 else 0,
         out.stride(-2), BITS=bits, HAS_BASE=has_base,
@@ -174,10 +172,3 @@ def weight_grad_triton(dy: Tensor, q: Tensor, lo: Tensor, scale: Tensor, c: Tens
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
     )
     return out if split == 1 else out.sum(0).to(out_dtype)
-
-
-def weight_grad(dy: Tensor, q: Tensor, lo: Tensor, scale: Tensor, bits: int, n: int, c: Tensor | None = None,
-                f: Tensor | None = None, alpha: Tensor | None = None, out_dtype: torch.dtype | None = None) -> Tensor:
-    """Triton twin of :func:`pamm_fx.kernels.dequant_matmul.weight_grad_reference` (same arguments)."""
-    d = dy.dtype if c is None else c.dtype
-    return weight_grad_triton(dy, q, lo, scale, c, f, alpha, bits, n, out_dtype or d)

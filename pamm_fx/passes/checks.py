@@ -22,15 +22,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator
-from fractions import Fraction
 
 import torch
 from torch import fx
 
 from pamm_fx import _compat
 from pamm_fx.config import PammConfig
+from pamm_fx.estimators import Estimator
 from pamm_fx.fxutil import hint, is_parameter, is_static, op_name, requires_grad, rows, storage, val, written
-from pamm_fx.kernels.residual import payload_bytes_per_row
 from pamm_fx.passes.categories import CATEGORIES, declare
 from pamm_fx.passes.structure import Candidate, attention_output_of
 
@@ -38,8 +37,6 @@ __all__ = [
     "AUTOCAST_DTYPES",
     "NO_ATTENTION",
     "GROUP_CHECKS",
-    "INDEX_BYTES_PER_ROW",
-    "kept_bytes_per_row",
     "PROJECTION_CHECKS",
     "Check",
     "GroupDraft",
@@ -50,17 +47,6 @@ __all__ = [
 
 #: Dtypes autocast computes linears in; a cast of X, weight or bias to any other dtype is not autocast's.
 AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
-#: Bytes PAMM keeps per row of X whatever the ratio: f (int32) and alpha (float32).
-INDEX_BYTES_PER_ROW = 8
-
-
-def kept_bytes_per_row(estimator: str, bits: int | None, n: int, dtype: torch.dtype) -> int:
-    """Bytes a group's estimator keeps per row of X whatever the ratio, besides the generators C: f and
-    alpha under ``pamm``, plus the quantized residual under ``pamm_sr``, the quantized X alone under ``sr``."""
-    payload = payload_bytes_per_row(n, bits, dtype) if bits is not None else 0
-    return payload + (0 if estimator == "sr" else INDEX_BYTES_PER_ROW)
-
-
 @dataclasses.dataclass(frozen=True)
 class GroupDraft:
     """The candidates that passed every projection check and read the same X in one region."""
@@ -70,12 +56,10 @@ class GroupDraft:
     members: tuple[Candidate, ...]
     #: The members' compute dtype (:func:`compute_dtype`: their output's).
     dtype: torch.dtype
-    ratio: Fraction
     #: Linears of the graph that stay exact and still make autograd save X (for their own dW).
     exact_readers: tuple[Candidate, ...]
-    #: The members' estimator (:meth:`PammConfig.site_estimator`) and its payload's bits (None: none).
-    estimator: str
-    bits: int | None
+    #: The members' estimator at their ratio (:attr:`PammConfig.sites`): the group checks ask it what it keeps.
+    estimator: Estimator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,7 +206,7 @@ NO_ATTENTION = CATEGORIES["no_attention"]
 
 @_check(PROJECTION_CHECKS, "not_target", "its site (pamm_fx.config.SITES) is one of the targets")
 def _target(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | None:
-    if config.site_ratio(c.site) is not None:
+    if config.estimator_at(c.site) is not None:
         return None
     return f"site '{c.site}' is not in targets={config.targets!r}"
 
@@ -244,19 +228,22 @@ def _lora_b(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | None:
         "estimator 'sr' quantizes any b)")
 def _min_tokens(d: GroupDraft, config: PammConfig) -> str | None:
     b = rows(val(d.x))
-    # A dynamic b is decided per call inside pamm::compress. sr has no per-call exact branch, so it ignores
-    # min_tokens whether b is static or not (one decision for every call): a few rows at 8 bits still save.
-    if d.estimator == "sr" or not is_static(b) or hint(b) >= config.min_tokens:
+    # A dynamic b is decided per call inside pamm::compress. An estimator without generators has no per-call
+    # exact branch, so it ignores min_tokens whether b is static or not (one decision for every call): a few
+    # rows at 8 bits still save.
+    gens = d.estimator.generators
+    if gens is None or not is_static(b) or hint(b) >= gens.min_tokens:
         return None
-    return f"X has {hint(b)} rows, below min_tokens={config.min_tokens}"
+    return f"X has {hint(b)} rows, below min_tokens={gens.min_tokens}"
 
 
 @_check(GROUP_CHECKS, "exact_ratio", "under estimator 'sr', the ratio is below 1")
 def _exact_ratio(d: GroupDraft, config: PammConfig) -> str | None:
-    if d.estimator != "sr" or d.ratio < 1:
+    est = d.estimator
+    if est.ratio < 1 or (kept := est.inexact_at_full_ratio()) is None:
         return None
-    return ("ratio 1 asks for every row of X as it is, and estimator 'sr' has no exact branch (it keeps X at "
-            f"{d.bits} bits): left exact, as plain")
+    return (f"ratio 1 asks for every row of X as it is, and estimator {est.name!r} has no exact branch ({kept}): "
+            "left exact, as plain")
 
 
 @_check(GROUP_CHECKS, "small_rows", "a row of X is larger than what the estimator keeps per row whatever the "
@@ -265,22 +252,23 @@ def _row_bytes(d: GroupDraft, config: PammConfig) -> str | None:
     xv = val(d.x)
     n, dtype = hint(xv.shape[-1]), d.dtype
     row_bytes = n * dtype.itemsize
-    kept = kept_bytes_per_row(d.estimator, d.bits, n, dtype)
+    kept = d.estimator.kept_bytes_per_row(n, dtype)
     if row_bytes > kept:
         return None
-    return f"a row of X is {row_bytes} bytes, no more than the {kept} estimator {d.estimator} keeps per row"
+    return f"a row of X is {row_bytes} bytes, no more than the {kept} estimator {d.estimator.name} keeps per row"
 
 
 @_check(GROUP_CHECKS, "all_rows_kept", "a static X has more rows than k (dynamic: decided per call; "
         "estimator 'sr' has no k)")
 def _all_rows_kept(d: GroupDraft, config: PammConfig) -> str | None:
     b = rows(val(d.x))
-    if d.estimator == "sr" or d.ratio == 1 or not is_static(b):
+    gens = d.estimator.generators
+    if gens is None or gens.ratio == 1 or not is_static(b):
         return None
     b = hint(b)
-    if config.generators_at(b, d.ratio) < b:
+    if gens.k(b) < b:
         return None
-    return f"X has {b} rows, not more than min_generators={config.min_generators}: every row would be kept"
+    return f"X has {b} rows, not more than min_generators={gens.min_generators}: every row would be kept"
 
 
 @_check(GROUP_CHECKS, "saved_anyway", "no exact trainable linear keeps X saved anyway")

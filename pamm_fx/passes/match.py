@@ -11,7 +11,7 @@ backward needs. In the ATen graph the same projection is already split into ``t`
 Matching never mutates the graph and never looks at module or parameter names:
 :func:`pamm_fx.passes.structure.find_candidates` lists every linear with its region and site,
 each :data:`pamm_fx.passes.checks.PROJECTION_CHECKS` entry may leave one exact (with its
-reason), the survivors are grouped by (X, compute dtype, region, ratio, estimator), and each
+reason), the survivors are grouped by (X, compute dtype, region, estimator at its ratio), and each
 :data:`pamm_fx.passes.checks.GROUP_CHECKS` entry may leave a whole group exact.
 
 Every group records its members' compute dtype, their output's (:func:`pamm_fx.passes.checks.compute_dtype`),
@@ -23,12 +23,12 @@ in it, because custom ops do not follow autocast.
 from __future__ import annotations
 
 import dataclasses
-from fractions import Fraction
 
 import torch
 from torch import fx
 
 from pamm_fx.config import SITES, PammConfig
+from pamm_fx.estimators import Estimator
 from pamm_fx.fxutil import Region, hint, val
 from pamm_fx.names import param_name
 from pamm_fx.passes import checks
@@ -56,20 +56,17 @@ class Group:
     """Trainable projections reading ``x`` in one region and compute dtype, compressed together.
 
     site: the first of :data:`pamm_fx.config.SITES` among its members' sites (``qkv`` if any feeds attention);
-    ratio: the generator ratio every member's site gets; dtype: the members' compute dtype (their output's:
-    autocast's under autocast, else X's);
-    estimator: every member's (:meth:`PammConfig.site_estimator`, resolved here once: the rewrite, the
-    estimates and the reports read it from the group); bits: its payload's bits, None under ``pamm``.
+    dtype: the members' compute dtype (their output's: autocast's under autocast, else X's);
+    estimator: every member's, at their ratio (:attr:`PammConfig.sites`): the checks, the rewrite, the
+    estimates and the reports read what is kept, how and at what cost from it, never from the options.
     """
 
     x: fx.Node
     projections: tuple[Projection, ...]
     site: str
-    ratio: Fraction
     region: Region
     dtype: torch.dtype
-    estimator: str = "pamm"
-    bits: int | None = None
+    estimator: Estimator
 
 
 @dataclasses.dataclass
@@ -118,18 +115,17 @@ def find_groups(gm: fx.GraphModule, config: PammConfig, grad_enabled: bool = Tru
             if failure[0].known_linear and _keeps_x_saved(c, gm):
                 exact.append(c)
             continue
-        key = (c.x, checks.compute_dtype(c), c.region.index, config.site_ratio(c.site), config.site_estimator(c.site))
+        key = (c.x, checks.compute_dtype(c), c.region.index, config.estimator_at(c.site))
         drafts.setdefault(key, []).append(c)
 
     groups: list[Group] = []
-    for (x, dtype, _, ratio, estimator), members in drafts.items():
+    for (x, dtype, _, estimator), members in drafts.items():
         readers = tuple(c for c in exact if c.x is x)
-        bits = config.estimator_bits(estimator)
-        draft = checks.GroupDraft(gm, x, tuple(members), dtype, ratio, readers, estimator, bits)
+        draft = checks.GroupDraft(gm, x, tuple(members), dtype, readers, estimator)
         failure = next(((k.name, r) for k in checks.GROUP_CHECKS if (r := k.fn(draft, config)) is not None), None)
         if failure is not None:
             rejections.extend(Rejection(c.node, failure[1], failure[0], c.weight_name) for c in members)
             continue
         projections = tuple(_projection(c) for c in members)
-        groups.append(Group(x, projections, _site(members), ratio, members[0].region, dtype, estimator, bits))
+        groups.append(Group(x, projections, _site(members), members[0].region, dtype, estimator))
     return MatchResult(groups, rejections)

@@ -1,4 +1,5 @@
-"""The low-bit residual (PAMM + stochastically rounded R = X - alpha * C_f): Triton kernels vs the reference.
+"""The low-bit format (X, or PAMM's residual R = X - alpha * C_f, stochastically rounded): Triton kernels vs the
+reference, and the format's own properties.
 
 Set-up as in tests/test_triton_kernels.py: without a GPU the kernels run on CPU tensors under
 triton's interpreter (``TRITON_INTERPRET=1``, set before the kernel module is imported); with a
@@ -11,12 +12,11 @@ import math
 
 import pytest
 import torch
-from torch._dynamo.backends.common import aot_autograd  # noqa: E402
-from triton_setup import InterpretedFunction, TraceableInterpreted, kernel_device  # noqa: E402  (before pamm_fx: sets TRITON_INTERPRET)
+from triton_setup import kernel_device  # noqa: E402  (before pamm_fx: sets TRITON_INTERPRET)
 
-from pamm_fx.kernels import residual, residual_triton  # noqa: E402
+from pamm_fx.kernels import device, hashing, lowbit, quantize, quantize_triton  # noqa: E402
 
-_INTERPRETED, DEVICE = kernel_device(residual_triton._quantize_kernel)
+_INTERPRETED, DEVICE = kernel_device(quantize_triton._quantize_kernel)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 IMPLS = ["reference", "triton"]
 
@@ -24,18 +24,26 @@ IMPLS = ["reference", "triton"]
 def _quantize(impl: str, x: torch.Tensor, c: torch.Tensor, f: torch.Tensor, alpha: torch.Tensor, seed: int,
               salt: int, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, lo, scale (on the CPU) from the reference or from the Triton kernel on DEVICE."""
+    key = lowbit.noise_key(torch.tensor(seed), salt)
     if impl == "reference":
-        return residual.quantize_reference(x, c, f, alpha, torch.tensor(seed), salt, bits)
-    out = residual_triton.quantize_residual(x.to(DEVICE), c.to(DEVICE), f.to(DEVICE), alpha.to(DEVICE),
-                                            torch.tensor(seed, device=DEVICE), salt, bits)
-    return tuple(t.cpu() for t in out)
+        return quantize.reference(x, c, f, alpha, key, bits)
+    on = (None if t is None else t.to(DEVICE) for t in (x, c, f, alpha, key))
+    return tuple(t.cpu() for t in quantize_triton.quantize(*on, bits))
 
 
 def _dequantize(impl: str, q: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, n: int, bits: int,
                 dtype: torch.dtype) -> torch.Tensor:
+    return _reconstruct(impl, q, lo, scale, None, None, None, bits, n, dtype)
+
+
+def _reconstruct(impl: str, q: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, c: torch.Tensor | None,
+                 f: torch.Tensor | None, alpha: torch.Tensor | None, bits: int, n: int,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """X^ = alpha * C_f + deq(q) (deq(q) without a base), from the format's decode or the Triton kernel."""
     if impl == "reference":
-        return residual.dequantize_reference(q, lo, scale, n, bits, dtype)
-    return residual_triton.dequantize_residual(q.to(DEVICE), lo.to(DEVICE), scale.to(DEVICE), n, bits, dtype).cpu()
+        return lowbit.decode(q, lo, scale, n, bits, dtype, lowbit.base_rows(c, f, alpha, lo.dtype))
+    on = [None if t is None else t.to(DEVICE) for t in (q, lo, scale, c, f, alpha)]
+    return quantize_triton.decode(*on[:3], n, bits, dtype, *on[3:]).cpu()
 
 
 def _inputs(b: int, n: int, k: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -54,9 +62,9 @@ def _exact_residual(x: torch.Tensor, c: torch.Tensor, f: torch.Tensor, alpha: to
 
 def _noise(seed: int, salt: int, b: int, n: int) -> torch.Tensor:
     """The format's rounding noise u (b, n) in float64, from the reference's hash."""
-    key = residual.noise_key(torch.tensor(seed), salt)
+    key = lowbit.noise_key(torch.tensor(seed), salt)
     rows = torch.arange(b, dtype=torch.int64)
-    h = residual._mix32(residual._mix32(rows ^ key)[:, None] ^ torch.arange(n, dtype=torch.int64)[None, :])
+    h = hashing.mix32(hashing.mix32(rows ^ key)[:, None] ^ torch.arange(n, dtype=torch.int64)[None, :])
     return (h >> 8).double() * 2.0**-24
 
 
@@ -65,7 +73,7 @@ def _codes(q: torch.Tensor, n: int, bits: int) -> torch.Tensor:
     return ((q.to(torch.int32)[:, :, None] >> shifts) & ((1 << bits) - 1)).reshape(q.shape[0], -1)[:, :n]
 
 
-@pytest.mark.parametrize("bits", residual.BITS)
+@pytest.mark.parametrize("bits", lowbit.BITS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("b,n", [(37, 13), (1, 1), (5, 100), (3, 2100)], ids=["odd", "b1_n1", "n100", "two_tiles"])
 def test_quantize_matches_reference(dtype: torch.dtype, bits: int, b: int, n: int) -> None:
@@ -97,19 +105,16 @@ def test_reconstruct_matches_reference_and_is_x_at_ratio_one(dtype: torch.dtype)
     """X^ = alpha * C_f + deq(q): the backward's operand; at ratio 1 it is X bit for bit."""
     x, c, f, alpha = _inputs(37, 45, 5, dtype, seed=3)
     q, lo, scale = _quantize("reference", x, c, f, alpha, 4, 1, 4)
-    ref = residual.reconstruct_reference(q, lo, scale, c, f, alpha, 4, 45, dtype)
-    got = residual_triton.reconstruct(q.to(DEVICE), lo.to(DEVICE), scale.to(DEVICE), c.to(DEVICE), f.to(DEVICE),
-                                      alpha.to(DEVICE), 4, 45, dtype).cpu()
+    ref = _reconstruct("reference", q, lo, scale, c, f, alpha, 4, 45, dtype)
+    got = _reconstruct("triton", q, lo, scale, c, f, alpha, 4, 45, dtype)
     assert got.dtype == ref.dtype == dtype
     torch.testing.assert_close(got.float(), ref.float(), rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
-    deq = residual.dequantize_reference(q, lo, scale, 45, 4, torch.float32)
+    deq = lowbit.decode(q, lo, scale, 45, 4, torch.float32)
     torch.testing.assert_close(ref.float(), (alpha[:, None] * c.float()[f.long()] + deq).to(dtype).float())
     ident = torch.arange(37, dtype=torch.int32)
     for impl in IMPLS:
         q, lo, scale = _quantize(impl, x, x, ident, torch.ones(37), 4, 1, 2)
-        args = (q, lo, scale, x, ident, torch.ones(37), 2, 45, dtype)
-        x_hat = residual.reconstruct_reference(*args) if impl == "reference" else \
-            residual_triton.reconstruct(*(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args)).cpu()
+        x_hat = _reconstruct(impl, q, lo, scale, x, ident, torch.ones(37), 2, 45, dtype)
         assert torch.equal(x_hat, x)
 
 
@@ -135,7 +140,7 @@ def test_unbiased_over_salts(impl: str) -> None:
     salts = 128
     x, c, f, alpha = _inputs(6, 40, 2, torch.float32, seed=4)
     r = _exact_residual(x, c, f, alpha)
-    for bits in residual.BITS:
+    for bits in lowbit.BITS:
         draws = []
         for salt in range(salts):
             q, lo, scale = _quantize(impl, x, c, f, alpha, 99, salt, bits)
@@ -157,7 +162,7 @@ def test_zero_and_constant_residuals_are_exact(impl: str, dtype: torch.dtype) ->
     zeros; a constant residual row is exact too."""
     x, _, _, _ = _inputs(19, 21, 1, dtype, seed=2)
     ident = torch.arange(19, dtype=torch.int32)
-    for bits in residual.BITS:
+    for bits in lowbit.BITS:
         q, lo, scale = _quantize(impl, x, x, ident, torch.ones(19), 1, 0, bits)
         assert not q.any() and not lo.any() and not scale.any()
         assert torch.equal(_dequantize(impl, q, lo, scale, 21, bits, dtype), torch.zeros(19, 21, dtype=dtype))
@@ -177,7 +182,7 @@ def test_non_finite_rows_dequantize_to_nan(impl: str, dtype: torch.dtype) -> Non
     x[3, 0] = -math.inf
     x[4, :2] = torch.tensor([3e38, -3e38]).to(dtype)
     alpha[5] = math.nan
-    for bits in residual.BITS:
+    for bits in lowbit.BITS:
         q, lo, scale = _quantize(impl, x, c, f, alpha, 2, 0, bits)
         deq = _dequantize(impl, q, lo, scale, 30, bits, dtype)
         assert deq[1:6].isnan().all() and scale[1:6].isnan().all()
@@ -210,117 +215,76 @@ def test_noise_is_a_pure_function_of_seed_salt_row_column(impl: str) -> None:
 
 def test_reference_chunks_match_the_whole_tensor_form(monkeypatch: pytest.MonkeyPatch) -> None:
     """The chunked CPU path and the aten form Inductor compiles are bitwise the same (row indices feed the noise)."""
-    monkeypatch.setattr(residual, "ROW_CHUNK", 7)
+    monkeypatch.setattr(device, "ROW_CHUNK", 7)
     x, c, f, alpha = _inputs(30, 17, 3, torch.bfloat16, seed=7)
-    for bits in residual.BITS:
-        chunked = residual.quantize_reference(x, c, f, alpha, torch.tensor(5), 1, bits)
-        whole = residual.quantize_aten(x, c, f, alpha, torch.tensor(5), 1, bits)
-        assert all(torch.equal(a, b) for a, b in zip(chunked, whole))
-        assert torch.equal(residual.reconstruct_reference(*chunked, c, f, alpha, bits, 17, x.dtype),
-                           residual.reconstruct_aten(*whole, c, f, alpha, bits, 17, x.dtype))
-        chunked = residual.quantize_reference(x, None, None, None, torch.tensor(5), 1, bits)  # sr: no base
-        whole = residual.quantize_aten(x, None, None, None, torch.tensor(5), 1, bits)
-        assert all(torch.equal(a, b) for a, b in zip(chunked, whole))
-        assert torch.equal(residual.reconstruct_reference(*chunked, None, None, None, bits, 17, x.dtype),
-                           residual.reconstruct_aten(*whole, None, None, None, bits, 17, x.dtype))
+    key = lowbit.noise_key(torch.tensor(5), 1)
+    for bits in lowbit.BITS:
+        for base in ((c, f, alpha), (None, None, None)):  # pamm_sr, and sr (no base)
+            chunked = quantize.reference(x, *base, key, bits)
+            whole = quantize.aten(x, *base, key, bits)
+            assert all(torch.equal(a, b) for a, b in zip(chunked, whole))
 
 
 def test_float64_stays_float64_on_the_reference() -> None:
     x, c, f, alpha = _inputs(9, 10, 2, torch.float64, seed=8)
-    q, lo, scale = residual.quantize_reference(x, c, f, alpha, torch.tensor(1), 0, 8)
+    q, lo, scale = _quantize("reference", x, c, f, alpha, 1, 0, 8)
     assert lo.dtype == scale.dtype == torch.float64
-    deq = residual.dequantize_reference(q, lo, scale, 10, 8, torch.float64)
+    deq = lowbit.decode(q, lo, scale, 10, 8, torch.float64)
     assert deq.dtype == torch.float64
     assert ((deq - _exact_residual(x, c, f, alpha)).abs() <= scale[:, None] * (1 + 1e-12)).all()
     const = torch.full((2, 10), 0.1, dtype=torch.float64)  # not a float32 value
-    q, lo, scale = residual.quantize_reference(const, c, f[:2], torch.zeros(2), torch.tensor(1), 0, 2)
-    assert torch.equal(residual.dequantize_reference(q, lo, scale, 10, 2, torch.float64), const)
+    q, lo, scale = _quantize("reference", const, c, f[:2], torch.zeros(2), 1, 0, 2)
+    assert torch.equal(lowbit.decode(q, lo, scale, 10, 2, torch.float64), const)
     with pytest.raises(TypeError, match="float64"):
-        residual_triton.quantize_residual(x.to(DEVICE), c.to(DEVICE), f.to(DEVICE), alpha.to(DEVICE),
-                                          torch.tensor(1, device=DEVICE), 0, 8)
+        _quantize("triton", x, c, f, alpha, 1, 0, 8)
 
 
 def test_bits_are_validated() -> None:
     x, c, f, alpha = _inputs(3, 4, 1, torch.float32)
+    for impl, bits in (("reference", 3), ("triton", 1)):
+        with pytest.raises(ValueError, match=r"\(2, 4, 8\)"):
+            _quantize(impl, x, c, f, alpha, 0, 0, bits)
     with pytest.raises(ValueError, match=r"\(2, 4, 8\)"):
-        residual.quantize_reference(x, c, f, alpha, torch.tensor(0), 0, 3)
-    with pytest.raises(ValueError, match=r"\(2, 4, 8\)"):
-        residual_triton.quantize_residual(x.to(DEVICE), c.to(DEVICE), f.to(DEVICE), alpha.to(DEVICE),
-                                          torch.tensor(0, device=DEVICE), 0, 1)
+        lowbit.LowBit(3)
 
 
-@pytest.fixture
-def traceable_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    if _INTERPRETED:
-        for name, fn in list(vars(residual_triton).items()):
-            if isinstance(fn, InterpretedFunction):
-                monkeypatch.setattr(residual_triton, name, TraceableInterpreted(fn))
+def test_quantize_op_opcheck_on_the_kernels_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pamm::quantize is one op: on CUDA its eager body launches the Triton kernel (on the CPU, the reference),
+    and Inductor keeps it whole there: its decomposition declines where the Triton kernel runs (checked on CPU
+    tensors by declaring every Triton dtype Triton's)."""
+    from pamm_fx.ops.lowbit import _quantize_decomposition
 
-
-@pytest.mark.usefixtures("traceable_kernel")
-def test_triton_ops_opcheck() -> None:
     x, c, f, alpha = (t.to(DEVICE) for t in _inputs(21, 19, 3, torch.bfloat16))
     seed = torch.tensor(4, device=DEVICE)
-    torch.library.opcheck(torch.ops.pamm.quantize_residual_triton.default, (x, c, f, alpha, seed, 1, 2))
-    q, lo, scale = torch.ops.pamm.quantize_residual_triton(x, c, f, alpha, seed, 1, 2)
-    torch.library.opcheck(torch.ops.pamm.dequantize_residual_triton.default, (q, lo, scale, 19, 2, torch.bfloat16))
-    torch.library.opcheck(torch.ops.pamm.reconstruct_residual_triton.default,
-                          (q, lo, scale, c, f, alpha, 2, 19, torch.bfloat16))
-    torch.library.opcheck(torch.ops.pamm.quantize_residual_triton.default, (x, None, None, None, seed, 1, 8))
-    q, lo, scale = torch.ops.pamm.quantize_residual_triton(x, None, None, None, seed, 1, 8)
-    torch.library.opcheck(torch.ops.pamm.reconstruct_residual_triton.default,
-                          (q, lo, scale, None, None, None, 8, 19, torch.bfloat16))
+    torch.library.opcheck(torch.ops.pamm.quantize.default, (x, c, f, alpha, seed, 1, 2))
+    torch.library.opcheck(torch.ops.pamm.quantize.default, (x, None, None, None, seed, 1, 8))
+    assert (_quantize_decomposition(x, None, None, None, seed, 1, 8) is NotImplemented) == (DEVICE == "cuda")
+    monkeypatch.setattr(device, "use_triton", lambda t, dtype: device.triton_dtype(dtype))
+    assert _quantize_decomposition(x, None, None, None, seed, 1, 8) is NotImplemented
+    assert _quantize_decomposition(x.double(), None, None, None, seed, 1, 8) is not NotImplemented
 
 
-@pytest.mark.usefixtures("traceable_kernel")
-def test_triton_ops_trace_into_their_kernels() -> None:
-    """AOTAutograd decomposes the ops: the graph holds the kernel wrappers, so Inductor schedules them."""
-    graphs: list[torch.fx.GraphModule] = []
-
-    def keep(gm: torch.fx.GraphModule, example_inputs: list) -> object:
-        graphs.append(gm)
-        return gm
-
-    x, c, f, alpha = (t.to(DEVICE) for t in _inputs(21, 19, 3, torch.float32))
-    seed = torch.tensor(4, device=DEVICE)
-
-    def roundtrip(x: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
-        q, lo, scale = torch.ops.pamm.quantize_residual_triton(x, c, f, alpha, seed, 1, 4)
-        qx, lox, scalex = torch.ops.pamm.quantize_residual_triton(x, None, None, None, seed, 1, 8)  # sr: no base
-        return (torch.ops.pamm.dequantize_residual_triton(q, lo, scale, 19, 4, torch.float32),
-                torch.ops.pamm.reconstruct_residual_triton(q, lo, scale, c, f, alpha, 4, 19, torch.float32),
-                torch.ops.pamm.reconstruct_residual_triton(qx, lox, scalex, None, None, None, 8, 19, torch.float32))
-
-    out = torch.compile(roundtrip, backend=aot_autograd(fw_compiler=keep), fullgraph=True)(x, seed)
-    code = graphs[0].code
-    assert code.count("triton_kernel_wrapper_functional(") == 5 and "pamm" not in code
-    assert all(torch.equal(a, b) for a, b in zip(out, roundtrip(x, seed)))
-
-
-@pytest.mark.parametrize("bits", residual.BITS)
+@pytest.mark.parametrize("bits", lowbit.BITS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("b,n", [(37, 13), (3, 2100)], ids=["odd", "two_tiles"])
 def test_no_base_quantizes_x_itself_and_matches_reference(dtype: torch.dtype, bits: int, b: int, n: int) -> None:
     """``estimator="sr"``: without C, f, alpha the kernel quantizes X (HAS_BASE=False), bitwise the reference's
     under the interpreter, which equals the base path with a zero base; the reconstruction is the dequantization."""
     x = _inputs(b, n, 4, dtype)[0]
-    q_ref, lo_ref, scale_ref = residual.quantize_reference(x, None, None, None, torch.tensor(11), 3, bits)
+    q_ref, lo_ref, scale_ref = _quantize("reference", x, None, None, None, 11, 3, bits)
     zero_base = (x[:1], torch.zeros(b, dtype=torch.int32), torch.zeros(b))
     assert all(torch.equal(a, z) for a, z in zip((q_ref, lo_ref, scale_ref),
                                                  _quantize("reference", x, *zero_base, 11, 3, bits)))
-    q, lo, scale = (t.cpu() for t in residual_triton.quantize_residual(
-        x.to(DEVICE), None, None, None, torch.tensor(11, device=DEVICE), 3, bits))
+    q, lo, scale = _quantize("triton", x, None, None, None, 11, 3, bits)
     torch.testing.assert_close(lo, lo_ref, rtol=0, atol=0)
     torch.testing.assert_close(scale, scale_ref, rtol=1e-6, atol=0)
     if _INTERPRETED:
         assert torch.equal(q, q_ref)
     else:
         assert ((_codes(q, n, bits) - _codes(q_ref, n, bits)).abs() <= 1).all()
-    ref = residual.reconstruct_reference(q_ref, lo_ref, scale_ref, None, None, None, bits, n, dtype)
-    got = residual_triton.reconstruct(q_ref.to(DEVICE), lo_ref.to(DEVICE), scale_ref.to(DEVICE), None, None, None,
-                                      bits, n, dtype).cpu()
+    ref = _reconstruct("reference", q_ref, lo_ref, scale_ref, None, None, None, bits, n, dtype)
+    got = _reconstruct("triton", q_ref, lo_ref, scale_ref, None, None, None, bits, n, dtype)
     assert got.dtype == ref.dtype == dtype and got.shape == (b, n)
-    assert torch.equal(ref, residual.dequantize_reference(q_ref, lo_ref, scale_ref, n, bits, dtype))
     torch.testing.assert_close(got.float(), ref.float(), rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
     err = (ref.double() - x.double()).abs()
     assert (err <= scale_ref.double()[:, None] * (1 + 1e-5) + torch.finfo(dtype).eps * x.double().abs()).all()
@@ -331,16 +295,12 @@ def test_no_base_nan_rows_and_float64(impl: str) -> None:
     """A non-finite row of X dequantizes to NaN (others stay finite); float64 X keeps float64 on the reference."""
     x = _inputs(6, 30, 2, torch.float32, seed=4)[0]
     x[2, 5], x[4, 0] = math.nan, math.inf
-    if impl == "reference":
-        q, lo, scale = residual.quantize_reference(x, None, None, None, torch.tensor(2), 0, 8)
-    else:
-        q, lo, scale = (t.cpu() for t in residual_triton.quantize_residual(
-            x.to(DEVICE), None, None, None, torch.tensor(2, device=DEVICE), 0, 8))
-    deq = residual.reconstruct_reference(q, lo, scale, None, None, None, 8, 30, torch.float32)
+    q, lo, scale = _quantize(impl, x, None, None, None, 2, 0, 8)
+    deq = lowbit.decode(q, lo, scale, 30, 8, torch.float32)
     assert deq[[2, 4]].isnan().all() and torch.isfinite(deq[[0, 1, 3, 5]]).all()
     x64 = _inputs(9, 10, 2, torch.float64, seed=8)[0]
-    q, lo, scale = residual.quantize_reference(x64, None, None, None, torch.tensor(1), 0, 8)
-    deq = residual.reconstruct_reference(q, lo, scale, None, None, None, 8, 10, torch.float64)
+    q, lo, scale = _quantize("reference", x64, None, None, None, 1, 0, 8)
+    deq = lowbit.decode(q, lo, scale, 10, 8, torch.float64)
     assert lo.dtype == deq.dtype == torch.float64
     assert ((deq - x64).abs() <= scale[:, None] * (1 + 1e-12)).all()
 
@@ -348,4 +308,4 @@ def test_no_base_nan_rows_and_float64(impl: str) -> None:
 def test_base_must_be_all_or_nothing() -> None:
     x, c, f, alpha = _inputs(3, 4, 1, torch.float32)
     with pytest.raises(ValueError, match="all three or none"):
-        residual.quantize_reference(x, c, None, alpha, torch.tensor(0), 0, 4)
+        _quantize("reference", x, c, None, alpha, 0, 0, 4)
