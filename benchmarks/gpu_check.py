@@ -1,4 +1,4 @@
-"""One prepared GPU check of the CUDA path (issue 12): one command, under 8 minutes on one H100/H200.
+"""One prepared GPU check of the CUDA path (issues 12, 25): one command, under 10 minutes on one H100/H200.
 
 Sections, each timed and recorded even when it fails (the next one still runs):
 
@@ -15,9 +15,12 @@ Sections, each timed and recorded even when it fails (the next one still runs):
    m = 4096 and 11008, 8 and 4 bits: the quantize kernel (without a base for sr, with one for pamm_sr),
    the Triton ``weight_grad`` against dY^T X^ summed in float32 from the explicit reconstruction, and its
    time and peak memory against the path it replaced (Triton reconstruction of the b x n X^, then one GEMM).
-6. LLaMA-1B-shaped layer (dim 2048, 32 heads, 8 kv heads, hidden 8192, bf16, 8 x 2048 tokens): step time
-   and ``torch.cuda.max_memory_allocated`` of plain ``torch.compile`` and of pamm with targets "qkv",
-   "all", "all" under ``activation_memory_budget=0.5``, and "all" with ``estimator="sr"``.
+6. the frontier at a LLaMA-1B-shaped layer (dim 2048, 32 heads, 8 kv heads, hidden 8192, bf16, 8 x 2048
+   tokens): step time, peak ``torch.cuda.max_memory_allocated`` above the level before the step and bytes
+   saved for backward of plain ``torch.compile``, ``activation_memory_budget`` 0.8 and 0.5, full
+   checkpointing, Inductor's fp8 activation pass (alone and + budget 0.5), pamm ``saved="all"`` (alone,
+   + budget 0.8, + budget 0.5), ``saved="wgrad"`` and ``targets="all", estimator="sr"``
+   (``--smoke-cpu`` runs this section on a tiny layer on the CPU, to check the code without a GPU).
 7. kernel compile: ``benchmarks/kernel_registers.py`` (every Triton kernel it lists, new ones included)
    compiled for sm_80, sm_90 and this device's capability; registers and spills per configuration.
 
@@ -48,8 +51,8 @@ from _common import demo_config, machine, markdown_table  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 #: Wall-clock plan (seconds) per section; a section starting with less than its plan left is skipped.
 PLAN = {"kernels": 150, "end_to_end": 120, "past_2_31": 40, "bandwidth": 30, "weight_grad": 40,
-        "llama_1b_layer": 180, "kernel_compile": 60}
-DEADLINE_S = 7.5 * 60
+        "llama_1b_layer": 330, "kernel_compile": 60}
+DEADLINE_S = 10 * 60
 
 
 def _log(msg: str) -> None:
@@ -251,54 +254,100 @@ def check_weight_grad() -> dict[str, Any]:
     return {"ok": all(r["ok"] for r in rows), "rows": rows}
 
 
-def _layer_step(variant: str) -> dict[str, Any]:
+#: The frontier at a LLaMA-1B layer (issue 25): torch's options first (plain first of all), then pamm's.
+LAYER_VARIANTS = ["plain torch.compile", "budget 0.8", "budget 0.5", "full AC", "fp8 pass", "fp8 pass + budget 0.5",
+                  "pamm saved=all", "pamm saved=all + budget 0.8", "pamm saved=all + budget 0.5",
+                  "pamm saved=wgrad", "pamm all sr"]
+FP8 = {"activation_quantization_aten_pass": {
+    "allowed_dtypes": "torch.float32;torch.bfloat16", "size_in_mb": 0.0, "quant_type": "torch.float8_e5m2",
+    "use_scaling": True, "exclude_primals": True}}
+
+
+def _layer_step(variant: str, device: str = "cuda", small: bool = False) -> dict[str, Any]:
+    """One variant of the LLaMA-1B-shaped layer (``small``: a tiny one, to check this code on a CPU): step time,
+    peak memory in the step above the level before it (CUDA), bytes saved for backward."""
+    from torch.utils.checkpoint import checkpoint
+
     import pamm_fx
     from pamm_fx.demo.llama import Llama, LlamaConfig
+    from pamm_fx.demo.measure import saved_for_backward
 
     torch._dynamo.reset()
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, dim=2048, n_layers=1, n_heads=32, n_kv_heads=8, hidden_dim=8192,
-                      max_seq_len=2048)
-    model = Llama(cfg).to(device="cuda", dtype=torch.bfloat16)
-    tokens = torch.randint(0, 256, (8, 2048), device="cuda")
+    dim, heads, kv, hidden, seq, batch = (64, 4, 2, 128, 64, 2) if small else (2048, 32, 8, 8192, 2048, 8)
+    cfg = LlamaConfig(vocab_size=256, dim=dim, n_layers=1, n_heads=heads, n_kv_heads=kv, hidden_dim=hidden,
+                      max_seq_len=seq)
+    model = Llama(cfg).to(device=device, dtype=torch.bfloat16)
+    tokens = torch.randint(0, 256, (batch, seq), device=device)
     targets = tokens.roll(-1, 1)
-    budget = 0.5 if variant.endswith("budget 0.5") else 1.0
-    if variant == "plain torch.compile":
-        compiled = torch.compile(model)
+    budget = float(variant.rsplit("budget ", 1)[1]) if "budget" in variant else 1.0
+    if variant == "full AC":
+        block = model.layers[0]
+        model.layers[0] = type("Checkpointed", (torch.nn.Module,), {
+            "forward": lambda self, *a: checkpoint(self.block, *a, use_reentrant=False)})()
+        model.layers[0].block = block
+    if variant.startswith("pamm"):
+        options = ({"targets": "all", "estimator": "sr"} if variant == "pamm all sr" else
+                   {"targets": "none", "saved": "wgrad" if "wgrad" in variant else "all"})
+        compiled = torch.compile(model, backend=pamm_fx.backend(**options))
     else:
-        estimator = {"estimator": "sr"} if variant.endswith("sr") else {}
-        compiled = torch.compile(model, backend=pamm_fx.backend(targets="all" if "all" in variant else "qkv",
-                                                                **estimator))
+        compiled = torch.compile(model)
 
     def step() -> None:
         compiled(tokens, targets).backward()
         model.zero_grad(set_to_none=True)
 
-    with torch._functorch.config.patch(activation_memory_budget=budget):
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    fp8 = torch._inductor.config.patch(post_grad_fusion_options=FP8 if variant.startswith("fp8") else {})
+    with torch._functorch.config.patch(activation_memory_budget=budget), fp8:
         t0 = time.perf_counter()
         step()
-        torch.cuda.synchronize()
+        sync()
         compile_s = time.perf_counter() - t0
+    saved = saved_for_backward(lambda: compiled(tokens, targets), model)
+    saved.output.backward()
+    model.zero_grad(set_to_none=True)
+    del saved.output
+    if device == "cuda":
         ms = _cuda_median_ms(step, runs=10)
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
         step()
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    return {"variant": variant, "step_ms": ms, "peak_gib": peak / 2**30, "compile_s": compile_s}
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        ms, peak = statistics.median(times) * 1e3, 0
+    return {"variant": variant, "step_ms": ms, "peak_gib": peak / 2**30, "saved_gib": saved.nbytes / 2**30,
+            "compile_s": compile_s}
 
 
-def check_llama_1b_layer() -> dict[str, Any]:
+def check_llama_1b_layer(device: str = "cuda", small: bool = False) -> dict[str, Any]:
+    """The frontier at a LLaMA-1B-shaped layer in bf16 (dim 2048, 32 heads, 8 kv heads, hidden 8192,
+    8 x 2048 tokens): torch's options (budgets, full checkpointing, Inductor's fp8 pass) and pamm's."""
     rows = []
-    for variant in ("plain torch.compile", "pamm qkv", "pamm all", "pamm all + budget 0.5", "pamm all sr"):
-        rows.append(_layer_step(variant))
-        torch.cuda.empty_cache()  # the variant's model and compiled graphs are gone
-        base = rows[0]
-        r = rows[-1]
+    for variant in LAYER_VARIANTS:
+        try:
+            rows.append(_layer_step(variant, device, small))
+        except Exception as e:  # record it, go on with the next variant
+            rows.append({"variant": variant, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
+            _log(f"  {variant}: FAILED {rows[-1]['error']}")
+            continue
+        if device == "cuda":
+            torch.cuda.empty_cache()  # the variant's model and compiled graphs are gone
+        base, r = rows[0], rows[-1]
         r["step_vs_plain"] = r["step_ms"] / base["step_ms"]
-        r["peak_vs_plain"] = r["peak_gib"] / base["peak_gib"]
+        r["peak_vs_plain"] = r["peak_gib"] / base["peak_gib"] if base["peak_gib"] else 0.0
+        r["saved_vs_plain"] = r["saved_gib"] / base["saved_gib"]
         _log(f"  {variant}: {r['step_ms']:.1f} ms ({r['step_vs_plain']:.3f}x), peak {r['peak_gib']:.2f} GiB "
-             f"({r['peak_vs_plain']:.3f}x), compile {r['compile_s']:.0f} s")
-    return {"ok": True, "rows": rows}
+             f"({r['peak_vs_plain']:.3f}x), saved {r['saved_gib']:.2f} GiB ({r['saved_vs_plain']:.3f}x), "
+             f"compile {r['compile_s']:.0f} s")
+    return {"ok": not any("error" in r for r in rows), "rows": rows}
 
 
 def check_kernel_compile() -> dict[str, Any]:
@@ -371,8 +420,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="folder for gpu_check.json and gpu_check.md")
     parser.add_argument("--only", nargs="*", choices=list(SECTIONS), help="run only these sections")
+    parser.add_argument("--smoke-cpu", action="store_true", help="run section 6 on a tiny layer on the CPU (checks "
+                        "the code; the numbers mean nothing)")
     args = parser.parse_args()
     results: dict[str, Any] = {"machine": machine(), "sections": {}}
+    if args.smoke_cpu:
+        sec = check_llama_1b_layer("cpu", small=True)
+        _log(json.dumps(sec, indent=1))
+        return 0 if sec["ok"] else 1
     if not torch.cuda.is_available():
         _log("no CUDA device: nothing to check (exit 0)")
         results["note"] = "no CUDA device: the GPU check did not run."

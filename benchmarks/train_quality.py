@@ -68,7 +68,13 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "saved-all": {"targets": "none", "saved": "all"},
     "saved-wgrad": {"targets": "none", "saved": "wgrad"},
     "saved-all4": {"targets": "none", "saved": "all", "saved_bits": 4},
+    # torch's own answer: plain Inductor with its fp8 activation pass on every saved float tensor (INDUCTOR)
+    "fp8": None,
 }
+#: variant -> Inductor config patches held for the whole run (the pass acts when the graphs are partitioned).
+INDUCTOR: dict[str, dict[str, Any]] = {"fp8": {"post_grad_fusion_options": {"activation_quantization_aten_pass": {
+    "allowed_dtypes": "torch.float32;torch.bfloat16", "size_in_mb": 0.0, "quant_type": "torch.float8_e5m2",
+    "use_scaling": True, "exclude_primals": True}}}}
 
 
 def parse_run(label: str) -> tuple[str, int, int | None]:
@@ -110,6 +116,12 @@ def val_loss(model: Llama, val: torch.Tensor, seq: int, windows: int | None = No
 
 
 def train_one(label: str, args: argparse.Namespace) -> dict[str, Any]:
+    variant = parse_run(label)[0]
+    with torch._inductor.config.patch(INDUCTOR.get(variant, {})):
+        return _train_one(label, args)
+
+
+def _train_one(label: str, args: argparse.Namespace) -> dict[str, Any]:
     variant, seed, tokens = parse_run(label)
     options = VARIANTS[variant]
     train, val = byte_dataset()

@@ -1,18 +1,21 @@
-"""Train a small LLaMA-style model on real text: plain torch.compile and pamm, each alone and with a memory budget.
+"""Train a small LLaMA-style model on real text: plain torch.compile, what torch offers instead, and pamm.
 
-``python -m pamm_fx.demo`` trains five identical models (same initial weights, same batches,
+``python -m pamm_fx.demo`` trains seven identical models (same initial weights, same batches,
 interleaved step by step) on the standard library's docstrings:
 
-- plain ``torch.compile`` (Inductor), and plain under Inductor's ``activation_memory_budget``;
-- ``backend="pamm"`` at the defaults (Q/K/V), and at :data:`RECOMMENDED_ALL` (every linear);
-- :data:`RECOMMENDED_ALL` under the same budget.
+- plain ``torch.compile`` (Inductor);
+- what torch offers a user short of activation memory: Inductor's ``activation_memory_budget`` (0.8
+  by default: it recomputes the cheap elementwise activations), full activation checkpointing of every
+  block, and Inductor's fp8 activation pass (every saved float tensor to float8_e5m2, round to nearest);
+- ``backend="pamm"`` at the defaults (Q/K/V, the paper's estimator), at :data:`RECOMMENDED`
+  (``saved="all"``: what the partitioner keeps, at 8 bits with stochastic rounding), and that under
+  the same budget.
 
-The budget alone already recomputes most activations, so a budget row is compared with plain
-+ the same budget as well as with plain: that ratio is what pamm adds. It prints, per model, the
-bytes saved for backward (measured with ``saved_tensors_hooks``, deduplicated by storage,
-parameters and buffers left out), the median step time and the median of its per-step ratios
-(steps are interleaved, so load drift hits every model alike), the losses, and the k of every
-compressed group (read from the plan).
+A budget row is compared with plain + the same budget as well as with plain: that ratio is what pamm
+adds. It prints, per model, the bytes saved for backward (measured with ``saved_tensors_hooks``,
+deduplicated by storage, parameters and buffers left out), the median step time and the median of its
+per-step ratios (steps are interleaved, so load drift hits every model alike), the losses, and what
+pamm compressed (read from the plans and the partitions).
 """
 
 from __future__ import annotations
@@ -28,20 +31,26 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 
 import pamm_fx.config
+import pamm_fx.saved
 from pamm_fx.demo.data import batches, byte_dataset
 from pamm_fx.demo.llama import Llama, LlamaConfig
 from pamm_fx.demo.measure import saved_for_backward
-from pamm_fx.estimators import SR
 from pamm_fx.names import BACKEND
 from pamm_fx.testing import capture_rewrites
 
-__all__ = ["RECOMMENDED_ALL", "main"]
+__all__ = ["FP8", "RECOMMENDED", "main"]
 
-#: The options the docs recommend for compressing every linear (``targets="all"``): the one place the demo
-#: names them, so that it always shows the documented configuration.
-RECOMMENDED_ALL: dict[str, Any] = {"targets": "all", "estimator": SR.name}
+#: The options the docs recommend for the smallest footprint at plain's quality (``docs/benchmarks.md``, section
+#: 5): every saved activation at 8 bits, dX approximate; the one place the demo names them.
+RECOMMENDED: dict[str, Any] = {"targets": "none", "saved": "all"}
+#: Inductor's fp8 activation pass on every float tensor the partitioner saves (its own defaults take bf16 only,
+#: over 100 MB): torch's answer to the same problem.
+FP8: dict[str, Any] = {"activation_quantization_aten_pass": {
+    "allowed_dtypes": "torch.float32;torch.bfloat16", "size_in_mb": 0.0, "quant_type": "torch.float8_e5m2",
+    "use_scaling": True, "exclude_primals": True}}
 
 
 @dataclasses.dataclass
@@ -51,6 +60,8 @@ class Variant:
     name: str
     options: dict[str, Any] | None  # pamm's options; None: plain Inductor
     budget: float | None  # Inductor's activation_memory_budget; None: none
+    checkpoint: bool = False  # every block under torch.utils.checkpoint
+    fp8: bool = False  # Inductor's fp8 activation pass
     fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     times: list[float] = dataclasses.field(default_factory=list)
     saved: int = 0
@@ -66,35 +77,53 @@ def _validation_loss(model: Llama, val: torch.Tensor, seq: int, windows: int = 1
     return sum(model(x[i : i + 32], y[i : i + 32]).item() for i in range(0, windows, 32)) / len(range(0, windows, 32))
 
 
-def _compile(model: Llama, options: dict[str, Any] | None, budget: float | None, tag: int
-             ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+class _Checkpointed(torch.nn.Module):
+    """A block under ``torch.utils.checkpoint``: only its input is saved, the rest recomputed in the backward."""
+
+    def __init__(self, block: torch.nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args: Any) -> Any:
+        return torch.utils.checkpoint.checkpoint(self.block, *args, use_reentrant=False)
+
+
+def _compile(model: Llama, v: Variant, tag: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The compiled model, through a function with a code object of its own.
 
     Dynamo caches compiled code per code object, and its guards (backend included, compared by
     value) do not tell two copies of one model apart: without a fresh code object a budget
-    variant would reuse another variant's graph, partitioned without the budget. The budget is
-    read by the partitioner at the first call, so every call is made inside the config patch.
+    variant would reuse another variant's graph, partitioned without the budget. The budget and the
+    fp8 pass are read when the graphs are partitioned, so every call is made inside their config patches.
     """
+    if v.checkpoint:
+        for i, layer in enumerate(model.layers):
+            model.layers[i] = _Checkpointed(layer)
 
     def run(tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return model(tokens, targets)
 
     run.__code__ = run.__code__.replace(co_name=f"demo_variant_{tag}")
-    fn = torch.compile(run, backend="inductor" if options is None else BACKEND, options=options)
-    if budget is None:
+    fn = torch.compile(run, backend="inductor" if v.options is None else BACKEND, options=v.options)
+    if v.budget is None and not v.fp8:
         return fn
 
-    def with_budget(tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        with torch._functorch.config.patch(activation_memory_budget=budget):
+    def patched(tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        budget = torch._functorch.config.patch(activation_memory_budget=v.budget or 1.0)
+        with budget, torch._inductor.config.patch(post_grad_fusion_options=FP8 if v.fp8 else {}):
             return fn(tokens, targets)
 
-    return with_budget
+    return patched
 
 
-def _ks(records: list[Any]) -> str:
-    """What each compressed group keeps, as "k=256 x 4 groups, X at 8 bits x 9 groups", from the backend's plans."""
+def _kept(records: list[Any], saved: list[Any]) -> str:
+    """What pamm kept: "k=256 x 4 groups, X at 8 bits x 9 groups" from the backend's plans, and "12 of 30 saved
+    tensors at 8 bits" from its partitions."""
     ks = Counter(g.estimator.summary(r.plan.estimate(g).k) for r in records for g in r.plan.groups)
-    return ", ".join(f"{k} x {n} group{'s' * (n > 1)}" for k, n in sorted(ks.items())) or "no group compressed"
+    parts = [f"{k} x {n} group{'s' * (n > 1)}" for k, n in sorted(ks.items())]
+    for choices in saved:
+        parts.append(f"{sum(c.compressed for c in choices)} of {len(choices)} saved tensors compressed")
+    return ", ".join(parts) or "nothing compressed"
 
 
 def _ratio(num: float, den: float) -> str:
@@ -109,8 +138,9 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pamm_fx.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=25, help="training steps per model (default 25)")
-    parser.add_argument("--budget", type=float, default=0.5,
-                        help="activation_memory_budget of the budget models (default 0.5; 0: leave them out)")
+    parser.add_argument("--budget", type=float, default=0.8,
+                        help="activation_memory_budget of the budget models (default 0.8, which costs plain no step "
+                        "time here; 0: leave them out)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--dim", type=int, default=256)
@@ -120,17 +150,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 2:
         parser.error("--steps must be at least 2 (the first step compiles, the second is measured)")
     default = pamm_fx.config.resolve({"seed": args.seed})
-    recommended = {**RECOMMENDED_ALL, "seed": args.seed}
+    recommended = {**RECOMMENDED, "seed": args.seed}
     pamm_fx.config.resolve(recommended)  # fail here, not inside the first compile, if the options are wrong
     warmup = min(3, args.steps - 1)  # step 0 compiles, step 1 is measured with the hooks: neither is timed
 
     budget = f" + budget {args.budget:g}"
-    plain, plain_budget, pamm_default, pamm_all = "plain", "plain" + budget, f"pamm ({default.targets})", "pamm all"
-    variants = [Variant(plain, None, None), Variant(pamm_default, {"seed": args.seed}, None),
-                Variant(pamm_all, recommended, None)]
+    plain, plain_budget, pamm_default, pamm_saved = "plain", "plain" + budget, f"pamm ({default.targets})", \
+        "pamm saved=all"
+    variants = [Variant(plain, None, None)]
     if args.budget:
-        variants[1:1] = [Variant(plain_budget, None, args.budget)]
-        variants.append(Variant(pamm_all + budget, recommended, args.budget))
+        variants.append(Variant(plain_budget, None, args.budget))
+    variants += [Variant("full checkpointing", None, None, checkpoint=True), Variant("fp8 pass", None, None, fp8=True),
+                 Variant(pamm_default, {"seed": args.seed}, None), Variant(pamm_saved, recommended, None)]
+    if args.budget:
+        variants.append(Variant(pamm_saved + budget, recommended, args.budget))
     by_name = {v.name: v for v in variants}
 
     train, val = byte_dataset()
@@ -139,14 +172,15 @@ def main(argv: list[str] | None = None) -> int:
     first = Llama(cfg)
     models = {v.name: first if i == 0 else copy.deepcopy(first) for i, v in enumerate(variants)}
     for i, v in enumerate(variants):
-        v.fn = _compile(models[v.name], v.options, v.budget, i)
+        v.fn = _compile(models[v.name], v, i)
     opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-3) for name, m in models.items()}
     print(
         f"model: {sum(p.numel() for p in first.parameters()) / 1e6:.2f}M params, {args.layers} layers, dim "
         f"{args.dim}, {args.batch * args.seq} tokens/step; data: {len(train) / 1e6:.2f} MB of stdlib docstrings; "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads\n"
         f"{pamm_default}: the backend's defaults (ratio={default.ratio_fraction}, min_generators="
-        f"{default.min_generators}, targets={default.targets!r}); {pamm_all}: options {RECOMMENDED_ALL}",
+        f"{default.min_generators}, targets={default.targets!r}); {pamm_saved}: options {RECOMMENDED} "
+        "(dX approximate, unbiased)",
         flush=True,
     )
 
@@ -159,15 +193,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"step   1: compiling {v.name} ...", end=" ", flush=True)
             start = time.perf_counter()
             if step == 0:
+                partitions = len(pamm_fx.saved.last_choices)
                 with capture_rewrites() as records:
                     loss = v.fn(tokens, targets)
-                v.ks = _ks(records) if v.options is not None else "-"
+                    loss.backward()  # inside: the backward graph is compiled (and partitioned) lazily
+                v.ks = _kept(records, pamm_fx.saved.last_choices[partitions:]) if v.options is not None else "-"
             elif step == 1:
                 measured = saved_for_backward(lambda v=v, t=tokens, y=targets: v.fn(t, y), models[v.name])
                 v.saved, loss = measured.nbytes, measured.output
             else:
                 loss = v.fn(tokens, targets)
-            loss.backward()
+            if step != 0:
+                loss.backward()
             opts[v.name].step()
             opts[v.name].zero_grad(set_to_none=True)
             v.times.append(time.perf_counter() - start)
@@ -187,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for v in variants:
-        ref = by_name[plain_budget] if v.budget is not None and v.name != plain_budget else None
+        ref = by_name.get(plain_budget) if v.budget is not None and v.name != plain_budget else None
         rows.append((
             v.name, f"{v.saved / 2**20:.2f} MiB", _ratio(v.saved, base.saved),
             "-" if ref is None else _ratio(v.saved, ref.saved),
@@ -201,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     keep = [i for i, h in enumerate(header) if args.budget or h != same]  # no budget: no budget baseline
     print()
     print(_table(tuple(header[i] for i in keep), [tuple(r[i] for i in keep) for r in rows]))
-    print("\nper compressed group (generators k, or X's bits under estimator 'sr'): "
-          + "; ".join(f"{v.name}: {v.ks}" for v in variants if v.options))
+    print("\nwhat pamm compressed (per group: generators k, or X's bits under estimator 'sr'; per partition: the "
+          "saved tensors under saved=): " + "; ".join(f"{v.name}: {v.ks}" for v in variants if v.options))
     print(f"(saved for backward: one step, exact; step times: medians over steps {warmup + 1}-{args.steps}, "
           f"after compilation; a {args.steps}-step run says nothing about quality: see docs/benchmarks.md)")
     return 0
