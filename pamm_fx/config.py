@@ -18,7 +18,7 @@ import json
 import math
 import os
 import types
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from fractions import Fraction
 from typing import Any
 
@@ -27,8 +27,8 @@ from pamm_fx.estimators import Estimator
 from pamm_fx.kernels.lowbit import BITS
 from pamm_fx.ops.compress import Generators
 
-__all__ = ["PammConfig", "AUTO_ESTIMATOR", "BITS", "DEFAULT_BITS", "DEFAULT_ESTIMATOR", "ESTIMATORS", "SITES",
-           "SITE_FAMILIES", "SAVED_MODES", "TARGETS", "OPTIONS", "defaults", "resolve"]
+__all__ = ["PammConfig", "check_option_names", "AUTO_ESTIMATOR", "BITS", "DEFAULT_BITS", "DEFAULT_ESTIMATOR",
+           "ESTIMATORS", "SITES", "SITE_FAMILIES", "SAVED_MODES", "TARGETS", "OPTIONS", "defaults", "resolve"]
 
 #: The site a projection is classified as (:mod:`pamm_fx.passes.structure`): attention's Q/K/V
 #: projections, attention's output projection, an MLP's up/gate and down projections, a head
@@ -291,15 +291,21 @@ class PammConfig:
 OPTIONS = tuple(f.name for f in dataclasses.fields(PammConfig) if f.init)
 
 
+def check_option_names(names: Iterable[str], prefix: str = "", suffix: str = "") -> None:
+    """Raise ValueError naming every unknown option of ``names`` and the valid ones: the one check of a set of
+    option names, for ``options=`` and ``explain()`` alike (``prefix``/``suffix`` say who asks)."""
+    unknown = sorted(set(names) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"{prefix}unknown pamm option(s) {unknown}; valid options are {list(OPTIONS)}{suffix}")
+
+
 def _checked_names(options: Mapping[str, Any] | None) -> dict[str, Any]:
     """``options`` as a dict, once it is known to be a mapping of option names."""
     if options is None:
         return {}
     if not isinstance(options, Mapping):
         raise ValueError(f"pamm options must be a dict, got {type(options).__name__}")
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown pamm option(s) {unknown}; valid options are {list(OPTIONS)}")
+    check_option_names(options)
     return dict(options)
 
 

@@ -55,8 +55,8 @@ class Estimate:
     Before: X (b x n) saved, dW = dY^T X in 2*b*n*m FLOPs. After: what the group's estimator says it keeps
     (:meth:`~pamm_fx.estimators.Estimator.saved_bytes`: generators C (k x n) with f and alpha per row, a
     low-bit payload of ``lowbit_bytes``, or both) and its weight-gradient FLOPs
-    (:meth:`~pamm_fx.estimators.Estimator.wgrad_flops`). ``k_formula`` is k as a formula of b, ``k_text``
-    what a report prints for it (both the estimator's).
+    (:meth:`~pamm_fx.estimators.Estimator.wgrad_flops`). ``k_formula`` is k as a report prints it: the
+    estimator's formula of b and its value here (:meth:`~pamm_fx.estimators.Estimator.k_text`).
     """
 
     b: int
@@ -66,7 +66,6 @@ class Estimate:
     dynamic: bool
     b_expr: str
     k_formula: str
-    k_text: str
     saved_bytes_before: int
     saved_bytes_after: int
     wgrad_flops_before: int
@@ -124,8 +123,7 @@ class Plan:
             b=b, n=n, m=m, k=k,
             dynamic=not is_static(b_sym),
             b_expr=str(b_sym),
-            k_formula=est.k_formula(),
-            k_text=est.k_text(k),
+            k_formula=est.k_text(k),
             saved_bytes_before=b * n * dtype.itemsize,
             saved_bytes_after=est.saved_bytes(b, n, dtype),
             wgrad_flops_before=2 * b * n * m,
@@ -170,7 +168,7 @@ def plan(gm: fx.GraphModule, example_inputs: Sequence[Any], config: PammConfig) 
             est = result.estimate(g)
             if est.dynamic:
                 log.info("pamm: X=%s %s has a dynamic row count b=%s: k is decided on every call (%s)",
-                         g.x.name, fmt_value(val(g.x)), est.b_expr, est.k_formula)
+                         g.x.name, fmt_value(val(g.x)), est.b_expr, g.estimator.k_formula())
     except Exception:
         log.warning("pamm: planning failed; compiling the captured graph untouched", exc_info=True)
         result.error = traceback.format_exc(limit=3).strip().splitlines()[-1]
