@@ -35,7 +35,7 @@ import triton.language as tl
 from torch import Tensor
 
 from pamm_fx.kernels import lowbit
-from pamm_fx.kernels.triton_util import INTERPRETED, check_dtype, dot_precision
+from pamm_fx.kernels.triton_util import INTERPRETED, check_dtype, decode_tile, dot_precision
 
 __all__ = ["weight_grad"]
 
@@ -68,7 +68,6 @@ def _weight_grad_kernel(
     BLOCK_K: tl.constexpr,
 ):
     per: tl.constexpr = 8 // BITS
-    levels: tl.constexpr = (1 << BITS) - 1
     mcols = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     ncols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = mcols < m
@@ -84,16 +83,8 @@ def _weight_grad_kernel(
         dyt = tl.load(dy_ptr + rows[None, :] * stride_db + mcols[:, None],
                       mask=m_ok[:, None] & row_ok[None, :], other=0.0)
         ok = row_ok[:, None] & n_ok[None, :]
-        byte = tl.load(q_ptr + rows[:, None] * stride_qb + byte_col[None, :], mask=ok, other=0).to(tl.int32)
-        code = byte if per == 1 else (byte >> shift[None, :]) & levels
-        lo = tl.load(lo_ptr + rows, mask=row_ok, other=0.0)
-        scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
-        x_hat = lo[:, None] + code.to(tl.float32) * scale[:, None]
-        if HAS_BASE:
-            gen = tl.load(f_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-            a = tl.load(alpha_ptr + rows, mask=row_ok, other=0.0)
-            cf = tl.load(c_ptr + gen[:, None] * stride_cb + ncols[None, :], mask=ok, other=0.0)
-            x_hat = a[:, None] * cf.to(tl.float32) + x_hat
+        x_hat = decode_tile(q_ptr, lo_ptr, scale_ptr, c_ptr, f_ptr, alpha_ptr, rows, ncols, byte_col, shift, row_ok,
+                            ok, stride_qb, stride_cb, 1, BITS, HAS_BASE)
         x_hat = x_hat.to(dy_ptr.dtype.element_ty)
         if UPCAST:
             acc = tl.dot(dyt.to(tl.float32), x_hat.to(tl.float32), acc, input_precision=PRECISION)

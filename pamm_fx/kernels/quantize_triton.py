@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from pamm_fx.kernels import lowbit
-from pamm_fx.kernels.triton_util import check_dtype, mix32
+from pamm_fx.kernels.triton_util import check_dtype, decode_tile, mix32
 
 __all__ = ["decode", "quantize"]
 
@@ -143,42 +143,17 @@ def _quantize_kernel(
 
 
 @triton.jit
-def _decode_kernel(
-    q_ptr,
-    lo_ptr,
-    scale_ptr,
-    c_ptr,
-    f_ptr,
-    alpha_ptr,
-    out_ptr,
-    b,
-    n,
-    stride_qb,
-    stride_cb,
-    stride_cn,
-    stride_ob,
-    BITS: tl.constexpr,
-    HAS_BASE: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+def _decode_kernel(q_ptr, lo_ptr, scale_ptr, c_ptr, f_ptr, alpha_ptr, out_ptr, b, n, stride_qb, stride_cb, stride_cn,
+                   stride_ob, BITS: tl.constexpr, HAS_BASE: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
     """deq(q) (plus alpha * C_f, gathered by f, with a base) for this program's (BLOCK_R, BLOCK_N) tile."""
     per: tl.constexpr = 8 // BITS
-    levels: tl.constexpr = (1 << BITS) - 1
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < b
     ok = row_ok[:, None] & (cols < n)[None, :]
-    byte = tl.load(q_ptr + rows[:, None] * stride_qb + (cols // per)[None, :], mask=ok, other=0).to(tl.int32)
-    code = (byte >> ((cols % per) * BITS).to(tl.int32)[None, :]) & levels
-    lo = tl.load(lo_ptr + rows, mask=row_ok, other=0.0)
-    scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
-    out = lo[:, None] + code.to(tl.float32) * scale[:, None]
-    if HAS_BASE:
-        gen = tl.load(f_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-        a = tl.load(alpha_ptr + rows, mask=row_ok, other=0.0)
-        c = tl.load(c_ptr + gen[:, None] * stride_cb + cols[None, :] * stride_cn, mask=ok, other=0.0)
-        out = a[:, None] * c.to(tl.float32) + out
+    out = decode_tile(q_ptr, lo_ptr, scale_ptr, c_ptr, f_ptr, alpha_ptr, rows, cols, cols // per,
+                      ((cols % per) * BITS).to(tl.int32), row_ok, ok, stride_qb, stride_cb, stride_cn, BITS, HAS_BASE)
     tl.store(out_ptr + rows[:, None] * stride_ob + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
 
 

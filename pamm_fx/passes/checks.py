@@ -249,10 +249,8 @@ def _exact_ratio(d: GroupDraft, config: PammConfig) -> str | None:
 @_check(GROUP_CHECKS, "small_rows", "a row of X is larger than what the estimator keeps per row whatever the "
         "ratio (f and alpha; the residual under pamm_sr; the quantized X under sr)")
 def _row_bytes(d: GroupDraft, config: PammConfig) -> str | None:
-    xv = val(d.x)
-    n, dtype = hint(xv.shape[-1]), d.dtype
-    row_bytes = n * dtype.itemsize
-    kept = d.estimator.kept_bytes_per_row(n, dtype)
+    n, dtype = hint(val(d.x).shape[-1]), d.dtype
+    row_bytes, kept = n * dtype.itemsize, d.estimator.kept_bytes_per_row(n, dtype)
     if row_bytes > kept:
         return None
     return f"a row of X is {row_bytes} bytes, no more than the {kept} estimator {d.estimator.name} keeps per row"
