@@ -27,6 +27,7 @@ from _common import median_s
 import pamm_fx.ops  # noqa: F401  (registers the pamm:: ops)
 from pamm_fx.kernels import assign as assign_kernels
 from pamm_fx.kernels import contract as contract_kernels
+from pamm_fx.kernels import device
 
 CPU_SHAPES = [(8192, 512, 128), (8192, 512, 16), (8192, 1024, 128), (8192, 1024, 16), (8192, 512, 2048)]
 ROW_CHUNKS = [512, 1024, 2048, 4096, 8192]
@@ -35,7 +36,7 @@ GEN_CHUNKS = [256, 1024, 4096]
 
 def bench_cpu(runs: int) -> None:
     """One table per primitive: median ms per (shape, chunk) with the current default marked."""
-    defaults = (assign_kernels.ROW_CHUNK, assign_kernels.GEN_CHUNK)
+    defaults = (device.ROW_CHUNK, assign_kernels.GEN_CHUNK)
     print(f"## CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, float32, median of {runs}")
     print("| op | b | n | k | ROW_CHUNK | GEN_CHUNK | ms |")
     print("|---|---|---|---|---|---|---|")
@@ -47,7 +48,7 @@ def bench_cpu(runs: int) -> None:
             gens = GEN_CHUNKS if k > min(GEN_CHUNKS) else [defaults[1]]
             for row in ROW_CHUNKS:
                 for gc in gens:
-                    assign_kernels.ROW_CHUNK, assign_kernels.GEN_CHUNK = row, gc
+                    device.ROW_CHUNK, assign_kernels.GEN_CHUNK = row, gc
                     ms = 1e3 * median_s(partial(assign_kernels.reference, x, c), runs)
                     mark = " (default)" if (row, gc) == defaults else ""
                     print(f"| assign | {b} | {n} | {k} | {row} | {gc}{mark} | {ms:.1f} |")
@@ -59,7 +60,7 @@ def bench_cpu(runs: int) -> None:
                 ms = 1e3 * median_s(fn, runs)
                 print(f"| contract 3x{n}: {name} | {b} | {n} | {k} | - | - | {ms:.1f} |")
     finally:
-        assign_kernels.ROW_CHUNK, assign_kernels.GEN_CHUNK = defaults
+        device.ROW_CHUNK, assign_kernels.GEN_CHUNK = defaults
 
 
 def _contract_alternatives(
@@ -122,13 +123,13 @@ def bench_gpu(runs: int) -> list[dict[str, object]]:
     for den in (512, 64):
         k = b // den
         c = x[torch.randperm(b, device="cuda")[:k].sort().values]
-        f, alpha = assign_kernels.assign(x, c)
+        f, alpha = assign_kernels.KERNELS.eager(x, c, math.inf)
         compress = partial(torch.ops.pamm.compress, x, seed, 1, den, 1, 1, math.inf, 0)
         cases = [
-            ("assign", "triton", partial(assign_kernels.assign, x, c), 2 * (b * n + k * n) + 8 * b),
+            ("assign", "triton", partial(assign_kernels.KERNELS.eager, x, c, math.inf), 2 * (b * n + k * n) + 8 * b),
             ("assign", "torch", partial(assign_kernels.reference, x, c), 2 * (b * n + k * n) + 8 * b),
             ("compress op", "triton", compress, 2 * (b * n + 2 * k * n) + 8 * b),
-            ("contract", "triton", partial(contract_kernels.contract, dys, f, alpha, k),
+            ("contract", "triton", partial(contract_kernels.KERNELS.eager, dys, f, alpha, k),
              2 * b * m3 + 8 * b + 4 * k * m3),
             ("contract", "torch", partial(contract_kernels.reference, dys, f, alpha, k),
              2 * b * m3 + 8 * b + 4 * k * m3),
@@ -142,7 +143,8 @@ def bench_gpu(runs: int) -> list[dict[str, object]]:
             )
             rows.append({"op": op, "ratio": f"1/{den}", "k": k, "impl": impl, "us": s * 1e6,
                          "tb_s": bw / 1e12, "pct_copy": 100 * bw / roofline})
-        same = torch.equal(contract_kernels.contract(dys, f, alpha, k), contract_kernels.contract(dys, f, alpha, k))
+        twice = [contract_kernels.KERNELS.eager(dys, f, alpha, k) for _ in range(2)]
+        same = torch.equal(*twice)
         print(f"contract bitwise deterministic over 2 runs (k={k}): {same}")
     return rows
 

@@ -1,5 +1,10 @@
 """Issue 19: which weight-gradient estimator holds plain's quality, on an eager prototype.
 
+DUPLICATES LIBRARY MATH: the prototype re-implements in eager PyTorch what pamm_fx implements for the backend
+(PAMM's k and dW = B~^T C, the low-bit format with stochastic rounding of X or of PAMM's residual:
+``pamm_fx/estimators.py``, ``pamm_fx/ops/``, ``pamm_fx/kernels/lowbit.py``). A change to the library does not
+reach this script; its numbers are the prototype's (docs/estimator_study.md).
+
 Every nn.Linear of the demo's LLaMA-style model (q, k, v, o, gate, up, down, LM head; or only
 q/k/v) is routed through :class:`_EstimatedLinear`, an autograd.Function that computes the exact
 forward and exact dX, but saves only what an estimator keeps of X and forms dW from it. Projections

@@ -2,7 +2,7 @@
 
 Sections, each timed and recorded even when it fails (the next one still runs):
 
-1. kernels: ``pytest tests/test_triton_kernels.py tests/test_residual_kernels.py tests/test_dequant_matmul.py``
+1. kernels: ``pytest tests/test_triton_kernels.py tests/test_lowbit_kernels.py tests/test_dequant_matmul.py``
    with the kernels compiled for real (no interpreter).
 2. end-to-end: a small LLaMA (``pamm_fx.demo.llama``) compiled with ``backend="pamm"`` and run forward +
    backward in bf16, fp16 and fp32 with ``dynamic=True`` (two sequence lengths), and with
@@ -79,7 +79,7 @@ def check_kernels() -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton_kernels.py",
-         "tests/test_residual_kernels.py", "tests/test_dequant_matmul.py"],
+         "tests/test_lowbit_kernels.py", "tests/test_dequant_matmul.py"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=PLAN["kernels"] + 60,
     )
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]
@@ -195,7 +195,7 @@ def check_bandwidth() -> dict[str, Any]:
 
 def _weight_grad_case(m: int, bits: int, base: bool, b: int = 16384, n: int = 4096) -> dict[str, Any]:
     """One shape: quantize, the kernel's error against dY^T X^ in float32, and kernel vs reconstruct + GEMM."""
-    from pamm_fx.kernels import dequant_matmul_triton, residual_triton
+    from pamm_fx.kernels import dequant_matmul_triton, lowbit, quantize_triton
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     dtype = torch.bfloat16
@@ -204,17 +204,17 @@ def _weight_grad_case(m: int, bits: int, base: bool, b: int = 16384, n: int = 40
     k = b // 8
     c, f, alpha = ((x[::8].contiguous(), torch.randint(0, k, (b,), device="cuda", dtype=torch.int32, generator=gen),
                     torch.rand(b, device="cuda", generator=gen) + 0.5) if base else (None, None, None))
-    seed = torch.tensor(1, device="cuda")
-    quantize_ms = _cuda_median_ms(lambda: residual_triton.quantize_residual(x, c, f, alpha, seed, 0, bits), runs=10)
-    q, lo, scale = residual_triton.quantize_residual(x, c, f, alpha, seed, 0, bits)
+    key = lowbit.noise_key(torch.tensor(1, device="cuda"), 0)
+    quantize_ms = _cuda_median_ms(lambda: quantize_triton.quantize(x, c, f, alpha, key, bits), runs=10)
+    q, lo, scale = quantize_triton.quantize(x, c, f, alpha, key, bits)
 
     def explicit() -> torch.Tensor:
-        return dy.t().mm(residual_triton.reconstruct(q, lo, scale, c, f, alpha, bits, n, dtype))
+        return dy.t().mm(quantize_triton.decode(q, lo, scale, n, bits, dtype, c, f, alpha))
 
     def kernel() -> torch.Tensor:
-        return dequant_matmul_triton.weight_grad(dy, q, lo, scale, bits, n, c, f, alpha)
+        return dequant_matmul_triton.weight_grad(dy, q, lo, scale, c, f, alpha, bits, n)
 
-    x_hat = residual_triton.reconstruct(q, lo, scale, c, f, alpha, bits, n, dtype)
+    x_hat = quantize_triton.decode(q, lo, scale, n, bits, dtype, c, f, alpha)
     exact = dy.float().t().mm(x_hat.float())  # the products the kernel forms, summed in float32
     del x_hat
     got = kernel()

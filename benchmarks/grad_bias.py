@@ -1,5 +1,8 @@
 """Is PAMM's weight-gradient error noise or bias? One batch, 24 draws of the generator rows.
 
+DUPLICATES LIBRARY MATH: X~ = alpha C_f and dW = dY^T X~ are written out here in eager PyTorch (k fixed at 256)
+from the library's reference assign and sampler, not taken from ``pamm::linear_group``'s backward.
+
 The demo model after 30 eager AdamW steps; for layer 1's projections and the LM head, the exact
 dW = dY^T X against PAMM's dY^T X~ (the reference kernels, k = 256 of b = 2,048 rows): the mean
 relative error of one draw, and the relative error of the mean of 24 draws. If the second is as

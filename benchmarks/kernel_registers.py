@@ -7,7 +7,7 @@ registers and spills from the wheel's bundled ``ptxas -v``. No GPU or driver is 
 
 Configurations are the ones the launchers ship: every tile the assignment's ``_blocks`` picks (small to
 large k) for each dtype, with and without eps, each ``tl.dot`` precision; the contraction's fixed tiles;
-the residual quantize/dequantize tiles per dtype and bit width, with and without the PAMM base
+the low-bit quantize/decode tiles per dtype and bit width, with and without the PAMM base
 (``HAS_BASE``: ``estimator="sr"`` quantizes X itself); the weight gradient read from the codes per dtype,
 ``tl.dot`` precision, bit width and base, at its widest and smallest tiles. Arguments are
 specialized as a typical launch is (16-byte aligned pointers, sizes and row strides divisible by 16,
@@ -44,12 +44,12 @@ TARGETS = (80, 90)
 #: The kernel modules, by primitive: the one place a rename of a module changes.
 ASSIGN_MODULE = "pamm_fx.kernels.assign_triton"
 CONTRACT_MODULE = "pamm_fx.kernels.contract_triton"
-RESIDUAL_MODULE = "pamm_fx.kernels.residual_triton"
+QUANTIZE_MODULE = "pamm_fx.kernels.quantize_triton"
 WEIGHT_GRAD_MODULE = "pamm_fx.kernels.dequant_matmul_triton"
 #: Generator counts whose tiles are compiled (``_blocks`` dedupes them): every BLOCK_K it can pick.
 K_VALUES = (1, 32, 64, 128, 4096)
-#: Row widths n whose residual tiles are compiled: one that fits a tile, one that loops over tiles.
-RESIDUAL_N_VALUES = (512, 8192)
+#: Row widths n whose low-bit tiles are compiled: one that fits a tile, one that loops over tiles.
+LOWBIT_N_VALUES = (512, 8192)
 #: dW shapes (m, n) whose weight-gradient tiles are compiled: the widest tile (every bit width and base) and
 #: the smallest (4-bit with a base).
 WEIGHT_GRAD_SHAPES = ((4096, 4096), (16, 16))
@@ -147,12 +147,13 @@ def contract_configs(layouts: tuple[str, ...] = LAYOUTS) -> Iterator[Config]:
                      constexprs=units | dict(BLOCK_M=mod.BLOCK_M), aligned=aligned, num_warps=4)
 
 
-def residual_configs(layouts: tuple[str, ...] = LAYOUTS) -> Iterator[Config]:
-    """``_quantize_kernel`` (with and without a base), ``_dequantize_kernel`` and ``_reconstruct_kernel`` per
-    dtype and bit width, at the tiles ``_blocks`` picks for a row that fits one tile and for one that loops
-    over tiles."""
-    mod = importlib.import_module(RESIDUAL_MODULE)
-    tiles = dict.fromkeys(mod._blocks(n) for n in RESIDUAL_N_VALUES)
+def quantize_configs(layouts: tuple[str, ...] = LAYOUTS) -> Iterator[Config]:
+    """``_quantize_kernel`` and ``_decode_kernel`` (each with and without a base) per dtype and bit width, at
+    the tiles ``_blocks`` picks for a row that fits one tile and for one that loops over tiles."""
+    from pamm_fx.kernels.lowbit import BITS
+
+    mod = importlib.import_module(QUANTIZE_MODULE)
+    tiles = dict.fromkeys(mod._blocks(n) for n in LOWBIT_N_VALUES)
     for layout in layouts:
         for dtype_name, elem in ELEMENT.items():
             # Without a base the launcher passes X, the key and the key for C, f and alpha (never read).
@@ -165,18 +166,15 @@ def residual_configs(layouts: tuple[str, ...] = LAYOUTS) -> Iterator[Config]:
                      BLOCK_N="constexpr"),
                 ("stride_xn", "stride_cn"), layout,
             ) for has_base in (True, False)}
-            d_sig = _sig(
-                dict(q_ptr="*u8", lo_ptr="*fp32", scale_ptr="*fp32", out_ptr=f"*{elem}", b="i32", n="i32",
-                     stride_qb="i32", stride_ob="i32", BITS="constexpr", BLOCK_R="constexpr", BLOCK_N="constexpr"),
-                (), layout,
-            )
-            r_sig = _sig(
-                dict(q_ptr="*u8", lo_ptr="*fp32", scale_ptr="*fp32", c_ptr=f"*{elem}", f_ptr="*i32",
-                     alpha_ptr="*fp32", out_ptr=f"*{elem}", b="i32", n="i32", stride_qb="i32", stride_cb="i32",
-                     stride_cn="i32", stride_ob="i32", BITS="constexpr", BLOCK_R="constexpr", BLOCK_N="constexpr"),
+            # Without a base the launcher passes the output, q and lo for C, f and alpha (never read).
+            d_sigs = {has_base: _sig(
+                dict(q_ptr="*u8", lo_ptr="*fp32", scale_ptr="*fp32", c_ptr=f"*{elem}",
+                     f_ptr="*i32" if has_base else "*u8", alpha_ptr="*fp32", out_ptr=f"*{elem}", b="i32", n="i32",
+                     stride_qb="i32", stride_cb="i32", stride_cn="i32", stride_ob="i32", BITS="constexpr",
+                     HAS_BASE="constexpr", BLOCK_R="constexpr", BLOCK_N="constexpr"),
                 ("stride_cn",), layout,
-            )
-            for bits in mod.BITS:
+            ) for has_base in (True, False)}
+            for bits in BITS:
                 for block_r, block_n, one_tile in tiles:
                     tile = f"{bits}-bit R{block_r} N{block_n} w4"
                     for has_base, (signature, units, aligned) in q_sigs.items():
@@ -184,18 +182,18 @@ def residual_configs(layouts: tuple[str, ...] = LAYOUTS) -> Iterator[Config]:
                                      f"{'' if has_base else ' no-base'}", signature,
                                      units | dict(BITS=bits, HAS_BASE=has_base, ONE_TILE=one_tile, BLOCK_R=block_r,
                                                   BLOCK_N=block_n), aligned, 4)
-                    signature, units, aligned = d_sig
-                    yield Config("_dequantize_kernel", f"{layout} {dtype_name} {tile}", signature,
-                                 units | dict(BITS=bits, BLOCK_R=block_r, BLOCK_N=block_n), aligned, 4)
-                    signature, units, aligned = r_sig
-                    yield Config("_reconstruct_kernel", f"{layout} {dtype_name} {tile}", signature,
-                                 units | dict(BITS=bits, BLOCK_R=block_r, BLOCK_N=block_n), aligned, 4)
+                    for has_base, (signature, units, aligned) in d_sigs.items():
+                        yield Config("_decode_kernel", f"{layout} {dtype_name} {tile}{'' if has_base else ' no-base'}",
+                                     signature, units | dict(BITS=bits, HAS_BASE=has_base, BLOCK_R=block_r,
+                                                             BLOCK_N=block_n), aligned, 4)
 
 
 def weight_grad_configs(layouts: tuple[str, ...] = LAYOUTS) -> Iterator[Config]:
     """``_weight_grad_kernel`` per operand dtype and ``tl.dot`` precision, at the tiles ``_blocks`` picks for a
     large dW (each bit width, with and without the PAMM base) and a small one; float32 out, as a split stores."""
     import torch
+
+    from pamm_fx.kernels.lowbit import BITS
 
     mod = importlib.import_module(WEIGHT_GRAD_MODULE)
     for layout in layouts:
@@ -212,7 +210,7 @@ def weight_grad_configs(layouts: tuple[str, ...] = LAYOUTS) -> Iterator[Config]:
             ) for has_base in (True, False)}
             for precision in ("ieee", "tf32") if dtype == torch.float32 else ("ieee",):
                 (big, small) = (mod._blocks(m, n, dtype, precision) for m, n in WEIGHT_GRAD_SHAPES)
-                runs = [(big, bits, has_base) for bits in mod.BITS for has_base in (True, False)] + [(small, 4, True)]
+                runs = [(big, bits, has_base) for bits in BITS for has_base in (True, False)] + [(small, 4, True)]
                 for (block_m, block_n, block_k, num_warps), bits, has_base in runs:
                     signature, units, aligned = sigs[has_base]
                     yield Config(
@@ -235,9 +233,8 @@ KERNELS = {
     "_assign_kernel": (ASSIGN_MODULE, assign_configs),
     "_partial_kernel": (CONTRACT_MODULE, contract_configs),
     "_reduce_kernel": (CONTRACT_MODULE, contract_configs),
-    "_quantize_kernel": (RESIDUAL_MODULE, residual_configs),
-    "_dequantize_kernel": (RESIDUAL_MODULE, residual_configs),
-    "_reconstruct_kernel": (RESIDUAL_MODULE, residual_configs),
+    "_quantize_kernel": (QUANTIZE_MODULE, quantize_configs),
+    "_decode_kernel": (QUANTIZE_MODULE, quantize_configs),
     "_weight_grad_kernel": (WEIGHT_GRAD_MODULE, weight_grad_configs),
 }
 

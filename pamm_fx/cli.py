@@ -1,5 +1,5 @@
 """``pamm-fx explain MODULE:FACTORY``: the rewrite plan of a model, for people and for non-Python CI;
-``pamm-fx checks``: every rule that can leave a linear exact, by the category explain reports.
+``pamm-fx checks``: every category explain reports for a linear left exact, with the rule it enforces.
 
 FACTORY is a callable in an importable module (or a ``path/to/file.py``) returning
 ``(model, example_inputs)``. Exit status: 0 on success (and, with ``--check``, an
@@ -96,12 +96,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _checks() -> int:
-    from pamm_fx.passes.checks import GROUP_CHECKS, PROJECTION_CHECKS
+    from pamm_fx.passes import checks  # noqa: F401  (its rows declare their categories)
+    from pamm_fx.passes.categories import CATEGORIES, STAGES
 
-    width = max(len(c.name) for c in PROJECTION_CHECKS + GROUP_CHECKS)
-    for title, table in (("per projection", PROJECTION_CHECKS), ("per group", GROUP_CHECKS)):
-        print(f"{title} (category: what a linear needs to pass):")
-        print("\n".join(f"  {c.name:<{width}}  {c.doc}" for c in table))
+    width = max(len(name) for name in CATEGORIES)
+    for stage, title in STAGES.items():
+        print(f"{title}:")
+        print("\n".join(f"  {c.name:<{width}}  {c.doc}" for c in CATEGORIES.values() if c.stage == stage))
     return EXIT_OK
 
 

@@ -24,6 +24,7 @@ from torch import fx
 from pamm_fx import _compat, seed
 from pamm_fx import logs as _logs
 from pamm_fx.config import PammConfig, resolve
+from pamm_fx.names import BACKEND
 from pamm_fx.ops.decompositions import DECOMPOSITIONS
 from pamm_fx.plan import Plan, apply, plan
 from pamm_fx.saved import SavedPartitioner, SavedPolicy
@@ -47,13 +48,13 @@ _COUNTER_KEYS = ("graphs", "groups_rewritten", "linears_skipped", "fallbacks")
 
 
 class _Counters(Mapping[str, int]):
-    """Process totals, kept in Dynamo's counter table under "pamm" (:func:`pamm_fx._compat.dynamo_counters`:
-    torch's counter dumps show them and Dynamo's reset clears them with its own): graphs compiled, groups
-    rewritten, linears left exact, fallbacks to the captured graph."""
+    """Process totals, kept in Dynamo's counter table under :data:`~pamm_fx.names.BACKEND`
+    (:func:`pamm_fx._compat.dynamo_counters`: torch's counter dumps show them and Dynamo's reset clears them
+    with its own): graphs compiled, groups rewritten, linears left exact, fallbacks to the captured graph."""
 
     @staticmethod
     def _store() -> collections.Counter:
-        return _compat.dynamo_counters()["pamm"]
+        return _compat.dynamo_counters()[BACKEND]
 
     def __getitem__(self, key: str) -> int:
         if key not in _COUNTER_KEYS:

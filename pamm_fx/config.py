@@ -18,14 +18,17 @@ import json
 import math
 import os
 import types
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from fractions import Fraction
 from typing import Any
 
-import torch
+from pamm_fx import estimators
+from pamm_fx.estimators import Estimator
+from pamm_fx.kernels.lowbit import BITS
+from pamm_fx.ops.compress import Generators
 
-__all__ = ["num_generators", "PammConfig", "AUTO_ESTIMATOR", "BITS", "DEFAULT_BITS", "ESTIMATORS", "SITES",
-           "SITE_FAMILIES", "SAVED_MODES", "TARGETS", "OPTIONS", "defaults", "resolve"]
+__all__ = ["PammConfig", "check_option_names", "AUTO_ESTIMATOR", "BITS", "DEFAULT_BITS", "DEFAULT_ESTIMATOR",
+           "ESTIMATORS", "SITES", "SITE_FAMILIES", "SAVED_MODES", "TARGETS", "OPTIONS", "defaults", "resolve"]
 
 #: The site a projection is classified as (:mod:`pamm_fx.passes.structure`): attention's Q/K/V
 #: projections, attention's output projection, an MLP's up/gate and down projections, a head
@@ -37,22 +40,24 @@ SITE_FAMILIES = {"mlp": ("mlp_up", "mlp_down"), "all": SITES}
 #: MLP sites), ``"all"`` (every trainable linear; in a dict, every site not named otherwise) or ``"none"``
 #: (no projection is rewritten: for ``saved`` alone, which compresses what the partitioner keeps).
 TARGETS = ("qkv", "attn_out", "mlp", "mlp_up", "mlp_down", "head", "other", "all", "none")
-#: Weight-gradient estimators of a group: ``"pamm"`` (the paper: dW = B~^T C, biased), ``"pamm_sr"`` (PAMM
-#: plus the residual X - X~ at ``bits`` bits with stochastic rounding: unbiased given C) and ``"sr"`` (no
-#: generators: X alone at ``bits`` bits with stochastic rounding, dW = dY^T deq(q(X)), unbiased).
-ESTIMATORS = ("pamm", "pamm_sr", "sr")
+#: Weight-gradient estimators of a group, by name (:mod:`pamm_fx.estimators`, where each is defined):
+#: ``"pamm"`` (the paper: dW = B~^T C, biased), ``"pamm_sr"`` (PAMM plus the residual X - X~ at ``bits`` bits
+#: with stochastic rounding: unbiased given C) and ``"sr"`` (no generators: X alone at ``bits`` bits with
+#: stochastic rounding, dW = dY^T deq(q(X)), unbiased).
+ESTIMATORS = estimators.names()
+#: The estimator of every group the ``estimator`` option does not name otherwise.
+DEFAULT_ESTIMATOR = "pamm"
 #: What ``estimator="auto"`` means: PAMM at attention's Q/K/V, X at 8 bits everywhere else: a little less
 #: saved than ``"sr"`` everywhere, at a step time within noise of it, but it keeps PAMM's biased q/k/v
 #: gradient, which moved a proxy's loss by up to 3.6% in either direction (docs/estimator_study.md, round 2);
-#: ``"sr"`` is the recommendation for ``targets="all"``. Read only through :meth:`PammConfig.site_estimator`.
+#: ``"sr"`` is the recommendation for ``targets="all"``. Resolved per site into :attr:`PammConfig.sites`.
 AUTO_ESTIMATOR: Mapping[str, str] = types.MappingProxyType({"qkv": "pamm", "all": "sr"})
 #: Values of ``saved``: the partitioner's saved tensors kept as they are, those read only for weight
 #: gradients at ``saved_bits``, or every saved activation at ``saved_bits`` (dX approximate).
 SAVED_MODES = ("exact", "wgrad", "all")
-#: Valid ``bits``: a whole number of codes per byte.
-BITS = (2, 4, 8)
-#: ``bits`` when the option is None, per estimator that keeps a quantized payload.
-DEFAULT_BITS: Mapping[str, int] = types.MappingProxyType({"pamm_sr": 4, "sr": 8})
+#: ``bits`` when the option is None, per estimator that keeps a low-bit payload (each estimator's own default).
+DEFAULT_BITS: Mapping[str, int] = types.MappingProxyType(
+    {name: cls.default_bits for name, cls in estimators.REGISTRY.items() if cls.default_bits is not None})
 
 # Ratios are kept as exact fractions p/q so that k = ceil(p*b/q) is integer
 # arithmetic on (possibly symbolic) b; floats like 1/3 are snapped to the nearest
@@ -153,18 +158,6 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return value
 
 
-def num_generators(b: Any, ratio_num: int, ratio_den: int, min_generators: int, min_tokens: int = 1) -> Any:
-    """k for b rows: b (exact) when b < min_tokens, else min(b, max(min_generators, ceil(ratio * b))).
-
-    b may be an int or a SymInt. The "stay exact below min_tokens" branch is integer arithmetic
-    (``b // min_tokens`` is 0 exactly when b < min_tokens), so on a SymInt it is part of the symbolic
-    k rather than a guard: a graph compiled for dynamic sizes takes the decision again on every call.
-    """
-    k = (ratio_num * b + ratio_den - 1) // ratio_den
-    below = b - b * torch.sym_min(1, b // min_tokens)  # b if b < min_tokens else 0
-    return torch.sym_min(b, torch.sym_max(torch.sym_max(min_generators, k), below))
-
-
 @dataclasses.dataclass(frozen=True)
 class PammConfig:
     """Options of the PAMM rewrite.
@@ -194,8 +187,7 @@ class PammConfig:
         stochastic rounding and adds dY^T deq(R), so dW is unbiased given C, for ceil(n * bits / 8)
         + 8 more bytes per row of X; ``"sr"`` keeps X alone at ``bits`` bits (ceil(n * bits / 8) + 8
         bytes per row, no generators), dW = dY^T deq(q(X)), unbiased. Both quantized estimators
-        cost plain's weight-gradient FLOPs (docs/options.md). Read per group with
-        :meth:`site_estimator` only.
+        cost plain's weight-gradient FLOPs (docs/options.md). Resolved per site into ``sites``.
     bits: bits per element of the quantized payload (the residual under ``"pamm_sr"``, X under
         ``"sr"``), one of :data:`BITS`; None takes each estimator's :data:`DEFAULT_BITS`.
     saved: what happens to the tensors the partitioner keeps for the backward, after it has chosen them
@@ -203,6 +195,11 @@ class PammConfig:
         parameters' weight gradients at ``saved_bits`` with stochastic rounding (dX exact); ``"all"``
         keeps every saved activation so, dX included (dX becomes approximate, unbiased).
     saved_bits: bits per element under ``saved``, one of :data:`BITS`.
+
+    The fields above are the options as the user spelled them, validated (reports and reasons print them so).
+    Two fields are derived from them once, here, and are what everything below the config reads:
+    ``ratio_fraction`` (the ratio as the exact fraction p/q) and ``sites``, each site's
+    :class:`~pamm_fx.estimators.Estimator` at its ratio, or None where the site is not a target.
     """
 
     ratio: float = 1 / 64
@@ -211,17 +208,21 @@ class PammConfig:
     min_tokens: int = 128
     min_generators: int = 256
     targets: str | tuple[tuple[str, float | None], ...] = "qkv"
-    estimator: str | tuple[tuple[str, str], ...] = "pamm"
+    estimator: str | tuple[tuple[str, str], ...] = DEFAULT_ESTIMATOR
     bits: int | None = None
     saved: str = "exact"
     saved_bits: int = 8
+    #: The ratio as p/q, the one form of a ratio from here down (plan, group, op emission); only the op's
+    #: schema splits it into two ints. ``ratio`` keeps the float users passed and see.
+    ratio_fraction: Fraction = dataclasses.field(init=False, repr=False, compare=False)
+    #: Each site's estimator at its ratio (None: not a target), resolved from ``targets``, ``estimator`` and
+    #: the other options once: what groups carry.
+    sites: Mapping[str, Estimator | None] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         frac = _parse_ratio(self.ratio)
         object.__setattr__(self, "ratio", float(frac))
-        # The one form of a ratio from here down (plan, group, op emission): a Fraction, made once. The
-        # fields keep the float users passed and see; only the op's schema splits p/q into two ints.
-        object.__setattr__(self, "_fraction", frac)
+        object.__setattr__(self, "ratio_fraction", frac)
         if self.seed is not None:
             _check_int("seed", self.seed, 0)
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or math.isnan(self.eps):
@@ -240,38 +241,32 @@ class PammConfig:
             raise ValueError(f"pamm option 'saved' must be one of {list(SAVED_MODES)}, got {self.saved!r}")
         if type(self.saved_bits) is not int or self.saved_bits not in BITS:
             raise ValueError(f"pamm option 'saved_bits' must be one of {list(BITS)}, got {self.saved_bits!r}")
-        named = {self.targets: None} if isinstance(self.targets, str) else dict(self.targets)
-        object.__setattr__(self, "_site_fractions", {
-            site: frac if r is None else Fraction(r).limit_denominator(_MAX_DENOMINATOR) for site, r in named.items()})
+        object.__setattr__(self, "sites", types.MappingProxyType({site: self._resolve(site) for site in SITES}))
 
-    @property
-    def ratio_fraction(self) -> Fraction:
-        """The ratio as p/q, the form the plan and the graph carry."""
-        return self._fraction  # type: ignore[attr-defined]
+    def _resolve(self, site: str) -> Estimator | None:
+        """``site``'s estimator at its ratio: the most specific name of ``targets`` (``{"all": 1/64, "mlp": 1/16,
+        "mlp_down": 1/4}``) and of ``estimator`` (``"auto"`` is :data:`AUTO_ESTIMATOR`; a site a dict does not
+        cover takes :data:`DEFAULT_ESTIMATOR`); None where the site is not a target."""
+        named = {self.targets: None} if isinstance(self.targets, str) else dict(self.targets)
+        fractions = {name: self.ratio_fraction if r is None else Fraction(r).limit_denominator(_MAX_DENOMINATOR)
+                     for name, r in named.items()}
+        ratio = _most_specific(fractions, site)
+        if ratio is None:
+            return None
+        est = self.estimator
+        name = est if isinstance(est, str) and est != "auto" else \
+            _most_specific(AUTO_ESTIMATOR if est == "auto" else dict(est), site) or DEFAULT_ESTIMATOR
+        return estimators.REGISTRY[name].at(ratio, {f: getattr(self, f) for f in OPTIONS})
+
+    def estimator_at(self, site: str) -> Estimator | None:
+        """The estimator of groups of ``site`` (one of :data:`SITES`) at its ratio, or None where the site is
+        not a target."""
+        return self.sites[site]
 
     def site_ratio(self, site: str) -> Fraction | None:
-        """The ratio for groups of ``site`` (one of :data:`SITES`), or None where it is not a target.
-
-        The most specific name wins: ``{"all": 1/64, "mlp": 1/16, "mlp_down": 1/4}``.
-        """
-        return _most_specific(self._site_fractions, site)  # type: ignore[attr-defined]
-
-    def site_estimator(self, site: str) -> str:
-        """The estimator (one of :data:`ESTIMATORS`) of groups of ``site``: the one place it is resolved.
-
-        ``"auto"`` is :data:`AUTO_ESTIMATOR`; in a dict the most specific name wins, as in :meth:`site_ratio`,
-        and a site it does not cover takes ``"pamm"``.
-        """
-        est = self.estimator
-        if isinstance(est, str) and est != "auto":
-            return est
-        return _most_specific(AUTO_ESTIMATOR if est == "auto" else dict(est), site) or "pamm"
-
-    def estimator_bits(self, estimator: str) -> int | None:
-        """Bits of ``estimator``'s quantized payload (``bits``, else its default); None for ``"pamm"``."""
-        if estimator not in DEFAULT_BITS:
-            return None
-        return self.bits if self.bits is not None else DEFAULT_BITS[estimator]
+        """The ratio for groups of ``site``, or None where it is not a target."""
+        est = self.sites[site]
+        return est.ratio if est is not None else None
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> PammConfig:
@@ -282,16 +277,26 @@ class PammConfig:
         return cls(**_checked_names(options))
 
     def num_generators(self, b: int, site: str | None = None) -> int:
-        """k for b rows at ``site``'s ratio (the formula the graph evaluates on SymInts)."""
-        return self.generators_at(b, (self.site_ratio(site) if site is not None else None) or self.ratio_fraction)
+        """k for b rows at ``site``'s ratio (the global ratio where there is none), by the one formula
+        (:class:`~pamm_fx.ops.compress.Generators`, which the graph evaluates on SymInts)."""
+        ratio = (self.site_ratio(site) if site is not None else None) or self.ratio_fraction
+        return Generators(ratio, self.min_generators, self.min_tokens).k(b)
 
-    def generators_at(self, b: Any, ratio: Fraction) -> Any:
-        """k for b rows at ``ratio`` (a group's), with this config's floors."""
-        return num_generators(b, ratio.numerator, ratio.denominator, self.min_generators, self.min_tokens)
+    def options(self) -> dict[str, Any]:
+        """The options as fields, in :data:`OPTIONS` order (the derived fields left out)."""
+        return {name: getattr(self, name) for name in OPTIONS}
 
 
 #: The option names, in PammConfig field order; ``PAMM_<NAME.upper()>`` sets each from the environment.
-OPTIONS = tuple(f.name for f in dataclasses.fields(PammConfig))
+OPTIONS = tuple(f.name for f in dataclasses.fields(PammConfig) if f.init)
+
+
+def check_option_names(names: Iterable[str], prefix: str = "", suffix: str = "") -> None:
+    """Raise ValueError naming every unknown option of ``names`` and the valid ones: the one check of a set of
+    option names, for ``options=`` and ``explain()`` alike (``prefix``/``suffix`` say who asks)."""
+    unknown = sorted(set(names) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"{prefix}unknown pamm option(s) {unknown}; valid options are {list(OPTIONS)}{suffix}")
 
 
 def _checked_names(options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -300,9 +305,7 @@ def _checked_names(options: Mapping[str, Any] | None) -> dict[str, Any]:
         return {}
     if not isinstance(options, Mapping):
         raise ValueError(f"pamm options must be a dict, got {type(options).__name__}")
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown pamm option(s) {unknown}; valid options are {list(OPTIONS)}")
+    check_option_names(options)
     return dict(options)
 
 

@@ -27,10 +27,11 @@ import os
 from torch import fx
 
 from pamm_fx import _compat
+from pamm_fx.names import BACKEND
 
 __all__ = ["ALIAS", "ARTIFACT", "ENV_VAR", "configure_from_env", "log_graphs"]
 
-ALIAS = "pamm"
+ALIAS = BACKEND
 ARTIFACT = "pamm_graphs"
 ENV_VAR = "PAMM_LOGS"
 

@@ -15,9 +15,13 @@ from typing import Any
 import torch
 from torch import fx
 
-from pamm_fx.passes.fxutil import row_slice
+from pamm_fx.fxutil import row_slice
 
-__all__ = ["param_name", "fmt_value"]
+__all__ = ["BACKEND", "param_name", "fmt_value"]
+
+#: The backend's name as users pass it (``torch.compile(model, backend="pamm")``, the entry point in
+#: pyproject.toml); also our key in Dynamo's counter table and our ``TORCH_LOGS`` alias.
+BACKEND = "pamm"
 
 _DTYPES = {
     torch.float32: "f32",

@@ -6,10 +6,19 @@
                               │
                               └──> explain() report, capture_rewrites() records, CLI, logs
 
-:func:`plan` copies the captured graph, normalizes the copy, finds candidates, runs the check
-table and fixes everything the rewrite will do (groups, salts, k as a formula, estimated bytes
-and FLOPs). :func:`apply` carries it out on another copy. Nothing else matches or rewrites,
-so what ``explain()`` prints is what the backend does.
+:func:`plan` copies the captured graph and runs the passes on the copy, in this order (each in its own
+module, none importing a later one):
+
+1. :func:`~pamm_fx.passes.mha.decompose_attention`: ``nn.MultiheadAttention``'s opaque call written out;
+2. :func:`~pamm_fx.passes.normalize.normalize_linears`: every projection as ``linear(x, w, b)``;
+3. :func:`~pamm_fx.passes.unrecognised.unrecognised_products`: a scan naming parameters read in any
+   other form (changes nothing);
+4. :func:`~pamm_fx.passes.match.find_groups`: candidates (:mod:`~pamm_fx.passes.structure`), the check
+   table (:mod:`~pamm_fx.passes.checks`), groups;
+
+then fixes everything the rewrite will do (groups, salts, k as a formula, estimated bytes and FLOPs).
+:func:`apply` carries it out on another copy (5. :func:`~pamm_fx.passes.rewrite.rewrite_groups`).
+Nothing else matches or rewrites, so what ``explain()`` prints is what the backend does.
 """
 
 from __future__ import annotations
@@ -25,13 +34,14 @@ from torch import fx
 
 from pamm_fx import _compat, seed
 from pamm_fx.config import PammConfig
-from pamm_fx.kernels.residual import payload_bytes_per_row
+from pamm_fx.fxutil import copy_graph_module, hint, is_parameter, is_static, requires_grad, rows, val
 from pamm_fx.names import fmt_value
-from pamm_fx.passes.checks import is_parameter, kept_bytes_per_row, requires_grad
-from pamm_fx.passes.fxutil import hint, is_static, rows, val
-from pamm_fx.passes.match import Group, Rejection, find_groups
+from pamm_fx.passes.categories import Rejection
+from pamm_fx.passes.match import Group, find_groups
+from pamm_fx.passes.mha import decompose_attention
 from pamm_fx.passes.normalize import normalize_linears
-from pamm_fx.passes.rewrite import copy_graph_module, rewrite_groups
+from pamm_fx.passes.rewrite import rewrite_groups
+from pamm_fx.passes.unrecognised import unrecognised_products
 
 __all__ = ["Estimate", "Plan", "apply", "plan", "salt_base"]
 
@@ -42,12 +52,11 @@ log = logging.getLogger(__name__)
 class Estimate:
     """What a group changes, at the example sizes (``dynamic``: b differs from call to call).
 
-    Saved for backward: X (b x n) before; C (k x n), f (b, int32), alpha (b, fp32) after, plus
-    ``residual_bytes`` under ``estimator="pamm_sr"`` (packed codes, lo and scale per row); under
-    ``"sr"`` only ``residual_bytes`` (the packed X, lo and scale; k = 0, no generators).
-    Weight-gradient FLOPs: dW = dY^T X, 2*b*n*m before; B~ = P^T dY (b*m adds) then B~^T C after,
-    or under ``pamm_sr`` / ``sr`` dY^T X^ (2*b*n*m, as before) on the reconstruction X^ = X~ + deq(R)
-    (X^ = deq(q(X)) under ``sr``).
+    Before: X (b x n) saved, dW = dY^T X in 2*b*n*m FLOPs. After: what the group's estimator says it keeps
+    (:meth:`~pamm_fx.estimators.Estimator.saved_bytes`: generators C (k x n) with f and alpha per row, a
+    low-bit payload of ``lowbit_bytes``, or both) and its weight-gradient FLOPs
+    (:meth:`~pamm_fx.estimators.Estimator.wgrad_flops`). ``k_formula`` is k as a report prints it: the
+    estimator's formula of b and its value here (:meth:`~pamm_fx.estimators.Estimator.k_text`).
     """
 
     b: int
@@ -61,7 +70,7 @@ class Estimate:
     saved_bytes_after: int
     wgrad_flops_before: int
     wgrad_flops_after: int
-    residual_bytes: int = 0
+    lowbit_bytes: int = 0
 
 
 @dataclasses.dataclass
@@ -108,24 +117,18 @@ class Plan:
         b = hint(b_sym)
         m = sum(p.out_features for p in group.projections)
         dtype = group.dtype  # plain saves X as its linears read it: cast to the compute dtype under autocast
-        frac, cfg = group.ratio, self.config
-        if group.estimator == "sr":
-            k, formula = 0, "no generators, k = 0"
-        else:
-            k = cfg.generators_at(b, frac)
-            formula = f"k = min(b, max({cfg.min_generators}, ceil(b*{frac})))"
-            if cfg.min_tokens > 1:
-                formula += f", b if b < {cfg.min_tokens}"
+        est = group.estimator
+        k = est.k(b)
         return Estimate(
             b=b, n=n, m=m, k=k,
             dynamic=not is_static(b_sym),
             b_expr=str(b_sym),
-            k_formula=formula,
+            k_formula=est.k_text(k),
             saved_bytes_before=b * n * dtype.itemsize,
-            saved_bytes_after=k * n * dtype.itemsize + b * kept_bytes_per_row(group.estimator, group.bits, n, dtype),
+            saved_bytes_after=est.saved_bytes(b, n, dtype),
             wgrad_flops_before=2 * b * n * m,
-            wgrad_flops_after=2 * b * n * m if group.bits is not None else 2 * k * n * m + 2 * b * m,
-            residual_bytes=b * payload_bytes_per_row(n, group.bits, dtype) if group.bits is not None else 0,
+            wgrad_flops_after=est.wgrad_flops(b, n, m),
+            lowbit_bytes=est.lowbit_bytes(b, n, dtype),
         )
 
 
@@ -146,21 +149,31 @@ def plan(gm: fx.GraphModule, example_inputs: Sequence[Any], config: PammConfig) 
     """
     del example_inputs  # shapes come from the nodes' example values
     work, _ = copy_graph_module(gm)
+    grad_enabled = torch.is_grad_enabled()
     result = Plan(gm, work, config, [], [], salt_base(), _compat.compile_id_text())
     try:  # every stage of planning, estimates included: never fail a user's compile because of us
+        with _compat.observe_pass(work, "pamm_decompose_attention"):
+            decompose_attention(work, grad_enabled)
         with _compat.observe_pass(work, "pamm_normalize_linears"):
             normalize_linears(work)
-        match = find_groups(work, config, grad_enabled=torch.is_grad_enabled())
+        unrecognised = unrecognised_products(work)
+        match = find_groups(work, config, grad_enabled)
+        rejections = [*unrecognised, *match.rejections]
+        for g in match.groups:
+            log.info("pamm %s group (%s): X=%s %s -> %s", g.site, g.estimator, g.x.name, fmt_value(val(g.x)),
+                     [p.weight_name for p in g.projections])
+        for r in rejections:
+            log.info("pamm leaves %s exact [%s]: %s", r.weight_name, r.category, r.reason)
         for g in match.groups:
             est = result.estimate(g)
             if est.dynamic:
                 log.info("pamm: X=%s %s has a dynamic row count b=%s: k is decided on every call (%s)",
-                         g.x.name, fmt_value(val(g.x)), est.b_expr, est.k_formula)
+                         g.x.name, fmt_value(val(g.x)), est.b_expr, g.estimator.k_formula())
     except Exception:
         log.warning("pamm: planning failed; compiling the captured graph untouched", exc_info=True)
         result.error = traceback.format_exc(limit=3).strip().splitlines()[-1]
         return result
-    result.groups, result.rejections = match.groups, match.rejections
+    result.groups, result.rejections = match.groups, rejections
     return result
 
 
@@ -170,5 +183,5 @@ def apply(p: Plan) -> fx.GraphModule | None:
     if not p.needs_seed:
         return None
     # Without groups only the seed is added: to the graph as captured (normalization is for matching).
-    return rewrite_groups(p.graph if p.groups else p.original, p.groups, p.config, salt_base=p.salt_base,
+    return rewrite_groups(p.graph if p.groups else p.original, p.groups, salt_base=p.salt_base,
                           seed_device=p.seed_device)

@@ -12,7 +12,7 @@ its recompute knapsack), so this runs right after it, as Inductor's own fp8 acti
     forward:  s = producer(...) ──> quantize(rows of s) ──> (q uint8, lo, scale) returned instead of s
     backward: placeholder q, lo, scale ──> s^ = lo + q * scale, reshaped ──> every use of s
 
-The format is the one ``estimator="sr"`` keeps X in (:mod:`pamm_fx.kernels.residual`): per row of the
+The format is the one ``estimator="sr"`` keeps X in (:mod:`pamm_fx.kernels.lowbit`): per row of the
 last dimension a float32 lo and scale, ``bits`` per element, rounded up or down at random with
 P(up) = the fraction, from a counter hash of the per-call seed, so E[s^] = s: every gradient that is
 linear in the saved tensor is unbiased. Both sides are whole-tensor aten ops traced into the graphs,
@@ -45,7 +45,8 @@ from torch import fx
 
 from pamm_fx import _compat
 from pamm_fx.config import SAVED_MODES
-from pamm_fx.kernels import residual as fmt
+from pamm_fx.kernels import lowbit as fmt
+from pamm_fx.ops.lowbit import quantize_rotated
 
 __all__ = ["MIN_ELEMENTS", "MIN_ROW", "ROW_MAX", "ROW_TARGET", "SavedChoice", "SavedPartitioner", "SavedPolicy",
            "compress_saved", "last_choices", "memory_order", "partition_choices", "row_width"]
@@ -80,7 +81,7 @@ _LOG_DOMAIN = {aten._log_softmax.default}
 @dataclasses.dataclass(frozen=True)
 class SavedPolicy:
     """What :func:`compress_saved` may compress: ``mode`` (one of :data:`SAVED_MODES` but ``"exact"``)
-    at ``bits`` per element (one of :data:`pamm_fx.kernels.residual.BITS`)."""
+    at ``bits`` per element (one of :data:`pamm_fx.kernels.lowbit.BITS`)."""
 
     mode: str
     bits: int
@@ -254,7 +255,7 @@ def row_width(v: torch.Tensor, order: list[int]) -> int | None:
 
 def _quantizer(bits: int, salt: int, order: list[int], n: int) -> Callable[..., Any]:
     def quantize(s: torch.Tensor, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return fmt.quantize_rotated(s.permute(order).reshape(-1, n), seed, salt, bits)
+        return quantize_rotated(s.permute(order).reshape(-1, n), seed, salt, bits)
 
     return quantize
 
@@ -269,7 +270,7 @@ def _decoder(bits: int, like: torch.Tensor, order: list[int], n: int, sym_inputs
     varying = [i for i, d in enumerate(shape) if not isinstance(d, int)]
 
     def decode(q: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, *sizes: Any) -> torch.Tensor:
-        deq = fmt.reconstruct_aten(q, lo, scale, None, None, None, bits, n, dtype)
+        deq = fmt.decode(q, lo, scale, n, bits, dtype)
         dims = list(shape)
         if sym_inputs:
             for i, size in zip(varying, sizes):
@@ -436,7 +437,7 @@ def compress_saved(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int,
                     env[view] = value
             target.replace_all_uses_with(value)
         bw.graph.erase_node(target)
-        after = _bytes(rv) // rv.element_size() // width * fmt.payload_bytes_per_row(width, policy.bits, rv.dtype)
+        after = _bytes(rv) // rv.element_size() // width * fmt.bytes_per_row(width, policy.bits, rv.dtype)
         choices.append(SavedChoice(node.name, tuple(v.shape), v.dtype, _bytes(rv) if first else 0,
                                    after if first else 0, True,
                                    f"{policy.bits} bits per element, per-row lo/scale, stochastic rounding", root.name))

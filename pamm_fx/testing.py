@@ -20,23 +20,23 @@ import operator
 import os
 import re
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import fx
 
 from pamm_fx import compiler as _backend
 from pamm_fx.capture import capture
 from pamm_fx.config import resolve
+from pamm_fx.explain import explain
+from pamm_fx.fxutil import val
 from pamm_fx.names import fmt_value, param_name
 from pamm_fx.ops.compress import parse as parse_compress
 from pamm_fx.ops.linear_group import parse as parse_linear_group
-from pamm_fx.ops.residual import QuantizeResidual
-from pamm_fx.ops.residual import parse as parse_residual
-from pamm_fx.passes.fxutil import val
+from pamm_fx.ops.lowbit import Quantize
+from pamm_fx.ops.lowbit import parse as parse_lowbit
 from pamm_fx.plan import Plan, apply
-
-if TYPE_CHECKING:
-    from pamm_fx.explain import ExplainReport
+from pamm_fx.report import ExplainReport
+from pamm_fx.snapshot import ACCEPT_ENV, check_plan, missing_groups, plan_text, short_names
 
 __all__ = [
     "RewriteRecord",
@@ -117,17 +117,18 @@ def _describe(record: RewriteRecord) -> str:
     names = canonical_names(graph)
     for node in graph.nodes:
         if (comp := parse_compress(node)) is not None:
+            gens = comp.generators
             lines.append(
-                f"compress({_arg(comp.x.args[0], names)}, ratio={comp.ratio.numerator}/{comp.ratio.denominator}, "
-                f"min_generators={comp.min_generators}, eps={comp.eps}) -> {fmt_value(val(node))}"
+                f"compress({_arg(comp.x.args[0], names)}, ratio={gens.ratio.numerator}/{gens.ratio.denominator}, "
+                f"min_generators={gens.min_generators}, eps={comp.eps}) -> {fmt_value(val(node))}"
             )
-        elif isinstance(quant := parse_residual(node), QuantizeResidual):
+        elif isinstance(quant := parse_lowbit(node), Quantize):
             base = "" if quant.c is not None else ", no base"
-            lines.append(f"quantize_residual({_arg(quant.x.args[0], names)}, bits={quant.bits}{base}) -> "
+            lines.append(f"quantize({_arg(quant.x.args[0], names)}, bits={quant.bits}{base}) -> "
                          f"{fmt_value(val(node))}")
         elif (group := parse_linear_group(node)) is not None:
-            residual = f", residual={group.residual.bits} bits" if group.residual is not None else ""
-            residual = residual if group.c is not None else f", X at {group.residual.bits} bits"
+            residual = f", residual={group.quantized.bits} bits" if group.quantized is not None else ""
+            residual = residual if group.c is not None else f", X at {group.quantized.bits} bits"
             lines.append(f"linear_group({_arg(group.x, names)}{residual})")
             outs = sorted((u for u in node.users if u.target is operator.getitem), key=lambda u: u.args[1])
             for w, b, out in zip(group.weights, group.biases, outs):
@@ -152,15 +153,6 @@ def describe_rewrites(model: Any, *inputs: Any, **options: Any) -> str:
     return "\n---\n".join(texts)
 
 
-def _plan_text(report: ExplainReport) -> str:
-    lines = [f"groups ({len(report.groups)}):"]
-    lines += [f"  [{g.key}] X {g.x_type}" for g in report.groups]
-    lines.append(f"left exact ({len(report.skipped)}):")
-    lines += [f"  {s.weight}: [{s.category}] {s.reason}" for s in report.skipped]
-    lines += [f"graph break: {b.reason} ({b.location})" for b in report.graph_breaks]
-    return "\n".join(lines)
-
-
 def assert_rewrites(
     model: Any,
     *inputs: Any,
@@ -174,28 +166,24 @@ def assert_rewrites(
     ``groups`` is a count, or the groups themselves as lists of weight names (which
     then names the groups that appeared or disappeared, with the reason for each).
     """
-    from pamm_fx.explain import explain, short_names, why_left_exact
-
     report = explain(model, *inputs, **options)
     problems: list[str] = []
     if isinstance(groups, int):
         if len(report.groups) != groups:
             problems.append(f"expected {groups} group(s), got {len(report.groups)}")
     elif groups is not None:
-        want = {", ".join(g) for g in groups}
-        have = {g.key for g in report.groups}
+        want = {", ".join(g): list(g) for g in sorted(groups, key=", ".join)}
+        have = {g.key: [p.weight for p in g.projections] for g in sorted(report.groups, key=lambda g: g.key)}
         reasons = {s.weight: s.reason for s in report.skipped}
-        for key in sorted(want - have):
-            weights = key.split(", ")
-            why = why_left_exact(weights, reasons)
+        for _, weights, why in missing_groups(want, have, reasons):
             problems.append(f"group disappeared: {short_names(weights)}" + (f" (left exact: {why})" if why else ""))
-        problems += [f"group appeared: {short_names(key.split(', '))}" for key in sorted(have - want)]
+        problems += [f"group appeared: {short_names(weights)}" for _, weights, _ in missing_groups(have, want, {})]
     if skipped is not None and len(report.skipped) != skipped:
         problems.append(f"expected {skipped} linear(s) left exact, got {len(report.skipped)}")
     if graph_breaks is not None and len(report.graph_breaks) != graph_breaks:
         problems.append(f"expected {graph_breaks} graph break(s), got {len(report.graph_breaks)}")
     if problems:
-        raise AssertionError("pamm rewrite plan differs:\n  " + "\n  ".join(problems) + "\n" + _plan_text(report))
+        raise AssertionError("pamm rewrite plan differs:\n  " + "\n  ".join(problems) + "\n" + plan_text(report))
     return report
 
 
@@ -203,8 +191,6 @@ def assert_plan_snapshot(
     model: Any, *inputs: Any, expected: str | os.PathLike[str], **options: Any
 ) -> ExplainReport:
     """Compare the rewrite plan with the JSON file ``expected``; ``PAMM_ACCEPT=1`` rewrites the file."""
-    from pamm_fx.explain import ACCEPT_ENV, check_plan, explain
-
     report = explain(model, *inputs, **options)
     changes = check_plan(report, expected)
     if changes:

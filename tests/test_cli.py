@@ -123,3 +123,15 @@ def test_checks_lists_every_category_once_with_its_rule(capsys: pytest.CaptureFi
     for check in PROJECTION_CHECKS + GROUP_CHECKS:
         (line,) = [ln for ln in out.splitlines() if ln.split()[:1] == [check.name]]
         assert line.endswith(check.doc)
+
+
+def test_checks_lists_the_categories_decided_outside_the_check_tables(capsys: pytest.CaptureFixture[str]) -> None:
+    """unrecognised (the scan), graph_break and rewrite_failed (explain) are declared with the checks' ones."""
+    from pamm_fx.passes.categories import CATEGORIES, GRAPH_BREAK, REWRITE_FAILED, UNRECOGNISED
+
+    assert main(["checks"]) == 0
+    out = capsys.readouterr().out
+    for category in (UNRECOGNISED, GRAPH_BREAK, REWRITE_FAILED):
+        (line,) = [ln for ln in out.splitlines() if ln.split()[:1] == [category.name]]
+        assert line.endswith(category.doc)
+    assert {ln.split()[0] for ln in out.splitlines() if ln.startswith("  ")} == set(CATEGORIES)

@@ -25,7 +25,7 @@ import pamm_fx
 import pamm_fx.ops  # registers the ops
 from pamm_fx.compiler import PammBackend, decompositions
 from pamm_fx.config import PammConfig, resolve
-from pamm_fx.kernels import residual as residual_kernels
+from pamm_fx.kernels import lowbit
 from pamm_fx.testing import describe_rewrites
 
 D, HEADS = 16, 2
@@ -68,7 +68,7 @@ def _grads(compiled: nn.Module, model: nn.Module, x: Tensor) -> dict[str, Tensor
 
 
 def _quantize(x: Tensor, c: Tensor, f: Tensor, alpha: Tensor, seed: int = 5, salt: int = 0, bits: int = 4):
-    return torch.ops.pamm.quantize_residual(x, c, f, alpha, torch.tensor(seed), salt, bits)
+    return torch.ops.pamm.quantize(x, c, f, alpha, torch.tensor(seed), salt, bits)
 
 
 def _compressed(x: Tensor, den: int = 6) -> tuple[Tensor, Tensor, Tensor]:
@@ -80,7 +80,7 @@ def _compressed(x: Tensor, den: int = 6) -> tuple[Tensor, Tensor, Tensor]:
 
 def test_estimator_options_are_validated_and_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = PammConfig()
-    assert (cfg.estimator, cfg.bits, cfg.estimator_bits("pamm_sr")) == ("pamm", None, 4)
+    assert (cfg.estimator, cfg.bits, PammConfig(estimator="pamm_sr").estimator_at("qkv").bits) == ("pamm", None, 4)
     with pytest.raises(ValueError, match=r"'estimator' must be one of \['pamm', 'pamm_sr', 'sr', 'auto'\]"):
         PammConfig(estimator="sr8")
     for bad in (3, 4.0, True, "4"):
@@ -89,7 +89,7 @@ def test_estimator_options_are_validated_and_read_from_the_environment(monkeypat
     monkeypatch.setenv("PAMM_ESTIMATOR", "pamm_sr")
     monkeypatch.setenv("PAMM_BITS", "2")
     cfg = resolve({})
-    assert (cfg.estimator, cfg.bits, cfg.estimator_bits("pamm_sr")) == ("pamm_sr", 2, 2)
+    assert (cfg.estimator, cfg.bits, cfg.estimator_at("qkv").bits) == ("pamm_sr", 2, 2)
     monkeypatch.setenv("PAMM_BITS", "5")
     with pytest.raises(ValueError, match="PAMM_BITS"):
         resolve({})
@@ -104,20 +104,20 @@ def test_opcheck_residual_ops_and_linear_group_with_a_residual(shape: tuple[int,
     n = shape[-1]
     x = torch.randn(shape, dtype=dtype, requires_grad=True)
     c, f, alpha = _compressed(x)
-    for bits in residual_kernels.BITS:
-        opcheck(torch.ops.pamm.quantize_residual.default, (x.detach(), c, f, alpha, torch.tensor(3), 1, bits))
-    opcheck(torch.ops.pamm.quantize_residual.default, (x, c, f, alpha, torch.tensor(3), 1, 2))
+    for bits in lowbit.BITS:
+        opcheck(torch.ops.pamm.quantize.default, (x.detach(), c, f, alpha, torch.tensor(3), 1, bits))
+    opcheck(torch.ops.pamm.quantize.default, (x, c, f, alpha, torch.tensor(3), 1, 2))
     q, lo, scale = _quantize(x.detach(), c, f, alpha, bits=2)
     dy = torch.randn(math.prod(shape[:-1]), 5, dtype=dtype)
     for out_dtype in (dtype, torch.float32):
-        opcheck(torch.ops.pamm.residual_weight_grad.default, (dy, q, lo, scale, c, f, alpha, 2, n, out_dtype))
+        opcheck(torch.ops.pamm.dequant_weight_grad.default, (dy, q, lo, scale, c, f, alpha, 2, n, out_dtype))
     weights = [torch.randn(16, n, dtype=dtype, requires_grad=True), torch.randn(8, n, dtype=dtype, requires_grad=True)]
     bias = torch.randn(8, dtype=dtype, requires_grad=True)
     opcheck(torch.ops.pamm.linear_group.default, (x, weights, [bias], [False, True], c, f, alpha, q, lo, scale, 2))
 
 
 def test_backward_adds_the_dequantized_residual_to_pamm() -> None:
-    """dW_j = B~_j^T C + dY_j^T deq(q(R)) (formed as dY_j^T X^ by ``pamm::residual_weight_grad``, never
+    """dW_j = B~_j^T C + dY_j^T deq(q(R)) (formed as dY_j^T X^ by ``pamm::dequant_weight_grad``, never
     reconstructing X^), for exactly the projections that need it; dX and db exact."""
     torch.manual_seed(0)
     x = torch.randn(2, 30, 12, requires_grad=True)
@@ -128,10 +128,10 @@ def test_backward_adds_the_dequantized_residual_to_pamm() -> None:
     q, k = torch.ops.pamm.linear_group(x, [wq, wk], [bk], [False, True], c, f, alpha, q_, lo, scale, 4)
     gq, gk = torch.randn_like(q), torch.randn_like(k)
     torch.autograd.backward([q, k], [gq, gk])
-    deq = residual_kernels.dequantize_reference(q_, lo, scale, 12, 4, torch.float32)
+    deq = lowbit.decode(q_, lo, scale, 12, 4, torch.float32)
     x_tilde = alpha[:, None] * c[f.long()]
     torch.testing.assert_close(wq.grad, gq.reshape(-1, 8).T @ (x_tilde + deq))
-    dw = torch.ops.pamm.residual_weight_grad(gq.reshape(-1, 8), q_, lo, scale, c, f, alpha, 4, 12, torch.float32)
+    dw = torch.ops.pamm.dequant_weight_grad(gq.reshape(-1, 8), q_, lo, scale, c, f, alpha, 4, 12, torch.float32)
     torch.testing.assert_close(dw, wq.grad, rtol=0, atol=0)
     assert wk.grad is None
     torch.testing.assert_close(x.grad, gq @ wq + gk @ wk)
@@ -152,8 +152,8 @@ def test_flop_formulas_price_the_residual_ops() -> None:
         (y,) = torch.ops.pamm.linear_group(x, [w], [], [False], c, f, alpha, q, lo, scale, 4)
         y.sum().backward()
     flops = {str(op): v for op, v in counter.get_flop_counts()["Global"].items()}
-    assert flops["pamm.quantize_residual"] == 4 * b * n
-    assert flops["pamm.residual_weight_grad"] == 2 * b * m * n + 4 * b * n
+    assert flops["pamm.quantize"] == 4 * b * n
+    assert flops["pamm.dequant_weight_grad"] == 2 * b * m * n + 4 * b * n
     assert "pamm.contract" not in flops  # pamm_sr's weight gradient is one GEMM on X^, no contraction
 
 
@@ -164,7 +164,7 @@ class TestGoldenRewrite(TestCase):
     def test_the_residual_is_quantized_between_compress_and_linear_group(self) -> None:
         self.assertExpectedInline(describe_rewrites(_model(), _batch(), **SR, bits=2), """\
 compress(h: f32[2, 40, 16], ratio=1/8, min_generators=1, eps=inf) -> (f32[10, 16], i32[80], f32[80])
-quantize_residual(h: f32[2, 40, 16], bits=2) -> (u8[80, 4], f32[80], f32[80])
+quantize(h: f32[2, 40, 16], bits=2) -> (u8[80, 4], f32[80], f32[80])
 linear_group(h: f32[2, 40, 16], residual=2 bits)
   q.weight + q.bias -> f32[2, 40, 16] -> unflatten
   k.weight + k.bias -> f32[2, 40, 16] -> unflatten_1
@@ -172,7 +172,7 @@ linear_group(h: f32[2, 40, 16], residual=2 bits)
 untouched o.weight: output does not feed attention (targets='qkv')""")
 
     def test_plain_pamm_has_no_residual(self) -> None:
-        assert "quantize_residual" not in describe_rewrites(_model(), _batch(), **{**SR, "estimator": "pamm"})
+        assert "quantize" not in describe_rewrites(_model(), _batch(), **{**SR, "estimator": "pamm"})
 
 
 def test_explain_counts_the_residual_bytes_and_flops() -> None:
@@ -240,7 +240,7 @@ def test_dynamic_sizes_keep_the_residual_on_every_call() -> None:
         for b, t in [(2, 40), (3, 17), (4, 9)]:
             grads = _grads(compiled, model, torch.randn(b, t, D, generator=torch.Generator().manual_seed(t)))
             assert torch.isfinite(grads["q.weight"]).all()
-    assert len(records) == 1 and "quantize_residual(h: f32[s" in records[0].summary
+    assert len(records) == 1 and "quantize(h: f32[s" in records[0].summary
 
 
 def test_frozen_projection_gets_no_gradient_and_nan_is_never_hidden() -> None:
@@ -284,7 +284,7 @@ def test_a_pamm_sr_step_never_syncs_with_the_host(decomposed: bool) -> None:
 
         step()  # compile outside the profile
     assert records[0].rewritten is not None
-    assert not decomposed or ("amin" in graphs[0] and "quantize_residual" not in graphs[0])
+    assert not decomposed or ("amin" in graphs[0] and "pamm.quantize" not in graphs[0])
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         step()
     assert [e.name for e in prof.events() if e.name in SYNC_EVENTS or "DtoH" in e.name] == []
@@ -311,7 +311,7 @@ def test_the_partitioner_saves_the_payload_and_never_quantizes_again_under_a_mem
     forward, backward = graphs
     assert "amin" in forward and "amax" in forward  # the row range of R, visible to Inductor
     assert "amin" not in backward, "the backward quantizes again"
-    assert "residual_weight_grad" not in backward and "bitwise_and" in backward  # unpacked by the aten form
+    assert "dequant_weight_grad" not in backward and "bitwise_and" in backward  # unpacked by the aten form
 
 
 def test_the_payload_is_tagged_must_save_for_the_partitioner() -> None:
@@ -322,7 +322,7 @@ def test_the_payload_is_tagged_must_save_for_the_partitioner() -> None:
 
     x = _batch().reshape(-1, D)
     c, f, alpha = _compressed(x, den=8)
-    gm = make_fx(lambda x, seed: torch.ops.pamm.quantize_residual(x, c, f, alpha, seed, 1, 4),
+    gm = make_fx(lambda x, seed: torch.ops.pamm.quantize(x, c, f, alpha, seed, 1, 4),
                  decomposition_table=decompositions())(x, torch.tensor(3))
     (output,) = gm.graph.find_nodes(op="output")
     producers = output.args[0]
@@ -337,8 +337,8 @@ def test_inductor_compiles_the_aten_forms_to_the_eager_ops_results() -> None:
     dy = torch.randn(x.shape[0], 6)
 
     def roundtrip(x: Tensor, seed: Tensor) -> tuple[Tensor, ...]:
-        q, lo, scale = torch.ops.pamm.quantize_residual(x, c, f, alpha, seed, 2, 4)
-        return q, lo, scale, torch.ops.pamm.residual_weight_grad(dy, q, lo, scale, c, f, alpha, 4, D, x.dtype)
+        q, lo, scale = torch.ops.pamm.quantize(x, c, f, alpha, seed, 2, 4)
+        return q, lo, scale, torch.ops.pamm.dequant_weight_grad(dy, q, lo, scale, c, f, alpha, 4, D, x.dtype)
 
     seed = torch.tensor(9)
     compiled = torch.compile(roundtrip, backend="inductor", fullgraph=True)(x, seed)

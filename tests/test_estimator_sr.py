@@ -4,7 +4,7 @@ per-site estimator choice (``{"qkv": "pamm", "all": "sr"}``, ``"auto"``).
 The option (resolution per site, errors, environment), the ops without a PAMM base (opcheck, the backward's
 formula, flops), the plan (explain's bytes, the size checks), and the training step: exact at ratio 1,
 unbiased weight gradients, None grads stay None, NaN propagates, float64, no host sync, and one Inductor step.
-Reference vs Triton for the no-base kernels is in tests/test_residual_kernels.py; the golden rewrite of a
+Reference vs Triton for the no-base kernels is in tests/test_lowbit_kernels.py; the golden rewrite of a
 mixed model in tests/test_golden.py.
 """
 
@@ -22,7 +22,7 @@ import pamm_fx
 import pamm_fx.ops  # registers the ops
 from pamm_fx.config import AUTO_ESTIMATOR, OPTIONS, SITES, PammConfig, defaults, resolve
 from pamm_fx.explain import ExplainReport
-from pamm_fx.kernels import residual as residual_kernels
+from pamm_fx.kernels import lowbit
 from pamm_fx.testing import describe_rewrites
 
 D, HEADS = 16, 2
@@ -80,27 +80,33 @@ def _plain(model: nn.Module, x: Tensor) -> dict[str, Tensor | None]:
 # --- the option ----------------------------------------------------------------------------------------------
 
 
+def _site_estimator(cfg: PammConfig, site: str) -> str:
+    """The name of the estimator ``cfg`` resolved for ``site`` (a target)."""
+    return cfg.estimator_at(site).name
+
+
 def test_site_estimator_most_specific_name_wins() -> None:
-    cfg = PammConfig(estimator={"all": "sr", "mlp": "pamm_sr", "mlp_down": "pamm", "qkv": "pamm"})
-    assert {s: cfg.site_estimator(s) for s in SITES} == {
+    cfg = PammConfig(targets="all", estimator={"all": "sr", "mlp": "pamm_sr", "mlp_down": "pamm", "qkv": "pamm"})
+    assert {s: _site_estimator(cfg, s) for s in SITES} == {
         "qkv": "pamm", "attn_out": "sr", "mlp_up": "pamm_sr", "mlp_down": "pamm", "head": "sr", "other": "sr"}
     assert cfg.estimator == (("all", "sr"), ("mlp", "pamm_sr"), ("mlp_down", "pamm"), ("qkv", "pamm"))
-    assert hash(cfg) == hash(PammConfig(estimator=dict(reversed(dict(cfg.estimator).items()))))
-    partial = PammConfig(estimator={"mlp": "sr"})  # a site the dict does not cover takes "pamm"
-    assert [partial.site_estimator(s) for s in ("mlp_up", "mlp_down", "qkv", "head")] == ["sr", "sr", "pamm", "pamm"]
-    auto = PammConfig(estimator="auto")
+    assert hash(cfg) == hash(PammConfig(targets="all", estimator=dict(reversed(dict(cfg.estimator).items()))))
+    partial = PammConfig(targets="all", estimator={"mlp": "sr"})  # a site the dict does not cover takes "pamm"
+    assert [_site_estimator(partial, s) for s in ("mlp_up", "mlp_down", "qkv", "head")] == ["sr", "sr", "pamm", "pamm"]
+    auto = PammConfig(targets="all", estimator="auto")
     assert auto.estimator == "auto"
-    assert all(auto.site_estimator(s) == PammConfig(estimator=dict(AUTO_ESTIMATOR)).site_estimator(s) for s in SITES)
-    assert [auto.site_estimator(s) for s in SITES] == ["pamm", "sr", "sr", "sr", "sr", "sr"]
-    assert all(PammConfig(estimator="sr").site_estimator(s) == "sr" for s in SITES)
-    assert PammConfig().site_estimator("mlp_up") == "pamm"
+    assert all(auto.estimator_at(s) == PammConfig(targets="all", estimator=dict(AUTO_ESTIMATOR)).estimator_at(s)
+               for s in SITES)
+    assert [_site_estimator(auto, s) for s in SITES] == ["pamm", "sr", "sr", "sr", "sr", "sr"]
+    assert all(_site_estimator(PammConfig(targets="all", estimator="sr"), s) == "sr" for s in SITES)
+    assert _site_estimator(PammConfig(targets="all"), "mlp_up") == "pamm"
+    assert PammConfig().estimator_at("mlp_up") is None  # not a target
 
 
 def test_bits_default_per_estimator() -> None:
-    cfg = PammConfig()
-    assert [cfg.estimator_bits(e) for e in ("pamm", "pamm_sr", "sr")] == [None, 4, 8]
-    cfg = PammConfig(bits=2)
-    assert [cfg.estimator_bits(e) for e in ("pamm", "pamm_sr", "sr")] == [None, 2, 2]
+    assert [PammConfig(estimator=e).estimator_at("qkv").bits for e in ("pamm", "pamm_sr", "sr")] == [None, 4, 8]
+    assert [PammConfig(estimator=e, bits=2).estimator_at("qkv").bits for e in ("pamm", "pamm_sr", "sr")] == \
+        [None, 2, 2]
 
 
 @pytest.mark.parametrize("value,match", [
@@ -125,16 +131,17 @@ def test_estimator_from_the_environment_and_defaults(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("PAMM_ESTIMATOR", '{"qkv": "pamm", "all": "sr"}')
     monkeypatch.setenv("PAMM_BITS", "4")
     cfg = resolve({})
-    assert cfg.estimator == (("all", "sr"), ("qkv", "pamm")) and cfg.estimator_bits("sr") == 4
+    assert cfg.estimator == (("all", "sr"), ("qkv", "pamm")) and cfg.bits == 4
+    assert resolve({"targets": "all"}).estimator_at("head").bits == 4
     monkeypatch.setenv("PAMM_ESTIMATOR", "auto")
-    assert resolve({}).site_estimator("head") == "sr"
+    assert _site_estimator(resolve({"targets": "all"}), "head") == "sr"
     for text, match in [('{"qkv": "pam"}', "valid estimators in a dict"), ("{qkv: sr}", "must be one of")]:
         monkeypatch.setenv("PAMM_ESTIMATOR", text)
         with pytest.raises(ValueError, match=f"PAMM_ESTIMATOR.*{match}"):
             resolve({})
     monkeypatch.delenv("PAMM_ESTIMATOR")
     with defaults.patch(estimator={"mlp": "sr"}):
-        assert resolve({}).site_estimator("mlp_down") == "sr"
+        assert _site_estimator(resolve({"targets": "all"}), "mlp_down") == "sr"
 
 
 # --- the ops without a PAMM base ---------------------------------------------------------------------------------
@@ -146,11 +153,11 @@ def test_opcheck_ops_without_a_base(shape: tuple[int, ...], dtype: torch.dtype) 
     n = shape[-1]
     x = torch.randn(shape, dtype=dtype, requires_grad=True)
     seed = torch.tensor(3)
-    for bits in residual_kernels.BITS:
-        opcheck(torch.ops.pamm.quantize_residual.default, (x.detach(), None, None, None, seed, 1, bits))
-    q, lo, scale = torch.ops.pamm.quantize_residual(x.detach(), None, None, None, seed, 1, 8)
+    for bits in lowbit.BITS:
+        opcheck(torch.ops.pamm.quantize.default, (x.detach(), None, None, None, seed, 1, bits))
+    q, lo, scale = torch.ops.pamm.quantize(x.detach(), None, None, None, seed, 1, 8)
     dy = torch.randn(math.prod(shape[:-1]), 5, dtype=dtype)
-    opcheck(torch.ops.pamm.residual_weight_grad.default, (dy, q, lo, scale, None, None, None, 8, n, dtype))
+    opcheck(torch.ops.pamm.dequant_weight_grad.default, (dy, q, lo, scale, None, None, None, 8, n, dtype))
     weights = [torch.randn(16, n, dtype=dtype, requires_grad=True), torch.randn(8, n, dtype=dtype)]
     bias = torch.randn(8, dtype=dtype, requires_grad=True)
     opcheck(torch.ops.pamm.linear_group.default, (x, weights, [bias], [False, True], None, None, None, q, lo, scale, 8))
@@ -163,20 +170,20 @@ def test_linear_group_needs_a_payload() -> None:
 
 
 def test_backward_is_dy_t_times_the_dequantized_x() -> None:
-    """dW_j = dY_j^T deq(q(X)) (``pamm::residual_weight_grad``) for exactly the projections that need it; dX
+    """dW_j = dY_j^T deq(q(X)) (``pamm::dequant_weight_grad``) for exactly the projections that need it; dX
     and db exact; a projection whose output gets no gradient keeps None."""
     torch.manual_seed(0)
     x = torch.randn(2, 30, 12, requires_grad=True)
     wq, wk, wv = torch.randn(8, 12, requires_grad=True), torch.randn(4, 12), torch.randn(4, 12, requires_grad=True)
     bk = torch.randn(4, requires_grad=True)
-    q_, lo, scale = torch.ops.pamm.quantize_residual(x.detach(), None, None, None, torch.tensor(5), 0, 4)
+    q_, lo, scale = torch.ops.pamm.quantize(x.detach(), None, None, None, torch.tensor(5), 0, 4)
     q, k, v = torch.ops.pamm.linear_group(x, [wq, wk, wv], [bk], [False, True, False], None, None, None,
                                           q_, lo, scale, 4)
     gq, gk = torch.randn_like(q), torch.randn_like(k)
     torch.autograd.backward([q, k], [gq, gk])  # v unused
-    deq = residual_kernels.dequantize_reference(q_, lo, scale, 12, 4, torch.float32)
+    deq = lowbit.decode(q_, lo, scale, 12, 4, torch.float32)
     torch.testing.assert_close(wq.grad, gq.reshape(-1, 8).T @ deq)
-    dw = torch.ops.pamm.residual_weight_grad(gq.reshape(-1, 8), q_, lo, scale, None, None, None, 4, 12,
+    dw = torch.ops.pamm.dequant_weight_grad(gq.reshape(-1, 8), q_, lo, scale, None, None, None, 4, 12,
                                              torch.float32)
     torch.testing.assert_close(dw, wq.grad, rtol=0, atol=0)
     assert wk.grad is None and wv.grad is None
@@ -193,12 +200,12 @@ def test_flop_formulas_without_a_base() -> None:
     x = torch.randn(b, n, requires_grad=True)
     w = torch.randn(m, n, requires_grad=True)
     with FlopCounterMode(display=False) as counter:
-        q, lo, scale = torch.ops.pamm.quantize_residual(x.detach(), None, None, None, torch.tensor(1), 0, 8)
+        q, lo, scale = torch.ops.pamm.quantize(x.detach(), None, None, None, torch.tensor(1), 0, 8)
         (y,) = torch.ops.pamm.linear_group(x, [w], [], [False], None, None, None, q, lo, scale, 8)
         y.sum().backward()
     flops = {str(op): v for op, v in counter.get_flop_counts()["Global"].items()}
-    assert flops["pamm.quantize_residual"] == 2 * b * n
-    assert flops["pamm.residual_weight_grad"] == 2 * b * m * n + 2 * b * n
+    assert flops["pamm.quantize"] == 2 * b * n
+    assert flops["pamm.dequant_weight_grad"] == 2 * b * m * n + 2 * b * n
     assert "pamm.compress" not in flops and "pamm.contract" not in flops
 
 
@@ -301,7 +308,7 @@ def test_float64_step() -> None:
     torch._dynamo.reset()
     with pamm_fx.testing.capture_rewrites() as records:
         got = _grads(torch.compile(model, backend="pamm_aot_eager", options=SR), model, x)
-    assert "quantize_residual(h: f64[2, 40, 16], bits=8, no base) -> (u8[80, 16], f64[80], f64[80])" in \
+    assert "quantize(h: f64[2, 40, 16], bits=8, no base) -> (u8[80, 16], f64[80], f64[80])" in \
         records[0].summary
     for name in ("q.weight", "up.weight", "down.weight"):
         assert got[name].dtype == torch.float64
@@ -316,7 +323,7 @@ def test_dynamic_sizes_and_no_host_sync() -> None:
         for b, t in [(2, 40), (3, 17)]:
             grads = _grads(compiled, model, torch.randn(b, t, D, generator=torch.Generator().manual_seed(t)))
             assert torch.isfinite(grads["up.weight"]).all()
-    assert len(records) == 1 and "quantize_residual(h: f32[s" in records[0].summary
+    assert len(records) == 1 and "quantize(h: f32[s" in records[0].summary
     x = _batch()
     compiled(x).sum().backward()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

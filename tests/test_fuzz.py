@@ -56,8 +56,8 @@ from torch import Tensor, fx
 import pamm_fx
 from pamm_fx import _compat
 from pamm_fx.config import PammConfig
+from pamm_fx.fxutil import row_slice
 from pamm_fx.ops import record_compressions
-from pamm_fx.passes.fxutil import row_slice
 from pamm_fx.testing import capture_rewrites
 
 SLOW_CASES, COVER = 500, 3

@@ -182,11 +182,11 @@ linear_group(h: f32[2, 10, 24])
   attn.q.weight -> f32[2, 10, 24] -> view
   attn.k.weight -> f32[2, 10, 24] -> view_1
   attn.v.weight -> f32[2, 10, 24] -> view_2
-quantize_residual(h_1: f32[2, 10, 24], bits=8, no base) -> (u8[20, 24], f32[20], f32[20])
+quantize(h_1: f32[2, 10, 24], bits=8, no base) -> (u8[20, 24], f32[20], f32[20])
 linear_group(h_1: f32[2, 10, 24], X at 8 bits)
   gate.weight -> f32[2, 10, 48] -> silu
   up.weight -> f32[2, 10, 48] -> mul
-quantize_residual(mul: f32[2, 10, 48], bits=8, no base) -> (u8[20, 48], f32[20], f32[20])
+quantize(mul: f32[2, 10, 48], bits=8, no base) -> (u8[20, 48], f32[20], f32[20])
 linear_group(mul: f32[2, 10, 48], X at 8 bits)
   down.weight -> f32[2, 10, 24] -> add
 untouched attn.o.weight: X is the attention output (out) up to transposes and reshapes; the attention's backward saves it anyway, so compressing it would save no memory""")

@@ -17,8 +17,8 @@ from torch.utils.checkpoint import checkpoint
 
 import pamm_fx
 from pamm_fx.demo.llama import Llama, LlamaConfig
+from pamm_fx.fxutil import val
 from pamm_fx.passes import checks
-from pamm_fx.passes.fxutil import val
 from pamm_fx.plan import apply, plan
 from pamm_fx.testing import capture_rewrites
 

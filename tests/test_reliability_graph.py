@@ -156,7 +156,7 @@ def test_write_before_every_member_keeps_the_group(write: str) -> None:
 
 def test_written_finds_aten_writes_by_schema() -> None:
     """A mutating ATen overload in a torch-level graph (rare, but legal) is found from its schema."""
-    from pamm_fx.passes.fxutil import written
+    from pamm_fx.fxutil import written
 
     graph = torch.fx.Graph()
     x = graph.placeholder("x")

@@ -18,7 +18,7 @@ from functorch.compile import make_boxed_func  # noqa: E402
 from torch._dynamo.backends.common import aot_autograd  # noqa: E402
 from triton_setup import TraceableInterpreted, kernel_device  # noqa: E402  (before pamm_fx: sets TRITON_INTERPRET)
 
-from pamm_fx.kernels import assign, assign_triton, contract, contract_triton  # noqa: E402
+from pamm_fx.kernels import assign, assign_triton, contract, contract_triton, device, triton_util  # noqa: E402
 
 _INTERPRETED, DEVICE = kernel_device(assign_triton._assign_kernel)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -170,17 +170,16 @@ def test_contract_is_bitwise_deterministic() -> None:
     grads, f, alpha = _contract_inputs(300, [70, 140], 3, torch.bfloat16)
     args = ([g.to(DEVICE) for g in grads], f.to(DEVICE), alpha.to(DEVICE), 3)
     first = contract_triton.contract(*args)
-    second = torch.ops.pamm.contract_triton(*args)
+    second = contract_triton.contract(*args)
     assert torch.equal(first, second)
 
 
 @pytest.fixture
 def traceable_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On CPU, let the triton_ops' bodies wrap traceable kernels (on a GPU they already do)."""
+    """On CPU, let the contraction's ``wrap_triton`` calls wrap traceable kernels (on a GPU they already do)."""
     if _INTERPRETED:
-        for module, name in [(contract_triton, "_partial_kernel"), (contract_triton, "_reduce_kernel"),
-                             (assign_triton, "_assign_kernel")]:
-            monkeypatch.setattr(module, name, TraceableInterpreted(getattr(module, name)))
+        for name in ("_partial_kernel", "_reduce_kernel"):
+            monkeypatch.setattr(contract_triton, name, TraceableInterpreted(getattr(contract_triton, name)))
 
 
 def _contract_args(b: int, widths: list[int], k: int, dtype: torch.dtype) -> tuple:
@@ -188,11 +187,11 @@ def _contract_args(b: int, widths: list[int], k: int, dtype: torch.dtype) -> tup
     return [g.to(DEVICE) for g in grads], f.to(DEVICE), alpha.to(DEVICE), k
 
 
-@pytest.mark.usefixtures("traceable_kernel")
-def test_contract_triton_opcheck() -> None:
+def test_contract_op_opcheck_on_the_kernels_device() -> None:
+    """pamm::contract is one op: on CUDA its eager body is the Triton launcher (on the CPU, the reference)."""
     grads, f, alpha, k = _contract_args(75, [40, 130], 5, torch.bfloat16)
-    torch.library.opcheck(torch.ops.pamm.contract_triton.default, (grads, f, alpha, k))
-    torch.library.opcheck(torch.ops.pamm.contract_triton.default, ([g.reshape(3, 25, -1) for g in grads], f, alpha, k))
+    torch.library.opcheck(torch.ops.pamm.contract.default, (grads, f, alpha, k))
+    torch.library.opcheck(torch.ops.pamm.contract.default, ([g.reshape(3, 25, -1) for g in grads], f, alpha, k))
 
 
 def _recording_backend() -> tuple[object, list[torch.fx.GraphModule]]:
@@ -207,23 +206,30 @@ def _recording_backend() -> tuple[object, list[torch.fx.GraphModule]]:
 
 
 @pytest.mark.usefixtures("traceable_kernel")
-def test_contract_triton_traces_into_the_kernel() -> None:
-    """AOTAutograd decomposes the op: the graph holds the kernel wrappers (two per grad), not the op."""
-    grads, f, alpha, k = _contract_args(75, [40, 130, 8], 5, torch.float32)
+def test_the_backward_traces_the_contraction_into_its_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the contraction runs in Triton, the functionalized backward holds the kernel wrappers (two per
+    dY), not an op: on CPU tensors the same path is taken by declaring every Triton dtype Triton's."""
+    monkeypatch.setattr(device, "use_triton", lambda t, dtype: device.triton_dtype(dtype))
+    x = _data(2, 37, 24, dtype=torch.float32).to(DEVICE)
+    c, f, alpha = torch.ops.pamm.compress(x, torch.tensor(3), 1, 4, 1, 1, math.inf, 0)
+    weights = [_data(m, 24, dtype=torch.float32, seed=s).to(DEVICE).requires_grad_() for s, m in ((1, 16), (2, 8))]
     backend, graphs = _recording_backend()
-    compiled = torch.compile(
-        lambda gs, f, a: torch.ops.pamm.contract_triton(gs, f, a, k), backend=backend, dynamic=True
-    )
-    out = compiled(grads, f, alpha)
-    code = "\n".join(g.code for g in graphs)
-    assert code.count("triton_kernel_wrapper_functional(") == 6 and "pamm" not in code
-    eager = torch.ops.pamm.contract_triton(grads, f, alpha, k)
-    assert torch.equal(out, eager)
-    torch.testing.assert_close(out.cpu(), contract.reference([g.cpu() for g in grads], f.cpu(), alpha.cpu(), k))
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        ys = torch.ops.pamm.linear_group(x, weights, [], [False, False], c, f, alpha)
+        return sum(y.square().sum() for y in ys)
+
+    torch.compile(step, backend=backend, fullgraph=True)(x).backward()
+    backward = graphs[-1].code
+    assert backward.count("triton_kernel_wrapper_functional(") == 4 and "pamm.contract" not in backward
+    grads = [2 * torch.nn.functional.linear(x, w).detach() for w in weights]
+    bt = contract.reference([g.cpu() for g in grads], f.cpu(), alpha.cpu(), c.shape[0])
+    expected = bt.t().mm(c.cpu().float())
+    torch.testing.assert_close(torch.cat([w.grad for w in weights]).cpu(), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_backward_picks_the_contraction_by_device() -> None:
-    """CUDA: the traceable contract_triton (kernel in the graph); CPU: the opaque pamm::contract, as before."""
+    """CUDA: the Triton launcher traced (kernels in the graph); CPU: the opaque pamm::contract."""
     x = _data(2, 37, 24, dtype=torch.float32).to(DEVICE)
     c, f, alpha = torch.ops.pamm.compress(x, torch.tensor(3), 1, 4, 1, 1, math.inf, 0)
     weights = [_data(16, 24, dtype=torch.float32, seed=s).to(DEVICE).requires_grad_() for s in (1, 2)]
@@ -303,7 +309,7 @@ def test_fp32_dot_precision_follows_torch_tf32_setting(allow: bool) -> None:
     before = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = allow
     try:
-        assert assign_triton.dot_precision() == ("tf32" if allow else "ieee")
+        assert triton_util.dot_precision() == ("tf32" if allow else "ieee")
         x = _data(60, 33, dtype=torch.float32, seed=11)
         f, alpha = assign_triton.assign(x.to(DEVICE), x[[3, 17, 40]].to(DEVICE))
         assert f.cpu()[[3, 17, 40]].tolist() == [0, 1, 2] and torch.isfinite(alpha).all()
@@ -343,8 +349,13 @@ def test_has_triton_launches_a_kernel_and_falls_back_with_a_reason(
         kernels.has_triton.cache_clear()
 
 
-@pytest.mark.usefixtures("traceable_kernel")
-def test_assign_triton_opcheck() -> None:
+def test_compress_op_opcheck_on_the_kernels_device() -> None:
+    """pamm::compress is one op: on CUDA its eager body launches the Triton assignment (on the CPU, the
+    reference), and Inductor keeps it whole there (its decomposition declines)."""
+    from pamm_fx.ops.compress import _compress_decomposition
+
     x = _data(75, 40, dtype=torch.float32).to(DEVICE)
-    torch.library.opcheck(torch.ops.pamm.assign_triton.default, (x, x[:6].contiguous(), math.inf))
-    torch.library.opcheck(torch.ops.pamm.assign_triton.default, (x, x[:6].contiguous(), 0.5))
+    for eps in (math.inf, 0.5):
+        torch.library.opcheck(torch.ops.pamm.compress.default, (x, torch.tensor(3), 1, 8, 1, 1, eps, 0))
+    kept_whole = _compress_decomposition(x, torch.tensor(3), 1, 8, 1, 1, math.inf, 0) is NotImplemented
+    assert kept_whole == (DEVICE == "cuda")

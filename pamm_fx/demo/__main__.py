@@ -38,6 +38,7 @@ import pamm_fx.saved
 from pamm_fx.demo.data import batches, byte_dataset
 from pamm_fx.demo.llama import Llama, LlamaConfig
 from pamm_fx.demo.measure import saved_for_backward
+from pamm_fx.names import BACKEND
 from pamm_fx.testing import capture_rewrites
 
 __all__ = ["FP8", "RECOMMENDED", "main"]
@@ -103,7 +104,7 @@ def _compile(model: Llama, v: Variant, tag: int) -> Callable[[torch.Tensor, torc
         return model(tokens, targets)
 
     run.__code__ = run.__code__.replace(co_name=f"demo_variant_{tag}")
-    fn = torch.compile(run, backend="inductor" if v.options is None else "pamm", options=v.options)
+    fn = torch.compile(run, backend="inductor" if v.options is None else BACKEND, options=v.options)
     if v.budget is None and not v.fp8:
         return fn
 
@@ -118,8 +119,7 @@ def _compile(model: Llama, v: Variant, tag: int) -> Callable[[torch.Tensor, torc
 def _kept(records: list[Any], saved: list[Any]) -> str:
     """What pamm kept: "k=256 x 4 groups, X at 8 bits x 9 groups" from the backend's plans, and "12 of 30 saved
     tensors at 8 bits" from its partitions."""
-    ks = Counter(f"X at {g.bits} bits" if g.estimator == "sr" else f"k={r.plan.estimate(g).k}"
-                 for r in records for g in r.plan.groups)
+    ks = Counter(g.estimator.summary(r.plan.estimate(g).k) for r in records for g in r.plan.groups)
     parts = [f"{k} x {n} group{'s' * (n > 1)}" for k, n in sorted(ks.items())]
     for choices in saved:
         parts.append(f"{sum(c.compressed for c in choices)} of {len(choices)} saved tensors compressed")

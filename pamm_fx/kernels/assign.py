@@ -9,26 +9,24 @@ Three implementations of one contract, with the shared math in :mod:`~pamm_fx.ke
   kernel on CPU once compiled).
 * :mod:`~pamm_fx.kernels.assign_triton`: the Triton kernel (CUDA).
 
-:func:`assign` (eager) and :func:`traceable` (what Inductor compiles) are the dispatchers: the
-only places that choose Triton or torch for this primitive.
+:data:`KERNELS` declares them; :class:`pamm_fx.kernels.device.Kernels` chooses.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from pamm_fx.kernels import assign_rule
-from pamm_fx.kernels.device import use_triton
+from pamm_fx.kernels import assign_rule, device
+from pamm_fx.kernels.device import Kernels, work_dtype
 
-__all__ = ["GEN_CHUNK", "ROW_CHUNK", "assign", "aten", "reference", "traceable"]
+__all__ = ["GEN_CHUNK", "KERNELS", "aten", "reference"]
 
-#: Rows of X per similarity block. With GEN_CHUNK this bounds the transient
-#: similarity block to ROW_CHUNK * GEN_CHUNK float32 values (8 MiB).
-ROW_CHUNK = 2048
-#: Generators per similarity block.
+#: Generators per similarity block: with :data:`pamm_fx.kernels.device.ROW_CHUNK` rows of X this bounds
+#: the transient similarity block to ROW_CHUNK * GEN_CHUNK float32 values (8 MiB).
 GEN_CHUNK = 1024
 
 
@@ -46,12 +44,13 @@ def reference(x: Tensor, c: Tensor, eps: float = math.inf) -> tuple[Tensor, Tens
     alpha = torch.zeros(b, dtype=torch.float32, device=x.device)
     if b == 0 or k == 0:
         return f, alpha
-    work = assign_rule.compute_dtype(x.dtype)
+    work = work_dtype(x.dtype)
+    chunk = device.ROW_CHUNK
     inv_norm = assign_rule.inverse_norms(c, work)
     cn = c.to(work) * inv_norm[:, None]
     dropped = torch.zeros((), dtype=torch.int64, device=x.device)
-    for r0 in range(0, b, ROW_CHUNK):
-        xc = x[r0 : r0 + ROW_CHUNK].to(work)
+    for r0 in range(0, b, chunk):
+        xc = x[r0 : r0 + chunk].to(work)
         best = torch.full((xc.shape[0],), -1.0, dtype=work, device=x.device)
         arg = torch.zeros(xc.shape[0], dtype=torch.int64, device=x.device)
         signed = torch.zeros(xc.shape[0], dtype=work, device=x.device)
@@ -69,8 +68,8 @@ def reference(x: Tensor, c: Tensor, eps: float = math.inf) -> tuple[Tensor, Tens
             kept = assign_rule.keep((xc * xc).sum(dim=1), signed, eps)
             a = torch.where(kept, a, torch.zeros_like(a))
             dropped += (~kept).sum()
-        f[r0 : r0 + ROW_CHUNK] = arg.to(torch.int32)
-        alpha[r0 : r0 + ROW_CHUNK] = assign_rule.poison_non_finite(a, finite)
+        f[r0 : r0 + chunk] = arg.to(torch.int32)
+        alpha[r0 : r0 + chunk] = assign_rule.poison_non_finite(a, finite)
     if math.isfinite(eps):
         alpha = assign_rule.rescale(alpha, dropped, b)
     return f, alpha
@@ -82,7 +81,7 @@ def aten(rows: Tensor, c: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     The b x k similarity exists transiently (Inductor fuses |.|, the argmax and the gather
     into one pass over it); the chunked eager kernel avoids it but measured slower on CPU.
     """
-    work = assign_rule.compute_dtype(rows.dtype)
+    work = work_dtype(rows.dtype)
     inv = assign_rule.inverse_norms(c, work)
     xf = rows.to(work)
     sim = xf @ (c.to(work) * inv[:, None]).t()
@@ -95,19 +94,11 @@ def aten(rows: Tensor, c: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return arg.to(torch.int32), assign_rule.poison_non_finite(alpha, torch.isfinite(sim).all(dim=1))
 
 
-def assign(x: Tensor, c: Tensor, eps: float = math.inf) -> tuple[Tensor, Tensor]:
-    """f (b,) int32 and alpha (b,) float32, eagerly: the Triton kernel on CUDA, else :func:`reference`."""
-    if use_triton(x, x.dtype):
-        from pamm_fx.kernels import assign_triton
+def _triton() -> Callable[..., tuple[Tensor, Tensor]]:
+    from pamm_fx.kernels import assign_triton
 
-        return assign_triton.assign(x, c, eps)
-    return reference(x, c, eps)
+    return assign_triton.assign
 
 
-def traceable(rows: Tensor, c: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """The assignment Inductor can see: the Triton op on CUDA, whole-tensor aten ops elsewhere."""
-    if use_triton(rows, rows.dtype):
-        from pamm_fx.kernels import assign_triton
-
-        return assign_triton.assign_triton(rows, c, eps)
-    return aten(rows, c, eps)
+#: The assignment's implementations: ``(rows, c, eps) -> (f, alpha)``, decided by X's device and dtype.
+KERNELS = Kernels(reference, aten, _triton, lambda x, c, eps: (x, x.dtype))

@@ -1,6 +1,7 @@
 """The assignment's shared math, stated once for the reference, the aten form and the Triton kernel.
 
-* Precision: similarities are computed in float32, or float64 for float64 X (:func:`compute_dtype`).
+* Precision: similarities are computed in float32, or float64 for float64 X
+  (:func:`pamm_fx.kernels.device.work_dtype`).
 * Zero-norm generators: their inverse norm is 0, so they score 0 (never win over a non-zero
   one) and give alpha = 0; an all-zero row scores 0 everywhere and gets f = 0, alpha = 0.
 * Non-finite rows: a row whose similarity to any generator is NaN/Inf gets alpha = NaN
@@ -22,12 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["compute_dtype", "inverse_norms", "keep", "poison_non_finite", "rescale"]
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Where the assignment's similarities are computed: float64 for float64 X, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+__all__ = ["inverse_norms", "keep", "poison_non_finite", "rescale"]
 
 
 def inverse_norms(c: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -35,13 +35,11 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
-from triton.runtime.interpreter import InterpretedFunction
 
 from pamm_fx.kernels import assign_rule
-from pamm_fx.kernels.device import triton_dtype
+from pamm_fx.kernels.triton_util import INTERPRETED, check_dtype, dot_precision
 
-__all__ = ["assign", "assign_triton", "dot_precision"]
+__all__ = ["assign"]
 
 
 @triton.jit
@@ -122,16 +120,6 @@ def _assign_kernel(
     tl.store(alpha_ptr + rows, alpha, mask=row_ok)
 
 
-#: True under TRITON_INTERPRET=1 (read once, as ``@triton.jit`` does), whose tl.dot multiplies bf16 bit
-#: patterns as integers (numpy has no bf16).
-INTERPRETED = isinstance(_assign_kernel, InterpretedFunction)
-
-
-def dot_precision() -> str:
-    """``tl.dot`` precision for float32 tiles: TF32 exactly when torch allows TF32 for CUDA matmuls."""
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
 def _blocks(k: int | torch.SymInt, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_B, BLOCK_K, BLOCK_N, num_warps): the register tile BLOCK_B x BLOCK_K stays <= 16K fp32.
 
@@ -146,12 +134,10 @@ def _blocks(k: int | torch.SymInt, dtype: torch.dtype) -> tuple[int, int, int, i
     return block_b, block_k, 16 if dtype == torch.float32 else 64, 8
 
 
-@torch.library.triton_op("pamm::assign_triton", mutates_args=())
-def assign_triton(x: Tensor, c: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """The assignment as an op torch.compile traces into (torch ops plus the wrapped kernel), so
-    Inductor schedules the launch; the body reads no tensor value on the host."""
-    if not triton_dtype(x.dtype):
-        raise TypeError(f"pamm: the Triton assignment takes float32/bfloat16/float16, not {x.dtype}")
+def assign(x: Tensor, c: Tensor, eps: float = math.inf) -> tuple[Tensor, Tensor]:
+    """Triton twin of :func:`pamm_fx.kernels.assign.reference` (same arguments, same results up to
+    rounding), launched at once; the body reads no tensor value on the host."""
+    check_dtype(x.dtype, "assignment")
     b, n = x.shape
     k = c.shape[0]
     f = torch.zeros(b, dtype=torch.int32, device=x.device)
@@ -164,7 +150,7 @@ def assign_triton(x: Tensor, c: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     programs = triton.cdiv(b, block_b)
     use_eps = math.isfinite(eps)
     dropped = torch.zeros(programs if use_eps else 1, dtype=torch.int32, device=x.device)
-    wrap_triton(_assign_kernel)[(programs,)](
+    _assign_kernel[(programs,)](
         x,
         c,
         inv_norm,
@@ -190,8 +176,3 @@ def assign_triton(x: Tensor, c: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     if use_eps:
         alpha = assign_rule.rescale(alpha, dropped.sum(), b)
     return f, alpha
-
-
-def assign(x: Tensor, c: Tensor, eps: float = math.inf) -> tuple[Tensor, Tensor]:
-    """Triton twin of :func:`pamm_fx.kernels.assign.reference` (same arguments, same results up to rounding)."""
-    return assign_triton(x, c, eps)

@@ -1,24 +1,23 @@
-"""The backward contraction B~ = P^T [dY_1 | dY_2 | ...]: the reference and the dispatcher.
+"""The backward contraction B~ = P^T [dY_1 | dY_2 | ...]: the reference and the implementations.
 
-:func:`reference` (plain torch, a sparse product that reads each dY once) is the CPU path and
-what the Triton kernels (:mod:`~pamm_fx.kernels.contract_triton`) must match. :func:`contract`
-(eager) and :func:`triton_traceable` (the Triton op torch.compile traces into, or None where
-the reference serves) are the only places that choose Triton or torch for this primitive.
+:func:`reference` (plain torch, a sparse product that reads each dY once) is the CPU path and what the
+Triton kernels (:mod:`~pamm_fx.kernels.contract_triton`) must match; :data:`KERNELS` declares both. There
+is no aten form: on CPU the backward keeps ``pamm::contract`` opaque (a sparse product Inductor would not
+improve), on CUDA it traces the Triton launcher itself (:func:`pamm_fx.ops.contract.weight_contraction`).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from pamm_fx.kernels.device import use_triton
+from pamm_fx.kernels import device
+from pamm_fx.kernels.device import Kernels
 
-__all__ = ["ROW_CHUNK", "accumulation_dtype", "contract", "reference", "triton_traceable"]
-
-#: Rows of dY upcast at a time (one CSR block per chunk) when dY is not in the accumulation dtype.
-ROW_CHUNK = 2048
+__all__ = ["KERNELS", "accumulation_dtype", "reference"]
 
 
 def _csr_p_t(f: Tensor, alpha: Tensor, k: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -50,38 +49,37 @@ def reference(grads: list[Tensor], f: Tensor, alpha: Tensor, k: int) -> Tensor:
     Every output row is summed by one thread in a fixed order: bitwise deterministic. Stored zeros
     (alpha = 0 rows) are multiplied, not skipped, so a NaN/Inf in any dY row reaches B~ as it reaches
     plain's dY^T X. A dY in the accumulation dtype is read as it is; other dtypes are upcast
-    ROW_CHUNK rows at a time (one CSR block per row chunk), so no full upcast copy of a dY exists.
+    :data:`~pamm_fx.kernels.device.ROW_CHUNK` rows at a time (one CSR block per row chunk), so no full
+    upcast copy of a dY exists.
     """
     flat = [g.reshape(-1, g.shape[-1]) for g in grads]
-    device = f.device
+    on = f.device
     b = f.shape[0]
     acc = accumulation_dtype([g.dtype for g in flat])
     if k == 0 or b == 0:
-        return torch.zeros(k, sum(g.shape[1] for g in flat), dtype=acc, device=device)
+        return torch.zeros(k, sum(g.shape[1] for g in flat), dtype=acc, device=on)
     if all(g.dtype == acc for g in flat):
         p_t = _csr_p_t(f, alpha, k, acc)
         return torch.cat([p_t @ g for g in flat], dim=1)
-    out = torch.zeros(k, sum(g.shape[1] for g in flat), dtype=acc, device=device)
-    for r0 in range(0, b, ROW_CHUNK):
-        p_t = _csr_p_t(f[r0 : r0 + ROW_CHUNK], alpha[r0 : r0 + ROW_CHUNK], k, acc)
-        out += torch.cat([p_t @ g[r0 : r0 + ROW_CHUNK].to(acc) for g in flat], dim=1)
+    out = torch.zeros(k, sum(g.shape[1] for g in flat), dtype=acc, device=on)
+    chunk = device.ROW_CHUNK
+    for r0 in range(0, b, chunk):
+        p_t = _csr_p_t(f[r0 : r0 + chunk], alpha[r0 : r0 + chunk], k, acc)
+        out += torch.cat([p_t @ g[r0 : r0 + chunk].to(acc) for g in flat], dim=1)
     return out
 
 
-def contract(grads: list[Tensor], f: Tensor, alpha: Tensor, k: int) -> Tensor:
-    """B~ (k, sum m_j), eagerly: the Triton kernels on CUDA, else :func:`reference`."""
-    if all(use_triton(f, g.dtype) for g in grads):
-        from pamm_fx.kernels import contract_triton
-
-        return contract_triton.contract(grads, f, alpha, k)
-    return reference(grads, f, alpha, k)
-
-
-def triton_traceable(grads: list[Tensor], f: Tensor, alpha: Tensor, k: int) -> Tensor | None:
-    """B~ through the Triton op that AOTAutograd decomposes (so Inductor sees the kernels), or None
-    where the tensors go to the reference (the caller then emits its opaque custom op)."""
-    if not all(use_triton(f, g.dtype) for g in grads):
-        return None
+def _triton() -> Callable[..., Tensor]:
     from pamm_fx.kernels import contract_triton
 
-    return contract_triton.contract_triton(grads, f, alpha, k)
+    return contract_triton.contract
+
+
+def _decides(grads: list[Tensor], f: Tensor, alpha: Tensor, k: int) -> tuple[Tensor, torch.dtype]:
+    """Triton only when every dY may go there: f's device and the widest of the dY dtypes (float64 wins)."""
+    dtypes = [g.dtype for g in grads]
+    return f, next((d for d in dtypes if not device.triton_dtype(d)), dtypes[0] if dtypes else f.dtype)
+
+
+#: The contraction's implementations: ``(grads, f, alpha, k) -> B~``. No aten form (see the module docstring).
+KERNELS = Kernels(reference, None, _triton, _decides)

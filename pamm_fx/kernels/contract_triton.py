@@ -29,7 +29,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-__all__ = ["contract", "contract_triton", "CHUNK"]
+__all__ = ["contract", "CHUNK"]
 
 
 @triton.jit
@@ -102,11 +102,13 @@ BLOCK_R = 32
 BLOCK_M = 128
 
 
-@torch.library.triton_op("pamm::contract_triton", mutates_args=())
-def contract_triton(grads: Sequence[Tensor], f: Tensor, alpha: Tensor, k: int) -> Tensor:
-    """The contraction as an op whose body torch.compile can trace: AOTAutograd decomposes it
-    into torch ops plus the wrapped kernels, so Inductor schedules around the launches instead of
-    treating them as an opaque call. Only shapes steer Python here (no .item(), no host syncs).
+def contract(grads: Sequence[Tensor], f: Tensor, alpha: Tensor, k: int) -> Tensor:
+    """Triton twin of :func:`pamm_fx.kernels.contract.reference`; bitwise reproducible run to run.
+
+    The kernels are launched through ``wrap_triton``, so that where the backward is traced (AOTAutograd
+    functionalizes it) the graph holds torch ops plus the kernel wrappers and Inductor schedules around
+    the launches; called eagerly it launches them at once. Only shapes steer Python here (no .item(), no
+    host syncs).
     """
     flat = [g.reshape(-1, g.shape[-1]) for g in grads]
     width = sum(g.shape[1] for g in flat)
@@ -136,12 +138,3 @@ def contract_triton(grads: Sequence[Tensor], f: Tensor, alpha: Tensor, k: int) -
             )
         col0 += m
     return out
-
-
-def contract(grads: list[Tensor], f: Tensor, alpha: Tensor, k: int) -> Tensor:
-    """Triton twin of :func:`pamm_fx.kernels.contract.reference`; bitwise reproducible run to run.
-
-    It calls the op: on real tensors triton_op runs the body with the tracing wrapper
-    switched off, so the kernels launch directly, and the code exists once.
-    """
-    return contract_triton(grads, f, alpha, k)

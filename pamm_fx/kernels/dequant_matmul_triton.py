@@ -12,7 +12,7 @@ codes where the explicit path writes and reads back a D tile.
 Precision: bf16/fp16 D goes to the tensor cores as it is (under the interpreter, whose ``tl.dot``
 has no bf16, both tiles are upcast after the rounding to D, which gives the same exact products; that
 rounding is toward zero there, to nearest on the GPU, so tests bound the error by one D ulp per X^);
-float32 D uses TF32 only when torch allows it for matmuls (:func:`assign_triton.dot_precision`),
+float32 D uses TF32 only when torch allows it for matmuls (:func:`pamm_fx.kernels.triton_util.dot_precision`),
 else ``ieee``, which matches the reference up to summation order. Masked rows and columns load 0,
 so padding adds nothing; a NaN lo/scale row (the format's non-finite row) makes its X^ row NaN,
 and with it every column of dW, as plain's. float64 never comes here. Offsets are int64.
@@ -21,7 +21,8 @@ Small dW, long reduction (e.g. 512 x 512 from 16k tokens: 16 tiles for 132 SMs):
 into slices, each program writes a float32 partial and one torch sum adds them in slice order, so
 the result is deterministic. Everything is sized from shapes (no host synchronisation). dY and C
 are passed with unit column strides (``.contiguous()``, a no-op for the backward's tensors): a
-strided column index cost registers enough to spill.
+strided column index cost registers enough to spill. It launches at once (no op of its own):
+``pamm::dequant_weight_grad`` calls :func:`weight_grad` on CUDA, and Inductor keeps that op whole there.
 """
 
 from __future__ import annotations
@@ -32,13 +33,11 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
-from pamm_fx.kernels.assign_triton import INTERPRETED, dot_precision
-from pamm_fx.kernels.device import triton_dtype
-from pamm_fx.kernels.residual import BITS
+from pamm_fx.kernels import lowbit
+from pamm_fx.kernels.triton_util import INTERPRETED, check_dtype, decode_tile, dot_precision
 
-__all__ = ["weight_grad", "weight_grad_triton"]
+__all__ = ["weight_grad"]
 
 
 @triton.jit
@@ -69,7 +68,6 @@ def _weight_grad_kernel(
     BLOCK_K: tl.constexpr,
 ):
     per: tl.constexpr = 8 // BITS
-    levels: tl.constexpr = (1 << BITS) - 1
     mcols = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     ncols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = mcols < m
@@ -85,16 +83,8 @@ def _weight_grad_kernel(
         dyt = tl.load(dy_ptr + rows[None, :] * stride_db + mcols[:, None],
                       mask=m_ok[:, None] & row_ok[None, :], other=0.0)
         ok = row_ok[:, None] & n_ok[None, :]
-        byte = tl.load(q_ptr + rows[:, None] * stride_qb + byte_col[None, :], mask=ok, other=0).to(tl.int32)
-        code = byte if per == 1 else (byte >> shift[None, :]) & levels
-        lo = tl.load(lo_ptr + rows, mask=row_ok, other=0.0)
-        scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
-        x_hat = lo[:, None] + code.to(tl.float32) * scale[:, None]
-        if HAS_BASE:
-            gen = tl.load(f_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-            a = tl.load(alpha_ptr + rows, mask=row_ok, other=0.0)
-            cf = tl.load(c_ptr + gen[:, None] * stride_cb + ncols[None, :], mask=ok, other=0.0)
-            x_hat = a[:, None] * cf.to(tl.float32) + x_hat
+        x_hat = decode_tile(q_ptr, lo_ptr, scale_ptr, c_ptr, f_ptr, alpha_ptr, rows, ncols, byte_col, shift, row_ok,
+                            ok, stride_qb, stride_cb, 1, BITS, HAS_BASE)
         x_hat = x_hat.to(dy_ptr.dtype.element_ty)
         if UPCAST:
             acc = tl.dot(dyt.to(tl.float32), x_hat.to(tl.float32), acc, input_precision=PRECISION)
@@ -141,16 +131,15 @@ def _split(b: Any, tiles: Any) -> int:
     return max(1, min(TARGET_PROGRAMS // max(1, tiles), b // MIN_SPLIT_ROWS))
 
 
-@torch.library.triton_op("pamm::weight_grad_triton", mutates_args=())
-def weight_grad_triton(dy: Tensor, q: Tensor, lo: Tensor, scale: Tensor, c: Tensor | None, f: Tensor | None,
-                       alpha: Tensor | None, bits: int, n: int, out_dtype: torch.dtype) -> Tensor:
-    """dW = dY^T (alpha * C[f] + deq(q)) (no base: c, f, alpha None), (m, n) in ``out_dtype``, as an
-    op torch.compile traces into (torch ops plus the wrapped kernel); reads no tensor value on the host."""
-    if bits not in BITS:
-        raise ValueError(f"pamm: residual bits must be one of {BITS}, not {bits!r}")
-    d = dy.dtype if c is None else c.dtype
-    if not triton_dtype(d):
-        raise TypeError(f"pamm: the Triton weight-gradient kernel takes float32/bfloat16/float16, not {d}")
+def weight_grad(dy: Tensor, q: Tensor, lo: Tensor, scale: Tensor, c: Tensor | None, f: Tensor | None,
+                alpha: Tensor | None, bits: int, n: int, out_dtype: torch.dtype | None = None) -> Tensor:
+    """dW = dY^T (alpha * C[f] + deq(q)) (no base: c, f, alpha None), (m, n) in ``out_dtype`` (default D):
+    the Triton twin of :func:`pamm_fx.kernels.dequant_matmul.reference`; reads no tensor value on the host."""
+    lowbit.check_bits(bits)
+    lowbit.check_base(c, f, alpha)
+    d = dy.dtype if c is None else c.dtype  # the operand dtype D (dequant_matmul.operand_dtype)
+    check_dtype(d, "weight-gradient kernel")
+    out_dtype = out_dtype or d
     b, m = dy.shape
     if b == 0 or m == 0 or n == 0:
         return torch.zeros(m, n, dtype=out_dtype, device=dy.device)
@@ -165,7 +154,7 @@ def weight_grad_triton(dy: Tensor, q: Tensor, lo: Tensor, scale: Tensor, c: Tens
     rows_per_split = triton.cdiv(b, split)
     out = torch.empty(m, n, dtype=out_dtype, device=dy.device) if split == 1 else \
         torch.empty(split, m, n, dtype=torch.float32, device=dy.device)
-    wrap_triton(_weight_grad_kernel)[(tiles_m, tiles_n, split)](
+    _weight_grad_kernel[(tiles_m, tiles_n, split)](
         dy, q, lo.float(), scale.float(), c, f, alpha, out, b, m, n, rows_per_split,
         dy.stride(0), q.stride(0), c.stride(0), out.stride(0) if split > 1 else 0,
         out.stride(-2), BITS=bits, HAS_BASE=has_base,
@@ -174,10 +163,3 @@ def weight_grad_triton(dy: Tensor, q: Tensor, lo: Tensor, scale: Tensor, c: Tens
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
     )
     return out if split == 1 else out.sum(0).to(out_dtype)
-
-
-def weight_grad(dy: Tensor, q: Tensor, lo: Tensor, scale: Tensor, bits: int, n: int, c: Tensor | None = None,
-                f: Tensor | None = None, alpha: Tensor | None = None, out_dtype: torch.dtype | None = None) -> Tensor:
-    """Triton twin of :func:`pamm_fx.kernels.dequant_matmul.weight_grad_reference` (same arguments)."""
-    d = dy.dtype if c is None else c.dtype
-    return weight_grad_triton(dy, q, lo, scale, c, f, alpha, bits, n, out_dtype or d)

@@ -5,9 +5,10 @@ only produces what the backward will need). This module owns the op's whole cont
 schema, the fake kernel (k = min(b, max(min_generators, ceil(p * b / q))) on SymInts, so that
 dynamic batch/sequence sizes never force a recompile), the decomposition Inductor compiles, the
 autograd registration, the flop formula, and :class:`Compress`, the typed form of its arguments
-that :func:`emit` writes into a graph and :func:`parse` reads back. The ratio travels as a
-``Fraction`` everywhere else; only :meth:`Compress.op_args` splits it into the (p, q) ints the
-schema carries (custom-op schemas have no rational type).
+that :func:`emit` writes into a graph and :func:`parse` reads back. It also owns k: :class:`Generators`
+is the one formula (and the one text of it) that the op, the estimators, the checks and the reports use.
+The ratio travels as a ``Fraction`` everywhere else; only :meth:`Compress.op_args` splits it into the
+(p, q) ints the schema carries (custom-op schemas have no rational type).
 
 GPU-first rules:
 
@@ -15,14 +16,15 @@ GPU-first rules:
   hash (:func:`sample_generators`): no host synchronisation, no CPU RNG, and the
   draw is a pure function of (seed, salt, b, k), so a recomputation draws the same
   rows and seeded runs are bitwise reproducible across processes.
-* Inductor sees the compression: a decomposition registered in Inductor's table
-  turns the op into aten ops (CPU: the similarity GEMM and an argmax, measured
-  faster than the chunked eager kernel) or into the traceable Triton assignment
-  (CUDA), as :func:`pamm_fx.kernels.assign.traceable` decides. ``aot_eager`` and eager mode
-  run the custom op as it is.
+* Inductor sees the compression on CPU: the decomposition the backend hands it
+  (:mod:`pamm_fx.ops.decompositions`) turns the op into aten ops (the similarity GEMM and an
+  argmax, measured faster than the chunked eager kernel). Where the Triton assignment runs
+  (CUDA) the op stays whole and its eager body launches the kernel
+  (:class:`pamm_fx.kernels.device.Kernels`). ``aot_eager`` and eager mode run the custom op as it is.
 * The partitioner never recomputes it: the decomposition tags the nodes producing
-  C, f and alpha ``MUST_SAVE``, so under any ``activation_memory_budget`` the small
-  compressed tensors are saved rather than X plus a second compression.
+  C, f and alpha ``MUST_SAVE`` (a whole op's outputs are never recomputed anyway), so under any
+  ``activation_memory_budget`` the small compressed tensors are saved rather than X plus a second
+  compression.
 """
 
 from __future__ import annotations
@@ -39,15 +41,51 @@ from torch import Tensor, fx
 from torch.utils.flop_counter import register_flop_formula
 
 from pamm_fx import _compat
-from pamm_fx.config import num_generators
-from pamm_fx.kernels import assign as assign_kernels
+from pamm_fx.kernels.assign import KERNELS as ASSIGN
+from pamm_fx.kernels.device import rows_of
 from pamm_fx.kernels.hashing import M32 as _M32
 from pamm_fx.kernels.hashing import mix32 as _mix32
-from pamm_fx.kernels.hashing import stream_key
 from pamm_fx.ops.decompositions import decomposition
 from pamm_fx.ops.forward_only import emit_outputs, register_non_differentiable
+from pamm_fx.ops.noise import stream_key
 
-__all__ = ["Compress", "compress", "emit", "parse", "record_compressions", "sample_generators"]
+__all__ = ["Compress", "Generators", "compress", "emit", "num_generators", "parse", "record_compressions",
+           "sample_generators"]
+
+
+def num_generators(b: Any, ratio_num: int, ratio_den: int, min_generators: int, min_tokens: int = 1) -> Any:
+    """k for b rows: b (exact) when b < min_tokens, else min(b, max(min_generators, ceil(ratio * b))).
+
+    b may be an int or a SymInt. The "stay exact below min_tokens" branch is integer arithmetic
+    (``b // min_tokens`` is 0 exactly when b < min_tokens), so on a SymInt it is part of the symbolic
+    k rather than a guard: a graph compiled for dynamic sizes takes the decision again on every call.
+    """
+    k = (ratio_num * b + ratio_den - 1) // ratio_den
+    below = b - b * torch.sym_min(1, b // min_tokens)  # b if b < min_tokens else 0
+    return torch.sym_min(b, torch.sym_max(torch.sym_max(min_generators, k), below))
+
+
+@dataclasses.dataclass(frozen=True)
+class Generators:
+    """How many generator rows a compression keeps: the one k formula, evaluated here and printed from here.
+
+    ratio: generators per row of X; min_generators: the floor on k; min_tokens: below it every row is kept
+    (k = b: the exact branch).
+    """
+
+    ratio: Fraction
+    min_generators: int
+    min_tokens: int
+
+    def k(self, b: Any) -> Any:
+        """Generators for b rows (b may be a SymInt)."""
+        r = self.ratio
+        return num_generators(b, r.numerator, r.denominator, self.min_generators, self.min_tokens)
+
+    def formula(self) -> str:
+        """k as a formula of b, as reports print it."""
+        text = f"k = min(b, max({self.min_generators}, ceil(b*{self.ratio})))"
+        return text + (f", b if b < {self.min_tokens}" if self.min_tokens > 1 else "")
 
 
 def sample_generators(b: Any, k: Any, seed: Tensor, salt: int) -> Tensor:
@@ -64,11 +102,6 @@ def sample_generators(b: Any, k: Any, seed: Tensor, salt: int) -> Tensor:
     return (keys.topk(k, largest=False, sorted=False).values & _M32).sort().values
 
 
-def rows_of(x: Tensor) -> Tensor:
-    """X (..., n) as its (b, n) rows."""
-    return x.reshape(-1, x.shape[-1])
-
-
 @dataclasses.dataclass(frozen=True)
 class Compress:
     """The arguments of one ``pamm::compress`` call, typed: tensors (or the FX nodes making them)
@@ -81,27 +114,24 @@ class Compress:
 
     x: Any
     seed: Any
-    ratio: Fraction
-    min_generators: int
-    min_tokens: int
+    generators: Generators
     eps: float
     salt: int
 
     def op_args(self) -> tuple[Any, ...]:
         """The op's positional arguments."""
-        r = self.ratio
-        return (self.x, self.seed, r.numerator, r.denominator, self.min_generators, self.min_tokens, self.eps,
+        g = self.generators
+        return (self.x, self.seed, g.ratio.numerator, g.ratio.denominator, g.min_generators, g.min_tokens, self.eps,
                 self.salt)
 
     @classmethod
     def from_op_args(cls, args: Sequence[Any]) -> Compress:
         x, seed, num, den, min_generators, min_tokens, eps, salt = args
-        return cls(x, seed, Fraction(num, den), min_generators, min_tokens, eps, salt)
+        return cls(x, seed, Generators(Fraction(num, den), min_generators, min_tokens), eps, salt)
 
     def k(self, b: Any) -> Any:
         """Generators for b rows (b may be a SymInt)."""
-        r = self.ratio
-        return num_generators(b, r.numerator, r.denominator, self.min_generators, self.min_tokens)
+        return self.generators.k(b)
 
 
 _recorders: list[list[tuple[Tensor, Tensor, Tensor, Tensor]]] = []
@@ -153,8 +183,8 @@ def compress(
     salt: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Compress X (..., n) into C (k, n, X's dtype), f (b,) int32, alpha (b,) float32 (see :class:`Compress`)."""
-    call = Compress(x, seed, Fraction(ratio_num, ratio_den), min_generators, min_tokens, eps, salt)
-    c, f, alpha = _compress_rows(call, assign_kernels.assign)
+    call = Compress.from_op_args((x, seed, ratio_num, ratio_den, min_generators, min_tokens, eps, salt))
+    c, f, alpha = _compress_rows(call, ASSIGN.eager)
     for seen in _recorders:
         seen.append((rows_of(x).clone(), c.clone(), f.clone(), alpha.clone()))
     return c, f, alpha
@@ -174,8 +204,13 @@ register_non_differentiable(compress)
 
 def _compress_decomposition(*args: Any) -> Any:
     """What Inductor compiles for ``pamm::compress`` (same arguments): the draw, the gather and the
-    assignment in traceable ops (aten, or the Triton kernel on CUDA), with C, f, alpha tagged MUST_SAVE."""
-    c, f, alpha = _compress_rows(Compress.from_op_args(args), assign_kernels.traceable)
+    assignment in aten ops, with C, f, alpha tagged MUST_SAVE; NotImplemented where the assignment runs
+    in Triton (the op then stays whole: its eager body launches the kernel)."""
+    call = Compress.from_op_args(args)
+    rows = rows_of(call.x)
+    if ASSIGN.uses_triton(rows, None, call.eps):
+        return NotImplemented
+    c, f, alpha = _compress_rows(call, ASSIGN.aten)
     # Without MUST_SAVE the partitioner prices the compression by its tiny outputs and, under an
     # activation_memory_budget, keeps X and compresses again in the backward.
     _compat.tag_must_save(c, f, alpha)

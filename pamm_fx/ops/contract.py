@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, fx
 from torch.utils.flop_counter import register_flop_formula
 
-from pamm_fx.kernels import contract as contract_kernels
+from pamm_fx.kernels.contract import KERNELS, accumulation_dtype
 
 __all__ = ["Contract", "contract", "parse", "weight_contraction"]
 
@@ -45,13 +45,13 @@ class Contract:
 def contract(grads: Sequence[Tensor], f: Tensor, alpha: Tensor, k: int) -> Tensor:
     """B~ (k, sum m_j) = sum over rows i with f_i = j of alpha_i * [dY_1 | dY_2 | ...]_i, accumulated in
     float32 (float64 when a dY is float64)."""
-    return contract_kernels.contract(list(grads), f, alpha, k)
+    return KERNELS.eager(list(grads), f, alpha, k)
 
 
 @contract.register_fake
 def _(*args: Any) -> Tensor:
     call = Contract.from_op_args(args)
-    dtype = contract_kernels.accumulation_dtype([g.dtype for g in call.grads])
+    dtype = accumulation_dtype([g.dtype for g in call.grads])
     return call.f.new_empty(call.k, sum(g.shape[-1] for g in call.grads), dtype=dtype)
 
 
@@ -62,10 +62,11 @@ def _contract_flops(g_shapes: Sequence[Sequence[int]], *args: Any, **kwargs: Any
 
 
 def weight_contraction(call: Contract) -> Tensor:
-    """B~ as the backward should trace it: the traceable Triton op where the kernel dispatcher picks
-    Triton (AOTAutograd decomposes it, so Inductor sees the kernels), else this opaque op."""
-    traced = contract_kernels.triton_traceable(*call.op_args())
-    return traced if traced is not None else torch.ops.pamm.contract(*call.op_args())
+    """B~ as the backward should trace it: where the kernels run in Triton, the Triton launcher itself (its
+    ``wrap_triton`` calls trace into kernel wrappers in the functionalized backward, so Inductor schedules the
+    launches), else this opaque op (whose eager body is the reference)."""
+    args = call.op_args()
+    return KERNELS.triton()(*args) if KERNELS.uses_triton(*args) else torch.ops.pamm.contract(*args)
 
 
 def parse(node: fx.Node) -> Contract | None:

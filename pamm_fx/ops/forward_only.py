@@ -1,4 +1,4 @@
-"""What the forward-only ops (``pamm::compress``, ``pamm::quantize_residual``) share.
+"""What the forward-only ops (``pamm::compress``, ``pamm::quantize``) share.
 
 Both only produce what a backward will need, so their outputs are non-differentiable
 (:func:`register_non_differentiable`), and the rewrite writes each as one node plus one ``getitem``

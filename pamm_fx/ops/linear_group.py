@@ -3,7 +3,7 @@
 The exact forward of every projection of a group. Its registered backward saves only C, f,
 alpha and the weights (never X): dX and bias gradients are exact, weight gradients come from
 one PAMM contraction (:mod:`pamm_fx.ops.contract`) shared by the whole group. Under
-``estimator="pamm_sr"`` it also saves the quantized residual (:mod:`pamm_fx.ops.residual`) and
+``estimator="pamm_sr"`` it also saves the quantized residual (:mod:`pamm_fx.ops.lowbit`) and
 forms each weight gradient as dY_j^T X^, X^ = X~ + deq(q(R)) (= B~_j^T C + dY_j^T deq(q(R))).
 Under ``estimator="sr"`` there is no PAMM payload (C, f, alpha are None): it saves the quantized
 X alone and dW_j = dY_j^T deq(q(X)).
@@ -32,9 +32,9 @@ from torch import Tensor, fx
 from torch.utils.flop_counter import register_flop_formula
 
 from pamm_fx import _compat
-from pamm_fx.ops.compress import rows_of
+from pamm_fx.kernels.device import rows_of
 from pamm_fx.ops.contract import Contract, weight_contraction
-from pamm_fx.ops.residual import Residual, WeightGrad, weight_grad
+from pamm_fx.ops.lowbit import DequantWeightGrad, Quantized, weight_grad
 
 __all__ = ["DoubleBackwardError", "LinearGroup", "emit", "linear_group", "parse"]
 
@@ -45,9 +45,9 @@ class LinearGroup:
 
     The schema carries the biases present plus a ``has_bias`` mask instead (a list of optional
     tensors would lose per-element ``needs_input_grad``); only :meth:`op_args` and
-    :meth:`from_op_args` know that form and the positional order. ``residual`` (``pamm_sr``, ``sr``)
+    :meth:`from_op_args` know that form and the positional order. ``quantized`` (``pamm_sr``, ``sr``)
     rides in trailing optional arguments, absent for plain PAMM, so PAMM's graphs are unchanged;
-    c, f, alpha are None under ``sr`` (then the residual is the quantized X and must be there).
+    c, f, alpha are None under ``sr`` (then the payload is the quantized X and must be there).
     """
 
     x: Any
@@ -56,17 +56,17 @@ class LinearGroup:
     c: Any | None
     f: Any | None
     alpha: Any | None
-    residual: Residual | None = None
+    quantized: Quantized | None = None
 
     def __post_init__(self) -> None:
-        if self.c is None and self.residual is None:
+        if self.c is None and self.quantized is None:
             raise ValueError("pamm::linear_group needs a PAMM payload (C, f, alpha), a quantized X, or both")
 
     def op_args(self) -> tuple[Any, ...]:
         present = [b for b in self.biases if b is not None]
         args = (self.x, list(self.weights), present, [b is not None for b in self.biases], self.c, self.f,
                 self.alpha)
-        r = self.residual
+        r = self.quantized
         return args if r is None else (*args, r.q, r.lo, r.scale, r.bits)
 
     @classmethod
@@ -74,8 +74,8 @@ class LinearGroup:
         x, weights, present, has_bias, c, f, alpha, *rest = args
         q, lo, scale, bits = (*rest, *(None, None, None, 0)[len(rest):])
         it = iter(present)
-        residual = Residual(q, lo, scale, bits) if q is not None else None
-        return cls(x, list(weights), [next(it) if hb else None for hb in has_bias], c, f, alpha, residual)
+        quantized = Quantized(q, lo, scale, bits) if q is not None else None
+        return cls(x, list(weights), [next(it) if hb else None for hb in has_bias], c, f, alpha, quantized)
 
 
 @torch.library.custom_op("pamm::linear_group", mutates_args=())
@@ -112,7 +112,7 @@ def _(*args: Any) -> list[Tensor]:
 
 def _setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
     call = LinearGroup.from_op_args(inputs)
-    r = call.residual
+    r = call.quantized
     ctx.save_for_backward(call.c, call.f, call.alpha, *call.weights, *((r.q, r.lo, r.scale) if r else ()))
     ctx.num_weights = len(call.weights)
     ctx.x_dtype = call.x.dtype
@@ -129,18 +129,19 @@ class DoubleBackwardError(RuntimeError):
 
 
 def _weight_grads(grads: list[Tensor | None], c: Tensor | None, f: Tensor | None, alpha: Tensor | None,
-                  weights: list[Tensor], needs_w: Sequence[bool], residual: Residual | None) -> list[Tensor | None]:
+                  weights: list[Tensor], needs_w: Sequence[bool], quantized: Quantized | None) -> list[Tensor | None]:
     """dW_j per projection that needs it, in the weights' (compute) dtype (float32 accumulation in the GEMMs).
 
     PAMM: B~_j^T C, with only the projections that need a gradient contracted, each dY read as it
     is, and neither C nor a (sum m) x n product ever copied to float32. ``pamm_sr``: dY_j^T X^, with
-    X^ = alpha * C_f + deq(q(R)) decoded inside the GEMM's reduction (``pamm::residual_weight_grad``), so
+    X^ = alpha * C_f + deq(q(R)) decoded inside the GEMM's reduction (``pamm::dequant_weight_grad``), so
     no b x n X^ exists and each projection costs one GEMM's reads, as under plain; ``sr``: the same on
     X^ = deq(q(X)). dY is cast to the weights' dtype first (X's compute dtype, as the GEMM on X^ was).
     """
-    if residual is not None:
+    if quantized is not None:
         dtype, n = weights[0].dtype, weights[0].shape[1]
-        return [weight_grad(WeightGrad(rows_of(g).to(dtype), residual, c, f, alpha, n, w.dtype)) if need else None
+        return [weight_grad(DequantWeightGrad(rows_of(g).to(dtype), quantized, c, f, alpha, n, w.dtype)) if need
+                else None
                 for g, w, need in zip(grads, weights, needs_w)]
     bt = weight_contraction(Contract([g for g, need in zip(grads, needs_w) if need], f, alpha, c.shape[0]))
     out: list[Tensor | None] = []
@@ -164,7 +165,7 @@ def _backward(ctx: Any, grads: list[Tensor | None]) -> tuple:
         )
     c, f, alpha, *rest = ctx.saved_tensors
     weights, payload = rest[: ctx.num_weights], rest[ctx.num_weights :]
-    residual = Residual(*payload, ctx.bits) if payload else None
+    quantized = Quantized(*payload, ctx.bits) if payload else None
     needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
     dx = None
     if needs_x:
@@ -178,11 +179,11 @@ def _backward(ctx: Any, grads: list[Tensor | None]) -> tuple:
     dweights: list[Tensor | None] = [None] * len(weights)
     wanted_w = [need and g is not None for need, g in zip(needs_w, grads)]
     if any(wanted_w):
-        dweights = _weight_grads(grads, c, f, alpha, weights, wanted_w, residual)
+        dweights = _weight_grads(grads, c, f, alpha, weights, wanted_w, quantized)
     with_bias = [g for g, hb in zip(grads, ctx.has_bias) if hb]
     dbiases = [rows_of(g).sum(0) if need and g is not None else None for g, need in zip(with_bias, needs_b)]
     # One entry per argument the caller passed: the dispatcher drops trailing ones equal to their
-    # defaults (plain PAMM passes no residual), while setup_context sees them filled in.
+    # defaults (plain PAMM passes no low-bit payload), while setup_context sees them filled in.
     return (dx, dweights, dbiases) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 

@@ -1,8 +1,9 @@
 """The semantic checks, as a table: each named check either passes a candidate or says why not.
 
 Structure (:mod:`pamm_fx.passes.structure`) finds candidates; these checks decide which may be
-compressed. A check's name is the stable ``category`` that logs, ``explain()`` and tools see,
-and its reason is the sentence for people. The rules they enforce:
+compressed. A check's name is the stable ``category`` that logs, ``explain()`` and tools see (each row
+declares it in :mod:`pamm_fx.passes.categories`, with the categories decided elsewhere), and its reason
+is the sentence for people. The rules they enforce:
 
 - only a *parameter*'s weight gradient may be approximated: a weight that is an activation
   (a graph input after a graph break, a computed tensor) is left exact;
@@ -21,44 +22,31 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator
-from fractions import Fraction
 
 import torch
 from torch import fx
 
 from pamm_fx import _compat
 from pamm_fx.config import PammConfig
-from pamm_fx.kernels.residual import payload_bytes_per_row
-from pamm_fx.passes.fxutil import hint, is_static, op_name, row_slice, rows, storage, val, written
+from pamm_fx.estimators import Estimator
+from pamm_fx.fxutil import hint, is_parameter, is_static, op_name, requires_grad, rows, storage, val, written
+from pamm_fx.passes.categories import CATEGORIES, declare
 from pamm_fx.passes.structure import Candidate, attention_output_of
 
 __all__ = [
     "AUTOCAST_DTYPES",
+    "NO_ATTENTION",
     "GROUP_CHECKS",
-    "INDEX_BYTES_PER_ROW",
-    "kept_bytes_per_row",
     "PROJECTION_CHECKS",
     "Check",
     "GroupDraft",
     "cast_inputs",
     "compute_dtype",
     "disabled",
-    "is_parameter",
 ]
 
 #: Dtypes autocast computes linears in; a cast of X, weight or bias to any other dtype is not autocast's.
 AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
-#: Bytes PAMM keeps per row of X whatever the ratio: f (int32) and alpha (float32).
-INDEX_BYTES_PER_ROW = 8
-
-
-def kept_bytes_per_row(estimator: str, bits: int | None, n: int, dtype: torch.dtype) -> int:
-    """Bytes a group's estimator keeps per row of X whatever the ratio, besides the generators C: f and
-    alpha under ``pamm``, plus the quantized residual under ``pamm_sr``, the quantized X alone under ``sr``."""
-    payload = payload_bytes_per_row(n, bits, dtype) if bits is not None else 0
-    return payload + (0 if estimator == "sr" else INDEX_BYTES_PER_ROW)
-
-
 @dataclasses.dataclass(frozen=True)
 class GroupDraft:
     """The candidates that passed every projection check and read the same X in one region."""
@@ -68,21 +56,24 @@ class GroupDraft:
     members: tuple[Candidate, ...]
     #: The members' compute dtype (:func:`compute_dtype`: their output's).
     dtype: torch.dtype
-    ratio: Fraction
     #: Linears of the graph that stay exact and still make autograd save X (for their own dW).
     exact_readers: tuple[Candidate, ...]
-    #: The members' estimator (:meth:`PammConfig.site_estimator`) and its payload's bits (None: none).
-    estimator: str
-    bits: int | None
+    #: The members' estimator at their ratio (:attr:`PammConfig.sites`): the group checks ask it what it keeps.
+    estimator: Estimator
 
 
 @dataclasses.dataclass(frozen=True)
 class Check:
-    """A named rule: ``fn`` returns None to pass, else the reason the projection stays exact."""
+    """A named rule: ``fn`` returns None to pass, else the reason the projection stays exact.
+
+    known_linear: whether a candidate this check refuses is still a well-formed linear of the graph (its X
+    and weight graph values of known shapes), so that the match may ask whether autograd keeps its X saved.
+    """
 
     name: str
     fn: Callable[..., str | None]
     doc: str
+    known_linear: bool = True
 
 
 #: Checks run on each candidate, in registration order: (candidate, graph, config) -> reason or None.
@@ -91,11 +82,14 @@ PROJECTION_CHECKS: list[Check] = []
 GROUP_CHECKS: list[Check] = []
 
 
-def _check(table: list[Check], name: str, doc: str) -> Callable[[Callable[..., str | None]], Callable[..., str | None]]:
-    """Register a function as the next row of ``table``, like Inductor's pattern registrations."""
+def _check(table: list[Check], name: str, doc: str,
+           known_linear: bool = True) -> Callable[[Callable[..., str | None]], Callable[..., str | None]]:
+    """Register a function as the next row of ``table`` (and its name as a category), like Inductor's
+    pattern registrations."""
+    declare(name, doc, "projection" if table is PROJECTION_CHECKS else "group")
 
     def register(fn: Callable[..., str | None]) -> Callable[..., str | None]:
-        table.append(Check(name, fn, doc))
+        table.append(Check(name, fn, doc, known_linear))
         return fn
 
     return register
@@ -116,43 +110,6 @@ def disabled(*names: str) -> Iterator[None]:
         yield
     finally:
         PROJECTION_CHECKS[:], GROUP_CHECKS[:] = saved
-
-
-def _base_weight(node: object) -> object:
-    """W for ``W.t()`` (a (in, out) weight that normalize transposed) or a row slice of W (a q/k/v part
-    of a packed in-projection weight), else the node itself."""
-    if isinstance(node, fx.Node) and node.op == "call_method" and node.target == "t" and node.args:
-        return node.args[0]
-    part = row_slice(node)
-    return part[0] if part is not None else node
-
-
-def is_parameter(gm: fx.GraphModule, node: object) -> bool:
-    """Whether a weight node is a parameter of the model: a get_attr of an ``nn.Parameter``, or a graph
-    input Dynamo lifted from one (its fake value carries ``_is_param``, its grapharg the real tensor)."""
-    node = _base_weight(node)
-    if not isinstance(node, fx.Node):
-        return False
-    if node.op == "get_attr":
-        attr = gm
-        for part in str(node.target).split("."):
-            attr = getattr(attr, part, None)
-        return isinstance(attr, torch.nn.Parameter)
-    if node.op != "placeholder":
-        return False
-    example = getattr(node.meta.get("grapharg"), "example", None)
-    return isinstance(example, torch.nn.Parameter) or bool(getattr(val(node), "_is_param", False))
-
-
-def requires_grad(gm: fx.GraphModule, node: object) -> bool:
-    node = _base_weight(node)
-    if isinstance(node, fx.Node) and node.op == "get_attr":
-        attr = gm
-        for part in str(node.target).split("."):
-            attr = getattr(attr, part, None)
-        return isinstance(attr, torch.Tensor) and attr.requires_grad
-    v = val(node)
-    return isinstance(v, torch.Tensor) and v.requires_grad
 
 
 def compute_dtype(c: Candidate) -> torch.dtype:
@@ -183,14 +140,14 @@ def _checkpointed(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str |
             "torch._functorch.config.activation_memory_budget instead of checkpointing")
 
 
-@_check(PROJECTION_CHECKS, "not_graph_value", "X and the weight are graph values")
+@_check(PROJECTION_CHECKS, "not_graph_value", "X and the weight are graph values", known_linear=False)
 def _graph_value(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | None:
     if isinstance(c.x, fx.Node) and isinstance(c.weight, fx.Node):
         return None
     return "input or weight is not a graph value"
 
 
-@_check(PROJECTION_CHECKS, "shape", "known shapes, a 2-D weight")
+@_check(PROJECTION_CHECKS, "shape", "known shapes, a 2-D weight", known_linear=False)
 def _shape(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | None:
     xv, wv = val(c.x), val(c.weight)
     if isinstance(xv, torch.Tensor) and isinstance(wv, torch.Tensor) and xv.dim() >= 1 and wv.dim() == 2:
@@ -243,9 +200,13 @@ def _attention(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | No
     return "output does not feed attention (targets='qkv')"
 
 
+#: The category ``explain()`` re-reads once it knows the graph breaks (a projection whose X leaves the graph).
+NO_ATTENTION = CATEGORIES["no_attention"]
+
+
 @_check(PROJECTION_CHECKS, "not_target", "its site (pamm_fx.config.SITES) is one of the targets")
 def _target(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | None:
-    if config.site_ratio(c.site) is not None:
+    if config.estimator_at(c.site) is not None:
         return None
     return f"site '{c.site}' is not in targets={config.targets!r}"
 
@@ -267,43 +228,45 @@ def _lora_b(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> str | None:
         "estimator 'sr' quantizes any b)")
 def _min_tokens(d: GroupDraft, config: PammConfig) -> str | None:
     b = rows(val(d.x))
-    # A dynamic b is decided per call inside pamm::compress. sr has no per-call exact branch, so it ignores
-    # min_tokens whether b is static or not (one decision for every call): a few rows at 8 bits still save.
-    if d.estimator == "sr" or not is_static(b) or hint(b) >= config.min_tokens:
+    # A dynamic b is decided per call inside pamm::compress. An estimator without generators has no per-call
+    # exact branch, so it ignores min_tokens whether b is static or not (one decision for every call): a few
+    # rows at 8 bits still save.
+    gens = d.estimator.generators
+    if gens is None or not is_static(b) or hint(b) >= gens.min_tokens:
         return None
-    return f"X has {hint(b)} rows, below min_tokens={config.min_tokens}"
+    return f"X has {hint(b)} rows, below min_tokens={gens.min_tokens}"
 
 
 @_check(GROUP_CHECKS, "exact_ratio", "under estimator 'sr', the ratio is below 1")
 def _exact_ratio(d: GroupDraft, config: PammConfig) -> str | None:
-    if d.estimator != "sr" or d.ratio < 1:
+    est = d.estimator
+    if est.ratio < 1 or (kept := est.inexact_at_full_ratio()) is None:
         return None
-    return ("ratio 1 asks for every row of X as it is, and estimator 'sr' has no exact branch (it keeps X at "
-            f"{d.bits} bits): left exact, as plain")
+    return (f"ratio 1 asks for every row of X as it is, and estimator {est.name!r} has no exact branch ({kept}): "
+            "left exact, as plain")
 
 
 @_check(GROUP_CHECKS, "small_rows", "a row of X is larger than what the estimator keeps per row whatever the "
         "ratio (f and alpha; the residual under pamm_sr; the quantized X under sr)")
 def _row_bytes(d: GroupDraft, config: PammConfig) -> str | None:
-    xv = val(d.x)
-    n, dtype = hint(xv.shape[-1]), d.dtype
-    row_bytes = n * dtype.itemsize
-    kept = kept_bytes_per_row(d.estimator, d.bits, n, dtype)
+    n, dtype = hint(val(d.x).shape[-1]), d.dtype
+    row_bytes, kept = n * dtype.itemsize, d.estimator.kept_bytes_per_row(n, dtype)
     if row_bytes > kept:
         return None
-    return f"a row of X is {row_bytes} bytes, no more than the {kept} estimator {d.estimator} keeps per row"
+    return f"a row of X is {row_bytes} bytes, no more than the {kept} estimator {d.estimator.name} keeps per row"
 
 
 @_check(GROUP_CHECKS, "all_rows_kept", "a static X has more rows than k (dynamic: decided per call; "
         "estimator 'sr' has no k)")
 def _all_rows_kept(d: GroupDraft, config: PammConfig) -> str | None:
     b = rows(val(d.x))
-    if d.estimator == "sr" or d.ratio == 1 or not is_static(b):
+    gens = d.estimator.generators
+    if gens is None or gens.ratio == 1 or not is_static(b):
         return None
     b = hint(b)
-    if config.generators_at(b, d.ratio) < b:
+    if gens.k(b) < b:
         return None
-    return f"X has {b} rows, not more than min_generators={config.min_generators}: every row would be kept"
+    return f"X has {b} rows, not more than min_generators={gens.min_generators}: every row would be kept"
 
 
 @_check(GROUP_CHECKS, "saved_anyway", "no exact trainable linear keeps X saved anyway")

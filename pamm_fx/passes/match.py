@@ -11,7 +11,7 @@ backward needs. In the ATen graph the same projection is already split into ``t`
 Matching never mutates the graph and never looks at module or parameter names:
 :func:`pamm_fx.passes.structure.find_candidates` lists every linear with its region and site,
 each :data:`pamm_fx.passes.checks.PROJECTION_CHECKS` entry may leave one exact (with its
-reason), the survivors are grouped by (X, compute dtype, region, ratio, estimator), and each
+reason), the survivors are grouped by (X, compute dtype, region, estimator at its ratio), and each
 :data:`pamm_fx.passes.checks.GROUP_CHECKS` entry may leave a whole group exact.
 
 Every group records its members' compute dtype, their output's (:func:`pamm_fx.passes.checks.compute_dtype`),
@@ -23,22 +23,19 @@ in it, because custom ops do not follow autocast.
 from __future__ import annotations
 
 import dataclasses
-import logging
-from fractions import Fraction
 
 import torch
 from torch import fx
 
 from pamm_fx.config import SITES, PammConfig
-from pamm_fx.names import fmt_value, param_name
+from pamm_fx.estimators import Estimator
+from pamm_fx.fxutil import Region, hint, val
+from pamm_fx.names import param_name
 from pamm_fx.passes import checks
-from pamm_fx.passes.fxutil import hint, val
-from pamm_fx.passes.normalize import unrecognised_products
-from pamm_fx.passes.structure import Candidate, Region, find_candidates
+from pamm_fx.passes.categories import Rejection
+from pamm_fx.passes.structure import Candidate, find_candidates
 
 __all__ = ["Projection", "Group", "Rejection", "MatchResult", "find_groups"]
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,31 +56,17 @@ class Group:
     """Trainable projections reading ``x`` in one region and compute dtype, compressed together.
 
     site: the first of :data:`pamm_fx.config.SITES` among its members' sites (``qkv`` if any feeds attention);
-    ratio: the generator ratio every member's site gets; dtype: the members' compute dtype (their output's:
-    autocast's under autocast, else X's);
-    estimator: every member's (:meth:`PammConfig.site_estimator`, resolved here once: the rewrite, the
-    estimates and the reports read it from the group); bits: its payload's bits, None under ``pamm``.
+    dtype: the members' compute dtype (their output's: autocast's under autocast, else X's);
+    estimator: every member's, at their ratio (:attr:`PammConfig.sites`): the checks, the rewrite, the
+    estimates and the reports read what is kept, how and at what cost from it, never from the options.
     """
 
     x: fx.Node
     projections: tuple[Projection, ...]
     site: str
-    ratio: Fraction
     region: Region
     dtype: torch.dtype
-    estimator: str = "pamm"
-    bits: int | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Rejection:
-    """A linear left exact, and why: ``category`` is the name of the check that refused it (a stable key
-    for tools), ``reason`` the sentence for people."""
-
-    node: fx.Node
-    reason: str
-    category: str
-    weight_name: str
+    estimator: Estimator
 
 
 @dataclasses.dataclass
@@ -92,11 +75,11 @@ class MatchResult:
     rejections: list[Rejection]
 
 
-def _first_failure(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> tuple[str, str] | None:
+def _first_failure(c: Candidate, gm: fx.GraphModule, config: PammConfig) -> tuple[checks.Check, str] | None:
     for check in checks.PROJECTION_CHECKS:
         reason = check.fn(c, gm, config)
         if reason is not None:
-            return check.name, reason
+            return check, reason
     return None
 
 
@@ -122,34 +105,27 @@ def find_groups(gm: fx.GraphModule, config: PammConfig, grad_enabled: bool = Tru
     grad_enabled: the grad mode the graph starts in (Dynamo guards on it; regions inside may change it).
     """
     candidates = find_candidates(gm, grad_enabled)
-    rejections = [Rejection(node, reason, "unrecognised", param_name(param))
-                  for node, param, reason in unrecognised_products(gm)]
+    rejections: list[Rejection] = []
     drafts: dict[tuple, list[Candidate]] = {}
     exact: list[Candidate] = []
     for c in candidates:
         failure = _first_failure(c, gm, config)
         if failure is not None:
-            rejections.append(Rejection(c.node, failure[1], failure[0], c.weight_name))
-            if failure[0] not in ("not_graph_value", "shape") and _keeps_x_saved(c, gm):
+            rejections.append(Rejection(c.node, failure[1], failure[0].name, c.weight_name))
+            if failure[0].known_linear and _keeps_x_saved(c, gm):
                 exact.append(c)
             continue
-        key = (c.x, checks.compute_dtype(c), c.region.index, config.site_ratio(c.site), config.site_estimator(c.site))
+        key = (c.x, checks.compute_dtype(c), c.region.index, config.estimator_at(c.site))
         drafts.setdefault(key, []).append(c)
 
     groups: list[Group] = []
-    for (x, dtype, _, ratio, estimator), members in drafts.items():
+    for (x, dtype, _, estimator), members in drafts.items():
         readers = tuple(c for c in exact if c.x is x)
-        bits = config.estimator_bits(estimator)
-        draft = checks.GroupDraft(gm, x, tuple(members), dtype, ratio, readers, estimator, bits)
+        draft = checks.GroupDraft(gm, x, tuple(members), dtype, readers, estimator)
         failure = next(((k.name, r) for k in checks.GROUP_CHECKS if (r := k.fn(draft, config)) is not None), None)
         if failure is not None:
             rejections.extend(Rejection(c.node, failure[1], failure[0], c.weight_name) for c in members)
             continue
         projections = tuple(_projection(c) for c in members)
-        groups.append(Group(x, projections, _site(members), ratio, members[0].region, dtype, estimator, bits))
-    for g in groups:
-        log.info("pamm %s group (%s): X=%s %s -> %s", g.site, g.estimator, g.x.name, fmt_value(val(g.x)),
-                 [p.weight_name for p in g.projections])
-    for r in rejections:
-        log.info("pamm leaves %s exact [%s]: %s", r.weight_name, r.category, r.reason)
+        groups.append(Group(x, projections, _site(members), members[0].region, dtype, estimator))
     return MatchResult(groups, rejections)

@@ -22,20 +22,19 @@ autocast, so the rewrite makes its casts explicit, to the letter of what autocas
 - X goes to ``pamm::linear_group`` as it is: the op casts it to its weights' dtype inside and returns
   each member's dX contribution cast back to X's dtype, summed there, as autograd sums the gradients
   of autocast's one cast per linear;
-- ``pamm::compress`` and ``pamm::quantize_residual`` read ``X.to(dtype)``, so C and the payload are
+- ``pamm::compress`` and ``pamm::quantize`` read ``X.to(dtype)``, so C and the payload are
   in the dtype plain saves X in for its weight gradients (alpha stays float32).
 
-Each group follows its own estimator (``Group.estimator``, resolved once by the match): ``pamm``
-writes compress then linear_group; ``pamm_sr`` also quantizes the residual between them;
-``sr`` writes no compress at all, only ``pamm::quantize_residual`` of X (no base) and a
-linear_group whose C, f, alpha are None::
+Each group's payload is written by its estimator (``Group.estimator.emit``, :mod:`pamm_fx.estimators`):
+``pamm`` writes compress; ``pamm_sr`` also quantizes the residual after it; ``sr`` writes no compress at
+all, only ``pamm::quantize`` of X (no base), and the linear_group's C, f, alpha are None::
 
-    X ── detach ── pamm.quantize_residual(·, None, None, None, seed, salt, bits) ──┐ (q, lo, scale)
+    X ── detach ── pamm.quantize(·, None, None, None, seed, salt, bits) ──┐ (q, lo, scale)
     X ─────────── pamm.linear_group(X, [W1, W2], ..., None, None, None, q, lo, scale, bits)
 
 The rewrite works on a copy of the graph, so the caller can still compile the
 untouched original if anything goes wrong. The ops' nodes are written by their owners
-(:func:`pamm_fx.ops.compress.emit`, :func:`pamm_fx.ops.residual.emit`,
+(:func:`pamm_fx.ops.compress.emit`, :func:`pamm_fx.ops.lowbit.emit` through the estimator,
 :func:`pamm_fx.ops.linear_group.emit`); the per-call seed input by :func:`pamm_fx.seed.add_placeholder`.
 """
 
@@ -48,34 +47,18 @@ import torch
 from torch import fx
 
 from pamm_fx import _compat, seed
-from pamm_fx.config import PammConfig
-from pamm_fx.ops.compress import Compress
-from pamm_fx.ops.compress import emit as emit_compress
+from pamm_fx.fxutil import copy_graph_module, val
 from pamm_fx.ops.linear_group import LinearGroup
 from pamm_fx.ops.linear_group import emit as emit_linear_group
-from pamm_fx.ops.residual import QuantizeResidual
-from pamm_fx.ops.residual import emit as emit_quantize_residual
-from pamm_fx.passes.fxutil import val
 from pamm_fx.passes.match import Group
 
-__all__ = ["RewriteError", "copy_graph_module", "rewrite_groups"]
+__all__ = ["RewriteError", "rewrite_groups"]
 
 log = logging.getLogger(__name__)
 
 
 class RewriteError(RuntimeError):
     """A group whose nodes cannot be fused without reordering the graph."""
-
-
-def copy_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
-    """A copy of ``gm`` (node metadata included) and the map from its nodes to the copy's."""
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    out = graph.graph_copy(gm.graph, env)
-    graph.output(out)
-    new = fx.GraphModule(gm, graph)
-    new.meta = dict(getattr(gm, "meta", {}))
-    return new, env
 
 
 def _fake_mode(graph: fx.Graph) -> Any:
@@ -117,24 +100,24 @@ def _anchor(graph: fx.Graph, group: Group, env: dict[fx.Node, fx.Node]) -> fx.No
 def rewrite_groups(
     gm: fx.GraphModule,
     groups: list[Group],
-    config: PammConfig,
     salt_base: int = 0,
     seed_device: torch.device | None = None,
 ) -> fx.GraphModule:
     """Return a rewritten copy of ``gm``; ``gm`` itself is not modified.
 
-    Group i gets salt ``salt_base + i`` so that groups draw different rows from one seed.
+    Group i gets salt ``salt_base + i`` so that groups draw different rows from one seed. Everything a
+    group's ops take comes from the group (its estimator carries its options).
     """
     new, env = copy_graph_module(gm)
     with _compat.observe_pass(new, "pamm_rewrite_groups"):
-        _rewrite(new, env, groups, config, salt_base, seed_device or torch.device("cpu"))
+        _rewrite(new, env, groups, salt_base, seed_device or torch.device("cpu"))
     new.recompile()
     log.info("pamm rewrote %d group(s)", len(groups))
     return new
 
 
-def _rewrite(new: fx.GraphModule, env: dict[fx.Node, fx.Node], groups: list[Group], config: PammConfig,
-             salt_base: int, seed_device: torch.device) -> None:
+def _rewrite(new: fx.GraphModule, env: dict[fx.Node, fx.Node], groups: list[Group], salt_base: int,
+             seed_device: torch.device) -> None:
     graph = new.graph
     fake_mode = _fake_mode(graph)
     seed_node = seed.add_placeholder(graph, fake_mode, seed_device)
@@ -152,15 +135,9 @@ def _rewrite(new: fx.GraphModule, env: dict[fx.Node, fx.Node], groups: list[Grou
                     detached.meta["example_value"] = xv.detach()
             weights = [_cast(graph, group.dtype, w, fake_mode) for w in weights]
             biases = [_cast(graph, group.dtype, b, fake_mode) if b is not None else None for b in biases]
-            c = f = alpha = residual = None
-            if group.estimator != "sr":
-                _, (c, f, alpha) = emit_compress(graph, Compress(
-                    detached, seed_node, group.ratio, config.min_generators, config.min_tokens, config.eps,
-                    salt_base + salt))
-            if group.bits is not None:
-                _, residual = emit_quantize_residual(graph, QuantizeResidual(
-                    detached, c, f, alpha, seed_node, salt_base + salt, group.bits))
-            fused, outs = emit_linear_group(graph, LinearGroup(x, weights, biases, c, f, alpha, residual))
+            kept = group.estimator.emit(graph, detached, seed_node, salt_base + salt)
+            fused, outs = emit_linear_group(graph, LinearGroup(x, weights, biases, kept.c, kept.f, kept.alpha,
+                                                               kept.quantized))
             for proj, old, out in zip(group.projections, projs, outs):
                 out.meta = dict(old.meta)
                 old.replace_all_uses_with(out)

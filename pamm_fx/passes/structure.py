@@ -41,12 +41,11 @@ import torch
 from torch import fx
 
 from pamm_fx import _compat
+from pamm_fx.fxutil import MATMUL_FUNCTIONS, MATMUL_METHODS, Region, hint, is_linear, op_name, regions, val
 from pamm_fx.names import param_name
-from pamm_fx.passes.fxutil import MATMUL_FUNCTIONS, MATMUL_METHODS, hint, is_linear, op_name, val
 
 __all__ = [
-    "ATTENTION_HOPS", "HEAD_HOPS", "LORA_HOPS", "MLP_HOPS", "Candidate", "Region", "attention_output_of",
-    "find_candidates", "regions",
+    "ATTENTION_HOPS", "HEAD_HOPS", "LORA_HOPS", "MLP_HOPS", "Candidate", "attention_output_of", "find_candidates",
 ]
 
 #: How many ops may sit between a projection and the attention it feeds: views, transposes,
@@ -80,25 +79,8 @@ _POINTWISE = frozenset({
     "contiguous", "to", "float", "half", "bfloat16", "type", "clone", "mul_", "add_", "iadd", "imul",
 })
 _ADAPTER_STEPS = frozenset({"dropout", "to", "float", "type", "contiguous"})
-#: Calls that change grad mode or autocast state: each starts a new region.
-_GRAD_MODE = frozenset({"_set_grad_enabled"})
-_AUTOCAST_ENTER = frozenset({"_enter_autocast"})
-_AUTOCAST_EXIT = frozenset({"_exit_autocast"})
 #: Higher-order ops that run a subgraph under activation checkpointing.
 _CHECKPOINT_HOPS = frozenset({"tag_activation_checkpoint", "checkpoint"})
-
-
-@dataclasses.dataclass(frozen=True)
-class Region:
-    """A stretch of the graph between two grad-mode or autocast boundaries.
-
-    index: the stretch's position (0 before the first boundary); grad_enabled: the grad mode in it;
-    autocast: the (device, dtype) of each enabled autocast context open in it, outermost first.
-    """
-
-    index: int
-    grad_enabled: bool
-    autocast: tuple[tuple[str, torch.dtype | None], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,24 +102,6 @@ class Candidate:
     weight_name: str
     checkpoint: str | None = None
     adapter_b: bool = False
-
-
-def regions(graph: fx.Graph, grad_enabled: bool) -> dict[fx.Node, Region]:
-    """The region of every node: Dynamo records ``with torch.no_grad()`` and ``torch.autocast`` blocks
-    as ``_set_grad_enabled`` / ``_enter_autocast`` / ``_exit_autocast`` calls in the graph."""
-    out: dict[fx.Node, Region] = {}
-    index, stack = 0, []
-    for node in graph.nodes:
-        name = op_name(node) if node.op == "call_function" else ""
-        if name in _GRAD_MODE and node.args and isinstance(node.args[0], bool):
-            index, grad_enabled = index + 1, node.args[0]
-        elif name in _AUTOCAST_ENTER:
-            device, dtype, enabled = (list(node.args) + [None, None, True])[:3]
-            index, stack = index + 1, [*stack, (node, (device, dtype) if enabled else None)]
-        elif name in _AUTOCAST_EXIT:
-            index, stack = index + 1, [s for s in stack if s[0] is not node.args[0]]
-        out[node] = Region(index, grad_enabled, tuple(s[1] for s in stack if s[1] is not None))
-    return out
 
 
 def _is_softmax(node: fx.Node) -> bool:
