@@ -163,8 +163,13 @@ def _saved(p: Plan) -> list[SavedInfo]:
     inputs = [n.meta.get("example_value") for n in p.original.graph.find_nodes(op="placeholder")]
     fake_mode = _compat.detect_fake_mode([i for i in inputs if isinstance(i, torch.Tensor)])
     choices = partition_choices(new, [*inputs, seed.example(fake_mode, p.seed_device)], part)
-    return [SavedInfo(c.name, str(tuple(c.shape)).replace("torch.SymInt", ""), str(c.dtype).removeprefix("torch."),
+    return [SavedInfo(c.name, _shape_text(c.shape), str(c.dtype).removeprefix("torch."),
                       c.compressed, c.bytes_before, c.bytes_after, c.why, c.root) for c in choices]
+
+
+def _shape_text(shape: tuple[int | str, ...]) -> str:
+    """``(8, 512)``, ``(s0, 32)``: a saved tensor's sizes as Python prints a tuple of them."""
+    return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
 
 
 def _location(reason: Any) -> str:

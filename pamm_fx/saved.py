@@ -98,7 +98,9 @@ class SavedChoice:
     """One tensor the partitioner kept, and what happened to it (for the report and the log)."""
 
     name: str
-    shape: tuple[Any, ...]
+    #: sizes as ints, a symbolic size as its text (``s0``): a choice outlives its compile and holds no
+    #: SymInt, whose shape environment holds fake tensors (Inductor deep-copies its config, this included)
+    shape: tuple[int | str, ...]
     dtype: torch.dtype
     #: bytes of the storage it holds, counted once: a second view of a compressed root says 0
     bytes_before: int
@@ -107,6 +109,11 @@ class SavedChoice:
     why: str
     #: the forward node whose storage it holds (itself, or the tensor it is a view of): what is compressed
     root: str = ""
+
+
+def _shape(v: Any) -> tuple[int | str, ...]:
+    """``v``'s sizes for a :class:`SavedChoice`: ints, a symbolic size as its text."""
+    return tuple(str(d) if isinstance(d, torch.SymInt) else int(d) for d in getattr(v, "shape", ()))
 
 
 def _hint(x: Any) -> int:
@@ -394,7 +401,7 @@ def compress_saved(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int,
         if why is not None:
             tensors.append((node, target))
             b = _bytes(v) if isinstance(v, torch.Tensor) else 0
-            choices.append(SavedChoice(node.name, tuple(getattr(v, "shape", ())), getattr(v, "dtype", None), b, b,
+            choices.append(SavedChoice(node.name, _shape(v), getattr(v, "dtype", None), b, b,
                                        False, why, root.name))
             continue
         rv = root.meta["val"]
@@ -405,7 +412,7 @@ def compress_saved(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int,
         if sizes is None:
             why_root[root] = "two or more of its sizes vary and the backward does not have them"
             tensors.append((node, target))
-            choices.append(SavedChoice(node.name, tuple(v.shape), v.dtype, _bytes(v), _bytes(v), False,
+            choices.append(SavedChoice(node.name, _shape(v), v.dtype, _bytes(v), _bytes(v), False,
                                        why_root[root], root.name))
             continue
         if first:
@@ -438,7 +445,7 @@ def compress_saved(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int,
             target.replace_all_uses_with(value)
         bw.graph.erase_node(target)
         after = _bytes(rv) // rv.element_size() // width * fmt.bytes_per_row(width, policy.bits, rv.dtype)
-        choices.append(SavedChoice(node.name, tuple(v.shape), v.dtype, _bytes(rv) if first else 0,
+        choices.append(SavedChoice(node.name, _shape(v), v.dtype, _bytes(rv) if first else 0,
                                    after if first else 0, True,
                                    f"{policy.bits} bits per element, per-row lo/scale, stochastic rounding", root.name))
     if not parts:
@@ -516,6 +523,11 @@ class SavedPartitioner(_compat.CustomPartitionerFn):
         log.info("pamm: saved=%r compressed %d of %d saved tensors: %d -> %d bytes", self.policy.mode, len(done),
                  len(choices), sum(c.bytes_before for c in choices), sum(c.bytes_after for c in choices))
         return fw, bw
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SavedPartitioner:
+        """Itself: Inductor deep-copies its config (this object included) for every cache key, and the object
+        is settings plus a record of its partitions, which a copy must not fork."""
+        return self
 
     def uuid(self) -> Any:
         theirs = None if self.inner is None else getattr(self.inner, "uuid", lambda: None)()

@@ -8,6 +8,8 @@ tensors and integers are never compressed; dynamic shapes, NaN and budgets behav
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -176,6 +178,27 @@ def test_dynamic_shapes_and_nan_behave_as_plain() -> None:
     _, g1 = _step(model, fn, x, y)
     for n in g0:
         assert torch.equal(g0[n].isnan(), g1[n].isnan()), n
+
+
+def test_inductor_with_dynamic_shapes_compresses_instead_of_falling_back(caplog) -> None:
+    """Inductor deep-copies its config, our partitioner included, into every FX-graph-cache key: a record that
+    held SymInts (a dynamic graph's shapes) failed that copy, and the backend fell back to the uncompressed
+    graph at every dynamic compile (found by a training run whose second batch size made Dynamo go dynamic)."""
+    plain, model = _model(), _model()
+    fn0 = torch.compile(plain, backend="inductor", dynamic=True)
+    fn1 = torch.compile(model, backend="pamm", options={"targets": "none", "saved": "all"}, dynamic=True)
+    with caplog.at_level(logging.WARNING, logger="pamm_fx"), torch._inductor.config.patch(fx_graph_cache=True):
+        for b, t in ((4, 32), (3, 24)):
+            x, y = _inputs(b, t)
+            loss0, g0 = _step(plain, fn0, x, y)
+            loss1, g1 = _step(model, fn1, x, y)
+            torch.testing.assert_close(loss1, loss0)
+            assert all(_rel(g1[n], g0[n]) < 0.05 for n in g0), {n: _rel(g1[n], g0[n]) for n in g0}
+            xr = x.clone().requires_grad_(True)
+            before = saved_for_backward(lambda xr=xr, y=y: fn0(xr, y), plain).nbytes
+            after = saved_for_backward(lambda xr=xr, y=y: fn1(xr, y), model).nbytes
+            assert after < 0.7 * before, (b, t, after, before)  # fixed costs weigh more at the small size
+    assert "failed" not in caplog.text, caplog.text[:2000]
 
 
 def test_seeded_runs_repeat_and_steps_draw_new_noise() -> None:
