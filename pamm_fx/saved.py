@@ -34,10 +34,11 @@ more than they save).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -49,7 +50,7 @@ from pamm_fx.kernels import lowbit as fmt
 from pamm_fx.ops.lowbit import quantize_rotated
 
 __all__ = ["MIN_ELEMENTS", "MIN_ROW", "ROW_MAX", "ROW_TARGET", "SavedChoice", "SavedPartitioner", "SavedPolicy",
-           "compress_saved", "last_choices", "memory_order", "partition_choices", "row_width"]
+           "compress_saved", "memory_order", "partition_choices", "record_choices", "row_width"]
 
 log = logging.getLogger(__name__)
 
@@ -482,8 +483,20 @@ def _order_backward_inputs(bw: fx.GraphModule, saved: list[fx.Node]) -> None:
         anchor.prepend(node)
 
 
-#: The choices of the latest partition of this process, newest last (for the log, tests and reports).
-last_choices: list[list[SavedChoice]] = []
+#: The open :func:`record_choices` blocks' lists, innermost last.
+_recorders: list[list[list[SavedChoice]]] = []
+
+
+@contextlib.contextmanager
+def record_choices() -> Iterator[list[list[SavedChoice]]]:
+    """A list that collects the choices of every partition run inside the block, in order (for the demo and
+    tests: a compiled function hides its partitioner). Nothing is kept outside such a block."""
+    got: list[list[SavedChoice]] = []
+    _recorders.append(got)
+    try:
+        yield got
+    finally:
+        _recorders.remove(got)
 
 
 class SavedPartitioner(_compat.CustomPartitionerFn):
@@ -516,8 +529,8 @@ class SavedPartitioner(_compat.CustomPartitionerFn):
             return fw, bw
         choices = compress_saved(fw, bw, kwargs["num_fwd_outputs"], self.policy, self.seed_name, self.salt_base,
                                  self.weight_grads, self.decompositions())
-        last_choices.append(choices)
-        del last_choices[:-64]
+        for got in _recorders:
+            got.append(choices)
         self.choices.append(choices)
         done = [c for c in choices if c.compressed]
         log.info("pamm: saved=%r compressed %d of %d saved tensors: %d -> %d bytes", self.policy.mode, len(done),

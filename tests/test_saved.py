@@ -79,9 +79,9 @@ def test_wgrad_moves_only_weight_gradients(backend: str) -> None:
     loss0, g0 = _step(plain, torch.compile(plain, backend="aot_eager" if backend == "pamm_aot_eager" else "inductor"),
                       x, y)
     model = _model()
-    saved_mod.last_choices.clear()
-    loss1, g1 = _step(model, _compile(model, backend, saved="wgrad"), x, y)
-    (choices,) = saved_mod.last_choices
+    with saved_mod.record_choices() as partitions:
+        loss1, g1 = _step(model, _compile(model, backend, saved="wgrad"), x, y)
+    (choices,) = partitions
     compressed = [c for c in choices if c.compressed]
     assert compressed, choices
     others = [c.why for c in choices if not c.compressed]
@@ -117,9 +117,9 @@ def test_all_compresses_what_plain_keeps_and_stays_close() -> None:
 
 def test_never_compressed_inputs_statistics_log_probabilities_integers() -> None:
     model = _model()
-    saved_mod.last_choices.clear()
-    _step(model, _compile(model, "pamm_aot_eager", saved="all"), *_inputs())
-    (choices,) = saved_mod.last_choices
+    with saved_mod.record_choices() as partitions:
+        _step(model, _compile(model, "pamm_aot_eager", saved="all"), *_inputs())
+    (choices,) = partitions
     by_reason = {c.why.split(" (")[0].split(":")[0].split(",")[0] for c in choices if not c.compressed}
     assert any("graph input" in r for r in by_reason)  # the weights (and their transposes) are kept as they are
     assert any("attention statistics" in r for r in by_reason)
@@ -279,8 +279,8 @@ def test_explain_lists_each_saved_tensor_as_the_backend_decides_it() -> None:
     assert "saved for backward (saved='all', 8 bits; dX approximate (unbiased))" in text
     assert "kept: attention statistics" in text and "compressed (of mm)" in text
     torch._dynamo.reset()
-    saved_mod.last_choices.clear()
-    _step(model, _compile(model, "pamm", saved="all"), x, y)
-    (compiled,) = saved_mod.last_choices
+    with saved_mod.record_choices() as partitions:
+        _step(model, _compile(model, "pamm", saved="all"), x, y)
+    (compiled,) = partitions
     assert explained == {(c.name, c.compressed, c.why) for c in compiled}
     assert not pamm_fx.explain(model, x, y, targets="none").graphs[0].saved  # saved="exact": nothing listed

@@ -193,11 +193,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"step   1: compiling {v.name} ...", end=" ", flush=True)
             start = time.perf_counter()
             if step == 0:
-                partitions = len(pamm_fx.saved.last_choices)
-                with capture_rewrites() as records:
+                with capture_rewrites() as records, pamm_fx.saved.record_choices() as partitions:
                     loss = v.fn(tokens, targets)
                     loss.backward()  # inside: the backward graph is compiled (and partitioned) lazily
-                v.ks = _kept(records, pamm_fx.saved.last_choices[partitions:]) if v.options is not None else "-"
+                v.ks = _kept(records, partitions) if v.options is not None else "-"
             elif step == 1:
                 measured = saved_for_backward(lambda v=v, t=tokens, y=targets: v.fn(t, y), models[v.name])
                 v.saved, loss = measured.nbytes, measured.output
