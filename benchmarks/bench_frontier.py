@@ -43,6 +43,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pamm_fx.demo.__main__ import FP8, RECOMMENDED  # the demo's: one definition of each
 from pamm_fx.demo.llama import Llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -71,10 +72,6 @@ mmap_large_blocks()
 
 OUT = RESULTS / "frontier"
 DEFAULT_SIZES = ["d512-L2-b4096-fp32-mha", "d256-L4-b2048-fp32", "d512-L2-b4096-bf16-mha"]
-#: Inductor's fp8 pass on every float tensor the partitioner saves (its defaults: bf16 only, over 100 MB).
-FP8 = {"activation_quantization_aten_pass": {
-    "allowed_dtypes": "torch.float32;torch.bfloat16", "size_in_mb": 0.0, "quant_type": "torch.float8_e5m2",
-    "use_scaling": True, "exclude_primals": True}}
 BUDGETS = (0.9, 0.8, 0.7, 0.5, 0.3, 0.2, 0.1)
 
 
@@ -99,7 +96,7 @@ def _with_budget(name: str, budget: float | None) -> str:
     return name if budget is None else f"{name} + budget {budget}"
 
 
-SAVED_ALL = {"targets": "none", "saved": "all"}
+SAVED_ALL = RECOMMENDED
 VARIANTS: list[Variant] = [
     Variant("plain"),
     *(Variant(f"budget {b}", budget=b) for b in BUDGETS),

@@ -48,6 +48,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import demo_config, machine, markdown_table  # noqa: E402
 
+from pamm_fx.demo.__main__ import FP8  # noqa: E402  (the demo's fp8-pass settings)
+
 ROOT = Path(__file__).resolve().parent.parent
 #: Wall-clock plan (seconds) per section; a section starting with less than its plan left is skipped.
 PLAN = {"kernels": 150, "end_to_end": 120, "past_2_31": 40, "bandwidth": 30, "weight_grad": 40,
@@ -258,9 +260,6 @@ def check_weight_grad() -> dict[str, Any]:
 LAYER_VARIANTS = ["plain torch.compile", "budget 0.8", "budget 0.5", "full AC", "fp8 pass", "fp8 pass + budget 0.5",
                   "pamm saved=all", "pamm saved=all + budget 0.8", "pamm saved=all + budget 0.5",
                   "pamm saved=wgrad", "pamm all sr"]
-FP8 = {"activation_quantization_aten_pass": {
-    "allowed_dtypes": "torch.float32;torch.bfloat16", "size_in_mb": 0.0, "quant_type": "torch.float8_e5m2",
-    "use_scaling": True, "exclude_primals": True}}
 
 
 def _layer_step(variant: str, device: str = "cuda", small: bool = False) -> dict[str, Any]:

@@ -44,6 +44,7 @@ from _common import (
 )
 
 from pamm_fx.config import PammConfig
+from pamm_fx.demo.__main__ import FP8
 from pamm_fx.demo.data import batches, byte_dataset
 from pamm_fx.demo.llama import Llama
 from pamm_fx.demo.measure import saved_for_backward
@@ -74,9 +75,7 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "fp8": None,
 }
 #: variant -> Inductor config patches held for the whole run (the pass acts when the graphs are partitioned).
-INDUCTOR: dict[str, dict[str, Any]] = {"fp8": {"post_grad_fusion_options": {"activation_quantization_aten_pass": {
-    "allowed_dtypes": "torch.float32;torch.bfloat16", "size_in_mb": 0.0, "quant_type": "torch.float8_e5m2",
-    "use_scaling": True, "exclude_primals": True}}}}
+INDUCTOR: dict[str, dict[str, Any]] = {"fp8": {"post_grad_fusion_options": FP8}}
 #: variant -> functorch config patches held for the whole run (the budget acts when the graphs are partitioned).
 FUNCTORCH: dict[str, dict[str, Any]] = {"saved-all-budget0.3": {"activation_memory_budget": 0.3}}
 
